@@ -1,0 +1,33 @@
+"""lightning-sentinel: PyTorch Lightning callbacks that catch training pathologies while they happen.
+
+Example:
+    >>> import lightning.pytorch as pl
+    >>> from lightning_sentinel import Sentinel, findings
+    >>> trainer = pl.Trainer(callbacks=[Sentinel()], logger=False)
+    >>> findings(trainer)
+    []
+"""
+
+from lightning_sentinel.base import SentinelCallback
+from lightning_sentinel.catalog import CheckSpec, registered_checks
+from lightning_sentinel.checks import GradientNormMonitor, NonFiniteGuard
+from lightning_sentinel.findings import Finding, SentinelError, SentinelWarning, Severity, findings, load_findings
+from lightning_sentinel.suite import Sentinel
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "CheckSpec",
+    "Finding",
+    "GradientNormMonitor",
+    "NonFiniteGuard",
+    "Sentinel",
+    "SentinelCallback",
+    "SentinelError",
+    "SentinelWarning",
+    "Severity",
+    "__version__",
+    "findings",
+    "load_findings",
+    "registered_checks",
+]

@@ -1,0 +1,91 @@
+"""Device-side statistics shared by the checks: fused norms, layer grouping, robust medians.
+
+Everything here returns tensors on the device; callers read results back once per check.
+
+Example:
+    >>> import torch
+    >>> tensor_norms([torch.ones(4), torch.zeros(3)])
+    tensor([2., 0.])
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+def tensor_norms(tensors: Sequence[Tensor], device: torch.device | None = None) -> Tensor:
+    """The 2-norm of each tensor as one float32 vector, in input order, without leaving the device.
+
+    Tensors are grouped by device and dtype and reduced with the fused ``torch._foreach_norm``
+    (accumulating in float32, so fp16 values cannot overflow the norm). NaN or Inf in a tensor
+    gives a NaN or Inf norm.
+    """
+    if not tensors:
+        return torch.zeros(0, device=device)
+    out_device = device if device is not None else tensors[0].device
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for index, tensor in enumerate(tensors):
+        groups.setdefault((tensor.device, tensor.dtype), []).append(index)
+    result = torch.empty(len(tensors), dtype=torch.float32, device=out_device)
+    for (group_device, _), indices in groups.items():
+        members = [tensors[i].detach() for i in indices]
+        norms = torch.stack(torch._foreach_norm(members, 2, dtype=torch.float32))
+        index_tensor = torch.tensor(indices, device=out_device)
+        result.index_copy_(0, index_tensor, norms.to(out_device) if group_device != out_device else norms)
+    return result
+
+
+@dataclass(frozen=True)
+class LayerGrouping:
+    """Parameters grouped into layers (the module that owns them).
+
+    Attributes:
+        layer_names: one name per layer, in parameter registration order.
+        parameter_names: every parameter's full name.
+        layer_index: for each parameter, the index of its layer (a long tensor, built lazily per device).
+        is_weight_layer: per layer, whether it holds a parameter with two or more dimensions.
+    """
+
+    layer_names: tuple[str, ...]
+    parameter_names: tuple[str, ...]
+    parameter_layer: tuple[int, ...]
+    is_weight_layer: tuple[bool, ...]
+
+    @classmethod
+    def from_named_parameters(cls, named: Iterable[tuple[str, Tensor]]) -> LayerGrouping:
+        """Group ``(name, parameter)`` pairs by the owning module's name (the name less its last part)."""
+        layer_names: list[str] = []
+        positions: dict[str, int] = {}
+        parameter_names: list[str] = []
+        parameter_layer: list[int] = []
+        weight_layer: list[bool] = []
+        for name, parameter in named:
+            layer = name.rpartition(".")[0] or name
+            if layer not in positions:
+                positions[layer] = len(layer_names)
+                layer_names.append(layer)
+                weight_layer.append(False)
+            position = positions[layer]
+            if parameter.dim() >= 2:
+                weight_layer[position] = True
+            parameter_names.append(name)
+            parameter_layer.append(position)
+        return cls(tuple(layer_names), tuple(parameter_names), tuple(parameter_layer), tuple(weight_layer))
+
+    def layer_norms(self, parameter_norms: Tensor) -> Tensor:
+        """Combine per-parameter 2-norms into per-layer 2-norms (sqrt of summed squares), on device."""
+        index = torch.tensor(self.parameter_layer, device=parameter_norms.device)
+        squares = torch.zeros(len(self.layer_names), dtype=parameter_norms.dtype, device=parameter_norms.device)
+        squares.index_add_(0, index, parameter_norms.square())
+        return squares.sqrt()
+
+
+def median(values: Iterable[float]) -> float:
+    """Median of the finite values (NaN if there are none)."""
+    finite = [value for value in values if value == value and abs(value) != float("inf")]
+    return statistics.median(finite) if finite else float("nan")

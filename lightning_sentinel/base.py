@@ -1,0 +1,349 @@
+"""``SentinelCallback``: what every check shares.
+
+A check subclasses :class:`SentinelCallback`, decides in its hooks *whether* to look, computes its
+statistics on the device, and calls :meth:`SentinelCallback._report` for each finding and
+:meth:`SentinelCallback._settle` once at the end of each check run. The base class takes care of
+
+- the ``on_detect`` policy (``warn`` / ``stop`` / ``raise``), with the stop or raise decision shared
+  across ranks so that all of them stop together and none hangs;
+- de-duplication: one (check, where) is reported once, again only if it gets worse;
+- the per-trainer record (:func:`lightning_sentinel.findings`), ``findings.json`` and the
+  end-of-fit report;
+- the cadence settings ``every_n_steps`` and ``warmup_steps``;
+- isolation: a check whose own code fails warns once, naming itself, and switches itself off.
+
+Example:
+    >>> from lightning_sentinel.base import SentinelCallback
+    >>> class AlwaysQuiet(SentinelCallback):
+    ...     CHECKS = ()
+    >>> AlwaysQuiet(on_detect="warn").on_detect
+    'warn'
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info
+from typing_extensions import override
+
+from lightning_sentinel.findings import Finding, SentinelError, SentinelWarning, Severity, finding_log
+from lightning_sentinel.report import findings_markdown, format_report
+
+OnDetect = Literal["warn", "stop", "raise"]
+ON_DETECT_CHOICES: tuple[str, ...] = ("warn", "stop", "raise")
+
+# Hooks whose exceptions are caught and turned into "this check disabled itself".
+_GUARDED_HOOKS = frozenset(
+    name for name in vars(Callback) if name.startswith("on_") or name in ("setup", "teardown")
+)
+# Hooks that still run after a check disabled itself (they release resources).
+_CLEANUP_HOOKS = frozenset({"teardown", "on_exception", "on_fit_end"})
+
+
+def _guard_hook(name: str, hook: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(hook)
+    def guarded(self: SentinelCallback, *args: Any, **kwargs: Any) -> Any:
+        if self._failed and name not in _CLEANUP_HOOKS:
+            return None
+        try:
+            return hook(self, *args, **kwargs)
+        except SentinelError:
+            raise
+        except Exception as error:  # a check must never kill the user's training
+            self._disable_after_error(name, error)
+            return None
+
+    return guarded
+
+
+def validate_on_detect(on_detect: str | None, allow_none: bool = False) -> None:
+    """Raise ``ValueError`` unless ``on_detect`` is one of ``warn``, ``stop``, ``raise``."""
+    if on_detect is None and allow_none:
+        return
+    if on_detect not in ON_DETECT_CHOICES:
+        raise ValueError(f"`on_detect` must be one of {list(ON_DETECT_CHOICES)}, got {on_detect!r}")
+
+
+def validate_positive_int(argument: str, value: int, minimum: int = 1) -> None:
+    """Raise ``ValueError`` naming ``argument`` unless ``value`` is an int >= ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"`{argument}` must be an integer >= {minimum}, got {value!r}")
+
+
+def validate_positive_float(argument: str, value: float) -> None:
+    """Raise ``ValueError`` naming ``argument`` unless ``value`` is a finite number > 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value < math.inf):
+        raise ValueError(f"`{argument}` must be a finite number > 0, got {value!r}")
+
+
+class SentinelCallback(Callback):
+    """Base class of every lightning-sentinel check.
+
+    Args:
+        on_detect: what to do with a finding: ``"warn"`` emits a :class:`SentinelWarning` on rank
+            zero; ``"stop"`` also stops the run on every rank together (``trainer.should_stop``);
+            ``"raise"`` raises :class:`SentinelError` on every rank, after the ranks agreed.
+        every_n_steps: run the check on every n-th optimizer step this callback observes.
+        warmup_steps: do not judge (but may measure) during the first optimizer steps.
+
+    Subclasses list their check ids in ``CHECKS`` and put every setting that tells two instances
+    apart into :meth:`_state_key_settings`.
+
+    Example:
+        >>> import lightning.pytorch as pl
+        >>> from lightning_sentinel import GradientNormMonitor
+        >>> trainer = pl.Trainer(callbacks=[GradientNormMonitor(on_detect="stop")], logger=False)
+    """
+
+    CHECKS: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for name in _GUARDED_HOOKS:
+            hook = cls.__dict__.get(name)
+            if hook is not None and not getattr(hook, "__sentinel_guarded__", False):
+                guarded = _guard_hook(name, hook)
+                guarded.__sentinel_guarded__ = True  # type: ignore[attr-defined]
+                setattr(cls, name, guarded)
+
+    def __init__(self, on_detect: OnDetect = "warn", every_n_steps: int = 1, warmup_steps: int = 0) -> None:
+        validate_on_detect(on_detect)
+        validate_positive_int("every_n_steps", every_n_steps)
+        validate_positive_int("warmup_steps", warmup_steps, minimum=0)
+        self.on_detect: str = on_detect
+        self.every_n_steps = every_n_steps
+        self.warmup_steps = warmup_steps
+        self.disabled_checks: set[str] = set()
+        self._failed = False
+        self._reported: dict[tuple[str, str | None], tuple[int, float]] = {}
+        self._pending_stop = False
+        self._pending_raise: Finding | None = None
+        self._restored_findings: list[Finding] = []
+
+    # ------------------------------------------------------------------ identity and state
+    def _state_key_settings(self) -> dict[str, Any]:
+        """The settings that tell two instances of this callback apart (override to add more)."""
+        return {"on_detect": self.on_detect, "every_n_steps": self.every_n_steps}
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(**self._state_key_settings())
+
+    @property
+    def active_checks(self) -> tuple[str, ...]:
+        """The check ids this callback reports, less the disabled ones."""
+        return tuple(check for check in self.CHECKS if check not in self.disabled_checks)
+
+    def _extra_state(self) -> dict[str, Any]:
+        """Check-specific state to checkpoint (override)."""
+        return {}
+
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`_extra_state` returned (override)."""
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "reported": [[check, where, rank, magnitude] for (check, where), (rank, magnitude) in self._reported.items()],
+            "findings": [finding.to_dict() for finding in self._own_findings],
+            "extra": self._extra_state(),
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._reported = {
+            (check, where): (int(rank), float(magnitude)) for check, where, rank, magnitude in state_dict["reported"]
+        }
+        self._restored_findings = [Finding.from_dict(record) for record in state_dict.get("findings", [])]
+        self._load_extra_state(state_dict.get("extra", {}))
+
+    @property
+    def _own_findings(self) -> list[Finding]:
+        if not hasattr(self, "_findings_of_run"):
+            self._findings_of_run: list[Finding] = []
+        return self._findings_of_run
+
+    # ------------------------------------------------------------------ lifecycle shared by all checks
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        log = finding_log(trainer)
+        if stage == "fit":
+            log.report_printed = False
+        # ``trainer.log_dir`` is a collective (a broadcast): every rank resolves it here, in lockstep,
+        # so that rank zero can later write findings.json even from an exception handler.
+        if log.directory is None:
+            log.directory = trainer.log_dir or trainer.default_root_dir
+        log.checks_run.update(self.active_checks)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._restored_findings:
+            log = finding_log(trainer)
+            for finding in self._restored_findings:
+                if finding not in log.findings:
+                    log.add(finding)
+                    self._own_findings.append(finding)
+            self._restored_findings = []
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._finish(trainer, print_report=True)
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._release(trainer)
+        self._finish(trainer, print_report=not isinstance(exception, SentinelError))
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._release(trainer)
+
+    def _release(self, trainer: pl.Trainer) -> None:
+        """Remove hooks and other resources (override; must be safe to call twice)."""
+
+    def _finish(self, trainer: pl.Trainer, print_report: bool) -> None:
+        if trainer.global_rank != 0:
+            return
+        log = finding_log(trainer)
+        log.write()
+        if print_report and not log.report_printed:
+            log.report_printed = True
+            rank_zero_info(format_report(log.findings, sorted(log.checks_run), log.path))
+
+    # ------------------------------------------------------------------ cadence
+    def _is_due(self, step_index: int) -> bool:
+        """Whether the ``step_index``-th observed optimizer step (0-based) is a check step."""
+        return step_index >= self.warmup_steps and (step_index - self.warmup_steps) % self.every_n_steps == 0
+
+    # ------------------------------------------------------------------ reporting
+    def _report(
+        self,
+        trainer: pl.Trainer,
+        check: str,
+        severity: Severity,
+        message: str,
+        *,
+        where: str | None = None,
+        evidence: dict[str, float] | None = None,
+        hint: str = "",
+        magnitude: float = 0.0,
+    ) -> Finding | None:
+        """Record a finding unless it is disabled or a repeat; apply the ``on_detect`` policy.
+
+        ``magnitude`` grows with how bad the finding is: a (check, where) already reported is reported
+        again only when its severity rises or its magnitude is 10x the last one reported.
+        """
+        if check not in self.CHECKS:
+            raise AssertionError(f"{type(self).__name__} reported {check!r}, which is not in its CHECKS")
+        if check in self.disabled_checks:
+            return None
+        key = (check, where)
+        previous = self._reported.get(key)
+        if previous is not None:
+            previous_rank, previous_magnitude = previous
+            worse = severity.rank > previous_rank or (
+                math.isfinite(magnitude) and magnitude > 0 and magnitude >= 10 * max(previous_magnitude, 1e-300)
+            )
+            if not worse:
+                return None
+        self._reported[key] = (severity.rank, magnitude)
+        finding = Finding(
+            check=check,
+            severity=severity,
+            message=message,
+            step=int(trainer.global_step),
+            epoch=int(trainer.current_epoch),
+            where=where,
+            evidence={name: float(value) for name, value in (evidence or {}).items()},
+            hint=hint,
+        )
+        finding_log(trainer).add(finding)
+        self._own_findings.append(finding)
+        if trainer.global_rank == 0:
+            warnings.warn(SentinelWarning(finding.format() + (f" Hint: {hint}" if hint else "")), stacklevel=2)
+            self._log_findings_text(trainer)
+        if self.on_detect == "stop":
+            self._pending_stop = True
+        elif self.on_detect == "raise" and self._pending_raise is None:
+            self._pending_raise = finding
+        return finding
+
+    def _settle(self, trainer: pl.Trainer) -> None:
+        """Share this check run's stop/raise decision across ranks and act on it.
+
+        Call once at the end of every check run, on every rank (the cadence is the same on all
+        ranks, so the collective lines up). With a single process no communication happens.
+        """
+        if self.on_detect == "warn":
+            return
+        strategy = trainer.strategy
+        distributed = trainer.world_size > 1
+        if self.on_detect == "stop":
+            local = self._pending_stop
+            self._pending_stop = False
+            decision = strategy.reduce_boolean_decision(local, all=False) if distributed else local
+            if decision:
+                trainer.should_stop = True
+                self._finish(trainer, print_report=False)
+            return
+        local_finding = self._pending_raise
+        self._pending_raise = None
+        decision = strategy.reduce_boolean_decision(local_finding is not None, all=False) if distributed else bool(local_finding)
+        if not decision:
+            return
+        # every rank takes part in the gather, then all raise the same first finding
+        finding = _first_finding_of_any_rank(local_finding) if distributed else local_finding
+        assert finding is not None
+        self._finish(trainer, print_report=False)
+        raise SentinelError(finding)
+
+    def _log_findings_text(self, trainer: pl.Trainer) -> None:
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_text(
+                    "sentinel/findings", findings_markdown(finding_log(trainer).findings), trainer.global_step
+                )
+
+    def _log_scalars(self, trainer: pl.Trainer, pl_module: pl.LightningModule, metrics: dict[str, Any]) -> None:
+        """Log scalar tensors or numbers under ``sentinel/...`` through Lightning (skipped when barebones)."""
+        if trainer.barebones or not trainer.loggers:
+            return
+        for name, value in metrics.items():
+            pl_module.log(name, value, on_step=True, on_epoch=False, prog_bar=False, logger=True, batch_size=1)
+
+    def _disable_after_error(self, hook: str, error: Exception) -> None:
+        self._failed = True
+        warnings.warn(
+            SentinelWarning(
+                f"{type(self).__name__} failed in `{hook}` ({type(error).__name__}: {error}) and disabled itself; "
+                "training goes on without it. Please report this with the traceback."
+            ),
+            stacklevel=3,
+        )
+
+
+def _first_finding_of_any_rank(local: Finding | None) -> Finding:
+    """The first finding any rank holds (all ranks call this together under DDP)."""
+    gathered: list[Any] = [None]
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        gathered = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(gathered, None if local is None else local.to_dict())
+    for record in gathered:
+        if record is not None:
+            return Finding.from_dict(record)
+    return Finding("unknown", Severity.ERROR, "another rank raised a finding", -1, -1)
+
+
+def named_trainable_parameters(module: torch.nn.Module) -> Iterable[tuple[str, torch.nn.Parameter]]:
+    """``(name, parameter)`` for every parameter that requires a gradient."""
+    return ((name, parameter) for name, parameter in module.named_parameters() if parameter.requires_grad)

@@ -1,0 +1,62 @@
+"""The registry of check ids the code implements.
+
+Each check module registers the ids it owns when it is imported. The registry feeds the README
+table test, ``lightning-sentinel checks``, and the validation of ``Sentinel(disable=[...])``.
+
+Example:
+    >>> from lightning_sentinel.catalog import registered_checks
+    >>> "non-finite-loss" in registered_checks()
+    True
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lightning_sentinel.findings import Severity
+
+
+@dataclass(frozen=True)
+class CheckSpec:
+    """What the documentation says about one check id.
+
+    Args:
+        check: the id (kebab-case, public API).
+        callback: name of the callback class that owns it.
+        severity: the severity its findings usually carry.
+        meaning: one line, what it means.
+        threshold: the default rule, in words, with numbers.
+    """
+
+    check: str
+    callback: str
+    severity: Severity
+    meaning: str
+    threshold: str
+
+
+_REGISTRY: dict[str, CheckSpec] = {}
+
+
+def register(*specs: CheckSpec) -> None:
+    """Add check ids to the registry (idempotent for an identical spec)."""
+    for spec in specs:
+        known = _REGISTRY.get(spec.check)
+        if known is not None and known != spec:
+            raise ValueError(f"check id {spec.check!r} is registered twice with different specs")
+        _REGISTRY[spec.check] = spec
+
+
+def registered_checks() -> dict[str, CheckSpec]:
+    """Every implemented check id and its spec, in registration order."""
+    import lightning_sentinel.checks  # noqa: F401  (importing the checks registers their ids)
+
+    return dict(_REGISTRY)
+
+
+def validate_check_ids(argument: str, ids: list[str]) -> None:
+    """Raise ``ValueError`` naming ``argument`` if an id in ``ids`` is not a registered check id."""
+    known = registered_checks()
+    unknown = [check for check in ids if check not in known]
+    if unknown:
+        raise ValueError(f"`{argument}` holds unknown check ids {unknown}; known ids are {sorted(known)}")

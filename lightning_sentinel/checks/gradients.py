@@ -1,0 +1,348 @@
+"""GradientNormMonitor: total and per-layer gradient norms; exploding and vanishing gradients.
+
+Norms are read in ``on_before_optimizer_step``: once per optimizer step (after gradient
+accumulation), after AMP unscaling, and *before* gradient clipping (the logged norms are pre-clip).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+from typing_extensions import override
+
+from lightning_sentinel._stats import LayerGrouping, median, tensor_norms
+from lightning_sentinel.base import OnDetect, SentinelCallback, validate_positive_float, validate_positive_int
+from lightning_sentinel.catalog import CheckSpec, register
+from lightning_sentinel.checks._optimizers import OptimizerView, gradient_scale, optimizer_view
+from lightning_sentinel.findings import Severity
+
+EXPLODING = "exploding-gradients"
+VANISHING = "vanishing-gradients"
+
+register(
+    CheckSpec(
+        EXPLODING,
+        "GradientNormMonitor",
+        Severity.WARNING,
+        "total (unscaled, pre-clip) gradient norm jumps far above its running median, or passes an absolute bound",
+        "norm > 10x the median of the last 20 checks (after 5), or norm > 1e4",
+    ),
+    CheckSpec(
+        VANISHING,
+        "GradientNormMonitor",
+        Severity.WARNING,
+        "a layer's gradients are ~0 relative to its weights, or the first layer's are ~0 relative to the last's, "
+        "while the loss has not converged",
+        "grad/weight norm ratio < 1e-7, or first/last layer ratio < 1e-5, on 3 checks in a row",
+    ),
+)
+
+
+# ---------------------------------------------------------------------- pure rules
+def exploding_verdict(
+    norm: float, history: list[float], spike_factor: float, max_norm: float, min_history: int
+) -> tuple[bool, str, float]:
+    """Whether a total gradient norm is exploding, given the norms of earlier checks.
+
+    Returns ``(exploding, reason, reference)``: the reference is the running median (or the
+    absolute bound) the norm was compared with.
+
+    Example:
+        >>> exploding_verdict(50.0, [1.0, 1.2, 0.9, 1.1, 1.0], 10.0, 1e4, 5)[0]
+        True
+        >>> exploding_verdict(2.0, [1.0, 1.2, 0.9, 1.1, 1.0], 10.0, 1e4, 5)[0]
+        False
+    """
+    if not math.isfinite(norm):
+        return False, "", float("nan")
+    if norm > max_norm:
+        return True, f"above the absolute bound {max_norm:g}", max_norm
+    reference = median(history)
+    if len(history) >= min_history and math.isfinite(reference) and reference > 0 and norm > spike_factor * reference:
+        return True, f"{norm / reference:.0f}x the running median {reference:.3g}", reference
+    return False, "", reference
+
+
+def vanishing_layers(grad_norms: list[float], weight_norms: list[float], ratio_threshold: float) -> list[int]:
+    """Indices of layers whose gradient/weight norm ratio is below ``ratio_threshold``.
+
+    Layers with zero weight norm (e.g. zero-initialised biases alone) are skipped.
+
+    Example:
+        >>> vanishing_layers([1e-3, 1e-12], [1.0, 1.0], 1e-7)
+        [1]
+    """
+    return [
+        index
+        for index, (grad, weight) in enumerate(zip(grad_norms, weight_norms, strict=True))
+        if weight > 0 and math.isfinite(grad) and grad / weight < ratio_threshold
+    ]
+
+
+def depth_ratio(grad_norms: list[float], weight_norms: list[float], weight_layers: list[int]) -> float:
+    """Relative gradient size of the first weight layer over the last one (NaN if undefined).
+
+    Example:
+        >>> depth_ratio([1e-9, 1.0, 1.0], [1.0, 1.0, 1.0], [0, 2])
+        1e-09
+    """
+    if len(weight_layers) < 2:
+        return float("nan")
+    first, last = weight_layers[0], weight_layers[-1]
+    if weight_norms[first] <= 0 or weight_norms[last] <= 0 or grad_norms[last] <= 0:
+        return float("nan")
+    return (grad_norms[first] / weight_norms[first]) / (grad_norms[last] / weight_norms[last])
+
+
+@dataclass
+class _OptimizerState:
+    view: OptimizerView
+    steps_seen: int = 0
+    history: deque[float] = field(default_factory=deque)
+    vanishing_streak: dict[str, int] = field(default_factory=dict)
+    depth_streak: int = 0
+
+
+class GradientNormMonitor(SentinelCallback):
+    """Logs gradient norms and reports ``exploding-gradients`` and ``vanishing-gradients``.
+
+    On every ``every_n_steps``-th optimizer step it computes, on the device with fused kernels, the
+    2-norm of each parameter's gradient and weight, combines them per layer (the module owning the
+    parameters) and in total, and reads them back once. Norms are unscaled (after AMP's
+    ``unscale_``; gradients a fused optimizer still holds scaled are divided by the scale) and
+    **pre-clip**. With several optimizers (or manual optimization) each optimizer is tracked apart.
+
+    Rules (calibrated on the healthy zoo of ``benchmarks/detection``):
+
+    - ``exploding-gradients``: total norm > ``spike_factor`` x the median of the last ``window``
+      checks (once ``min_history`` checks exist), or > ``max_norm``. ``where`` is the layer with
+      the largest gradient norm.
+    - ``vanishing-gradients``: a layer's grad/weight norm ratio < ``vanishing_ratio``, or the first
+      weight layer's ratio < ``depth_ratio_threshold`` x the last one's, on ``patience`` checks in a
+      row, while the loss is above ``converged_fraction`` of its first value.
+
+    Args:
+        on_detect: ``"warn"``, ``"stop"`` or ``"raise"`` (see :class:`~lightning_sentinel.base.SentinelCallback`).
+        every_n_steps: check every n-th optimizer step (one host read per check).
+        warmup_steps: optimizer steps to skip before the first check.
+        spike_factor: how far above its running median the total norm may go.
+        max_norm: absolute bound on the total gradient norm.
+        window: number of earlier checks in the running median.
+        min_history: checks needed before the spike rule applies.
+        vanishing_ratio: per-layer grad/weight ratio below which a layer's gradient has vanished.
+        depth_ratio_threshold: first-layer/last-layer relative gradient ratio below which gradients
+            vanish with depth.
+        patience: consecutive checks a vanishing condition must hold.
+        converged_fraction: no vanishing finding once the loss is below this fraction of its first value.
+        log_per_layer: also log each layer's gradient norm (off by default: no per-layer clutter).
+
+    Example:
+        >>> import lightning.pytorch as pl
+        >>> from lightning_sentinel import GradientNormMonitor
+        >>> monitor = GradientNormMonitor(every_n_steps=5, spike_factor=20.0)
+        >>> trainer = pl.Trainer(callbacks=[monitor], logger=False)
+    """
+
+    CHECKS = (EXPLODING, VANISHING)
+
+    def __init__(
+        self,
+        on_detect: OnDetect = "warn",
+        every_n_steps: int = 5,
+        warmup_steps: int = 0,
+        spike_factor: float = 10.0,
+        max_norm: float = 1e4,
+        window: int = 20,
+        min_history: int = 5,
+        vanishing_ratio: float = 1e-7,
+        depth_ratio_threshold: float = 1e-5,
+        patience: int = 3,
+        converged_fraction: float = 0.05,
+        log_per_layer: bool = False,
+    ) -> None:
+        super().__init__(on_detect=on_detect, every_n_steps=every_n_steps, warmup_steps=warmup_steps)
+        validate_positive_float("spike_factor", spike_factor)
+        validate_positive_float("max_norm", max_norm)
+        validate_positive_int("window", window)
+        validate_positive_int("min_history", min_history)
+        validate_positive_float("vanishing_ratio", vanishing_ratio)
+        validate_positive_float("depth_ratio_threshold", depth_ratio_threshold)
+        validate_positive_int("patience", patience)
+        validate_positive_float("converged_fraction", converged_fraction)
+        if min_history > window:
+            raise ValueError(f"`min_history` ({min_history}) must not exceed `window` ({window})")
+        self.spike_factor = spike_factor
+        self.max_norm = max_norm
+        self.window = window
+        self.min_history = min_history
+        self.vanishing_ratio = vanishing_ratio
+        self.depth_ratio_threshold = depth_ratio_threshold
+        self.patience = patience
+        self.converged_fraction = converged_fraction
+        self.log_per_layer = log_per_layer
+        self._optimizers: dict[int, _OptimizerState] = {}
+        self._saved_history: dict[str, list[float]] = {}
+        self._first_loss: Tensor | None = None
+        self._latest_loss: Tensor | None = None
+
+    @override
+    def _state_key_settings(self) -> dict[str, Any]:
+        return {
+            **super()._state_key_settings(),
+            "spike_factor": self.spike_factor,
+            "max_norm": self.max_norm,
+            "vanishing_ratio": self.vanishing_ratio,
+        }
+
+    @override
+    def _extra_state(self) -> dict[str, Any]:
+        history = {state.view.key: list(state.history) for state in self._optimizers.values()}
+        return {"history": history or self._saved_history}
+
+    @override
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        self._saved_history = {key: [float(v) for v in values] for key, values in state.get("history", {}).items()}
+
+    # ------------------------------------------------------------------ hooks
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._optimizers = {}
+        self._first_loss = None
+        self._latest_loss = None
+
+    @override
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
+        detached = loss.detach()
+        if self._first_loss is None:
+            self._first_loss = detached
+        self._latest_loss = detached
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        state = self._optimizers.get(id(optimizer))
+        if state is None:
+            view = optimizer_view(trainer, pl_module, optimizer)
+            state = _OptimizerState(view=view, history=deque(self._saved_history.get(view.key, []), maxlen=self.window))
+            self._optimizers[id(optimizer)] = state
+        step_index = state.steps_seen
+        state.steps_seen += 1
+        if not self.active_checks or not self._is_due(step_index):
+            return
+        self._run_gradient_check(trainer, pl_module, optimizer, state)
+        self._settle(trainer)
+
+    # ------------------------------------------------------------------ the check
+    def _run_gradient_check(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer, state: _OptimizerState
+    ) -> None:
+        present = [(n, p) for n, p in zip(state.view.names, state.view.parameters, strict=True) if p.grad is not None]
+        if not present:
+            return
+        grouping = LayerGrouping.from_named_parameters(present)
+        grad_norms = tensor_norms([p.grad for _, p in present])  # type: ignore[misc]
+        weight_norms = tensor_norms([p for _, p in present], device=grad_norms.device)
+        scale = gradient_scale(trainer, optimizer)
+        if scale is not None:
+            grad_norms = grad_norms / scale.to(grad_norms.device, torch.float32)
+        layer_grad = grouping.layer_norms(grad_norms)
+        layer_weight = grouping.layer_norms(weight_norms)
+        total = grad_norms.square().sum().sqrt().view(1)
+        losses = torch.full((2,), float("nan"), device=grad_norms.device)
+        if self._first_loss is not None and self._latest_loss is not None:
+            losses = torch.stack([self._first_loss, self._latest_loss]).float().to(grad_norms.device)
+        # the one host read of this check
+        values = torch.cat([total, losses, layer_grad, layer_weight]).tolist()
+        n_layers = len(grouping.layer_names)
+        total_norm, first_loss, latest_loss = values[0], values[1], values[2]
+        layer_grads = values[3 : 3 + n_layers]
+        layer_weights = values[3 + n_layers :]
+
+        prefix = f"sentinel/grad_norm/{state.view.key + '/' if state.view.key else ''}"
+        metrics: dict[str, float] = {prefix + "total": total_norm}
+        if self.log_per_layer:
+            metrics.update({prefix + name: norm for name, norm in zip(grouping.layer_names, layer_grads, strict=True)})
+        self._log_scalars(trainer, pl_module, metrics)
+        if not math.isfinite(total_norm):
+            return  # non-finite gradients are NonFiniteGuard's business (or a GradScaler's skipped step)
+
+        where_prefix = f"{state.view.key}:" if state.view.key else ""
+        exploding, reason, reference = exploding_verdict(
+            total_norm, list(state.history), self.spike_factor, self.max_norm, self.min_history
+        )
+        state.history.append(total_norm)
+        if exploding:
+            worst = max(range(n_layers), key=lambda i: layer_grads[i])
+            self._report(
+                trainer,
+                EXPLODING,
+                Severity.WARNING,
+                f"total gradient norm {total_norm:.3g} is {reason}; largest in layer "
+                f"'{grouping.layer_names[worst]}' ({layer_grads[worst]:.3g})",
+                where=where_prefix + grouping.layer_names[worst],
+                evidence={"grad_norm": total_norm, "reference": reference, "layer_grad_norm": layer_grads[worst]},
+                hint="lower the learning rate, clip gradients (Trainer(gradient_clip_val=1.0)), check the weight "
+                "initialisation and normalise inputs/targets",
+                magnitude=total_norm / max(reference, 1e-30) if math.isfinite(reference) else total_norm,
+            )
+        self._judge_vanishing(trainer, state, grouping, layer_grads, layer_weights, first_loss, latest_loss)
+
+    def _judge_vanishing(
+        self,
+        trainer: pl.Trainer,
+        state: _OptimizerState,
+        grouping: LayerGrouping,
+        layer_grads: list[float],
+        layer_weights: list[float],
+        first_loss: float,
+        latest_loss: float,
+    ) -> None:
+        converged = math.isfinite(latest_loss) and (
+            abs(latest_loss) < 1e-3 or (first_loss > 0 and latest_loss < self.converged_fraction * first_loss)
+        )
+        if converged:
+            state.vanishing_streak.clear()
+            state.depth_streak = 0
+            return
+        where_prefix = f"{state.view.key}:" if state.view.key else ""
+        vanished = set(vanishing_layers(layer_grads, layer_weights, self.vanishing_ratio))
+        for index, name in enumerate(grouping.layer_names):
+            streak = state.vanishing_streak.get(name, 0) + 1 if index in vanished else 0
+            state.vanishing_streak[name] = streak
+            if streak >= self.patience:
+                ratio = layer_grads[index] / layer_weights[index]
+                self._report(
+                    trainer,
+                    VANISHING,
+                    Severity.WARNING,
+                    f"layer '{name}' gradient/weight norm ratio {ratio:.2g} < {self.vanishing_ratio:g} for {streak} "
+                    f"checks while the loss ({latest_loss:.4g}) has not converged",
+                    where=where_prefix + name,
+                    evidence={"grad_weight_ratio": ratio, "grad_norm": layer_grads[index], "loss": latest_loss},
+                    hint="use ReLU-family activations instead of sigmoid/tanh in deep stacks, add normalisation "
+                    "or residual connections, use He/Xavier initialisation; check for a detached branch",
+                )
+        weight_layers = [i for i, is_weight in enumerate(grouping.is_weight_layer) if is_weight]
+        ratio = depth_ratio(layer_grads, layer_weights, weight_layers)
+        state.depth_streak = state.depth_streak + 1 if ratio < self.depth_ratio_threshold else 0
+        if state.depth_streak >= self.patience:
+            first = grouping.layer_names[weight_layers[0]]
+            last = grouping.layer_names[weight_layers[-1]]
+            self._report(
+                trainer,
+                VANISHING,
+                Severity.WARNING,
+                f"first layer '{first}' gets {ratio:.2g}x the relative gradient of the last layer '{last}' "
+                f"(< {self.depth_ratio_threshold:g}) for {state.depth_streak} checks: gradients vanish with depth",
+                where=where_prefix + first,
+                evidence={"depth_ratio": ratio, "loss": latest_loss},
+                hint="use ReLU-family activations instead of sigmoid/tanh in deep stacks, add normalisation "
+                "or residual connections, use He/Xavier initialisation",
+            )

@@ -1,0 +1,319 @@
+"""NonFiniteGuard: NaN/Inf in the loss, the gradients, the weights, and the first module that made one."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+from typing_extensions import override
+
+from lightning_sentinel._hooks import FiniteProbe, ModuleFailure
+from lightning_sentinel._stats import tensor_norms
+from lightning_sentinel.base import OnDetect, SentinelCallback, validate_positive_int
+from lightning_sentinel.catalog import CheckSpec, register
+from lightning_sentinel.checks._optimizers import OptimizerView, optimizer_view, scaler_of
+from lightning_sentinel.findings import Severity
+
+LOSS = "non-finite-loss"
+GRADIENTS = "non-finite-gradients"
+WEIGHTS = "non-finite-weights"
+ACTIVATION = "non-finite-activation"
+
+register(
+    CheckSpec(LOSS, "NonFiniteGuard", Severity.ERROR, "the training loss is NaN or Inf", "any step"),
+    CheckSpec(
+        GRADIENTS,
+        "NonFiniteGuard",
+        Severity.ERROR,
+        "a gradient holds NaN/Inf after AMP unscaling (a GradScaler's occasional skipped step is not a fault)",
+        "checked every 10 steps; under a GradScaler on 3 checks in a row",
+    ),
+    CheckSpec(WEIGHTS, "NonFiniteGuard", Severity.ERROR, "a parameter became NaN or Inf", "checked every 10 steps"),
+    CheckSpec(
+        ACTIVATION,
+        "NonFiniteGuard",
+        Severity.ERROR,
+        "a module's forward output is NaN/Inf while its input is finite (first module in execution order)",
+        "localised once something non-finite is seen",
+    ),
+)
+
+_LOSS_HINT = (
+    "look for log/sqrt/division of values that can reach 0 or below, exp overflow, fp16 overflow (try bf16 or "
+    "a lower learning rate), and NaN in the data; Trainer(detect_anomaly=True) traces the backward op"
+)
+
+
+def _noop(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+class NonFiniteGuard(SentinelCallback):
+    """Catches NaN/Inf in the loss, gradients and weights, and names the module that produced it.
+
+    Cost: each micro-batch the loss is tested with one tiny device op. A loss on the CPU is read at
+    once (no device to sync with); a loss on an accelerator is folded into a device flag and read on
+    check steps only. Every ``every_n_steps``-th optimizer step, the gradients (read in
+    ``on_before_optimizer_step``, i.e. after AMP unscaling) and weights are reduced with fused
+    norms and read back once. Forward hooks are attached only after something non-finite was seen.
+
+    Localisation: when the loss turns non-finite on a step where the weights are still finite (the
+    usual first NaN), the guard replays that batch through ``training_step`` under ``no_grad`` with
+    forward hooks (single process, automatic optimization; the user's ``self.log`` calls are
+    silenced, buffers and the RNG restored) and reports ``non-finite-activation`` for the first
+    module, in execution order, whose output is non-finite while its input is finite. Otherwise
+    hooks are armed for the next training batch.
+
+    Under a GradScaler (``precision="16-mixed"``), non-finite gradients make the scaler skip the step
+    and lower its scale; that is normal, so ``non-finite-gradients`` is reported only when it
+    persists for ``scaler_patience`` checks in a row.
+
+    Args:
+        on_detect: ``"stop"`` (default: a non-finite run is worthless), ``"warn"`` or ``"raise"``.
+        every_n_steps: check gradients and weights every n-th optimizer step.
+        scaler_patience: consecutive checks with non-finite gradients under a GradScaler before reporting.
+        localize: replay or hook the forward pass to name the module that produced the first NaN/Inf.
+
+    Example:
+        >>> import lightning.pytorch as pl
+        >>> from lightning_sentinel import NonFiniteGuard
+        >>> trainer = pl.Trainer(callbacks=[NonFiniteGuard(on_detect="raise")], logger=False)
+    """
+
+    CHECKS = (LOSS, GRADIENTS, WEIGHTS, ACTIVATION)
+
+    def __init__(
+        self,
+        on_detect: OnDetect = "stop",
+        every_n_steps: int = 10,
+        scaler_patience: int = 3,
+        localize: bool = True,
+    ) -> None:
+        super().__init__(on_detect=on_detect, every_n_steps=every_n_steps)
+        validate_positive_int("scaler_patience", scaler_patience)
+        self.scaler_patience = scaler_patience
+        self.localize = localize
+        self._reset_run_state()
+
+    def _reset_run_state(self) -> None:
+        self._views: dict[int, OptimizerView] = {}
+        self._steps_seen = 0
+        self._loss_flag: Tensor | None = None  # accumulated on an accelerator until a check reads it
+        self._loss_bad_now: float | None = None  # a CPU loss found non-finite on this optimizer step
+        self._batch: Any = None
+        self._batch_idx = 0
+        self._probe: FiniteProbe | None = None
+        self._armed = False
+        self._localized = False
+        self._scaler_streak = 0
+
+    @override
+    def _state_key_settings(self) -> dict[str, Any]:
+        return {**super()._state_key_settings(), "localize": self.localize}
+
+    # ------------------------------------------------------------------ hooks
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._reset_run_state()
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._batch = batch  # a reference only, for a possible replay
+        self._batch_idx = batch_idx
+        if self._armed and not self._localized:
+            self._probe = FiniteProbe(pl_module)
+            self._probe.attach()
+
+    @override
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
+        if LOSS not in self.active_checks and ACTIVATION not in self.active_checks:
+            return
+        detached = loss.detach()
+        bad = ~torch.isfinite(detached).all()
+        if detached.device.type == "cpu":
+            if bad and self._loss_bad_now is None:  # a host read of a CPU tensor: no device sync
+                self._loss_bad_now = float(detached.float().mean())
+        else:
+            self._loss_flag = bad if self._loss_flag is None else (self._loss_flag | bad)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self._probe is not None:
+            probe, self._probe = self._probe, None
+            probe.remove()
+            self._report_localization(trainer, probe.first_failure(), probe.first_input_finite)
+        self._batch = None
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        view = self._views.get(id(optimizer))
+        if view is None:
+            view = self._views[id(optimizer)] = optimizer_view(trainer, pl_module, optimizer)
+        step_index = self._steps_seen
+        self._steps_seen += 1
+        loss_bad_now, self._loss_bad_now = self._loss_bad_now, None
+        due = self._is_due(step_index)
+        if loss_bad_now is None and not due:
+            return
+        self._run_non_finite_check(trainer, pl_module, optimizer, view, loss_bad_now, due)
+        if due or trainer.world_size == 1:  # the stop/raise collective runs only on steps every rank checks
+            self._settle(trainer)
+
+    @override
+    def _release(self, trainer: pl.Trainer) -> None:
+        if self._probe is not None:
+            self._probe.remove()
+            self._probe = None
+        self._batch = None
+
+    # ------------------------------------------------------------------ the check
+    def _run_non_finite_check(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        optimizer: torch.optim.Optimizer,
+        view: OptimizerView,
+        loss_bad_now: float | None,
+        due: bool,
+    ) -> None:
+        parameters = view.parameters
+        with_grad = [i for i, p in enumerate(parameters) if p.grad is not None]
+        weight_norms = tensor_norms(parameters)
+        grad_norms = tensor_norms([parameters[i].grad for i in with_grad], device=weight_norms.device)  # type: ignore[misc]
+        loss_flag = self._loss_flag if self._loss_flag is not None else torch.zeros((), dtype=torch.bool)
+        self._loss_flag = None
+        # the one host read of this check
+        values = torch.cat([loss_flag.float().view(1).to(weight_norms.device), weight_norms, grad_norms]).tolist()
+        loss_bad = loss_bad_now is not None or values[0] > 0
+        weights = values[1 : 1 + len(parameters)]
+        grads = values[1 + len(parameters) :]
+        bad_weights = [view.names[i] for i, norm in enumerate(weights) if not math.isfinite(norm)]
+        bad_grads = [view.names[with_grad[k]] for k, norm in enumerate(grads) if not math.isfinite(norm)]
+
+        if loss_bad:
+            value = loss_bad_now if loss_bad_now is not None else float("nan")
+            self._report(
+                trainer,
+                LOSS,
+                Severity.ERROR,
+                f"training loss is {value:g} at step {trainer.global_step} (batch {self._batch_idx})"
+                if loss_bad_now is not None
+                else f"training loss became non-finite in the {self.every_n_steps} steps before step {trainer.global_step}",
+                where=f"batch {self._batch_idx}" if loss_bad_now is not None else None,
+                evidence={"loss": value, "batch_idx": float(self._batch_idx)},
+                hint=_LOSS_HINT,
+            )
+        if bad_weights:
+            self._report(
+                trainer,
+                WEIGHTS,
+                Severity.ERROR,
+                f"{len(bad_weights)} of {len(parameters)} parameters hold NaN/Inf, first '{bad_weights[0]}'",
+                where=bad_weights[0],
+                evidence={"non_finite_parameters": float(len(bad_weights))},
+                hint="an earlier update was non-finite: find the first non-finite loss or gradient; lower the learning "
+                "rate, clip gradients, and check optimizer eps (eps=0 divides by zero)",
+            )
+        if bad_grads and not loss_bad and not bad_weights:
+            self._report_gradients(trainer, bad_grads, len(with_grad))
+        elif not bad_grads:
+            self._scaler_streak = 0
+        if (loss_bad or bad_grads) and not bad_weights and self.localize and not self._localized:
+            if loss_bad_now is not None and self._replay(trainer, pl_module):
+                return
+            self._armed = True
+
+    def _report_gradients(self, trainer: pl.Trainer, bad_grads: list[str], n_grads: int) -> None:
+        if scaler_of(trainer) is not None:
+            self._scaler_streak += 1
+            if self._scaler_streak < self.scaler_patience:
+                return  # a GradScaler skips this step and lowers its scale: normal in fp16
+        self._report(
+            trainer,
+            GRADIENTS,
+            Severity.ERROR,
+            f"{len(bad_grads)} of {n_grads} gradients hold NaN/Inf while the loss is finite, first '{bad_grads[0]}'",
+            where=bad_grads[0],
+            evidence={"non_finite_gradients": float(len(bad_grads)), "scaler_streak": float(self._scaler_streak)},
+            hint="an operation with an infinite derivative at the current value (sqrt or norm at 0, pow with a "
+            "negative base, acos at 1); add an epsilon, e.g. torch.sqrt(x + 1e-12); Trainer(detect_anomaly=True) "
+            "names the backward op",
+        )
+
+    def _replay(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
+        """Re-run this step's ``training_step`` under ``no_grad`` with hooks, leaving no trace on the run.
+
+        Returns whether the replay localised the non-finite value (and reported it).
+        """
+        if self._batch is None or trainer.world_size > 1 or not pl_module.automatic_optimization:
+            return False
+        buffers = {name: buffer.detach().clone() for name, buffer in pl_module.named_buffers()}
+        probe = FiniteProbe(pl_module)
+        try:
+            pl_module.log = _noop  # type: ignore[method-assign]
+            pl_module.log_dict = _noop  # type: ignore[method-assign]
+            with torch.random.fork_rng(devices=[]), torch.no_grad(), probe:
+                output = pl_module.training_step(self._batch, self._batch_idx)
+        finally:
+            del pl_module.log
+            del pl_module.log_dict
+            with torch.no_grad():
+                for name, buffer in pl_module.named_buffers():
+                    if name in buffers:
+                        buffer.copy_(buffers[name])
+        failure = probe.first_failure()
+        if failure is not None:
+            self._report_localization(trainer, failure, probe.first_input_finite)
+            return True
+        loss = output.get("loss") if isinstance(output, dict) else output
+        if isinstance(loss, Tensor) and not bool(torch.isfinite(loss).all()) and probe.first_input_finite:
+            # every module's output was finite: the NaN/Inf comes from training_step's own code
+            self._localized = True
+            self._report(
+                trainer,
+                ACTIVATION,
+                Severity.ERROR,
+                "every module output is finite, yet training_step returns a non-finite loss: the NaN/Inf arises "
+                "in training_step's own code (the loss computation or an op outside any module)",
+                where=f"{type(pl_module).__name__}.training_step",
+                evidence={},
+                hint="check the operations between the model output and the loss: log of a non-positive value, "
+                "division by zero, log of softmax instead of log_softmax",
+            )
+            return True
+        return False
+
+    def _report_localization(self, trainer: pl.Trainer, failure: ModuleFailure | None, input_finite: bool) -> None:
+        if failure is None:
+            return
+        self._localized = True
+        self._armed = False
+        if not failure.parameters_finite:
+            where = failure.first_bad_parameter or failure.module
+            self._report(
+                trainer,
+                WEIGHTS,
+                Severity.ERROR,
+                f"module '{failure.module}' outputs NaN/Inf because its parameter '{where}' is non-finite",
+                where=where,
+                evidence={},
+                hint="an earlier update was non-finite: lower the learning rate or clip gradients",
+            )
+            return
+        self._report(
+            trainer,
+            ACTIVATION,
+            Severity.ERROR,
+            f"module '{failure.module}' is the first (in execution order) to output NaN/Inf from finite inputs",
+            where=failure.module,
+            evidence={},
+            hint="inspect that module's forward: log/sqrt/pow/division/exp on values that reach 0, negatives or "
+            "large magnitudes; clamp or add an epsilon",
+        )

@@ -1,0 +1,117 @@
+"""``Sentinel``: one callback that runs a chosen set of checks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal
+
+from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
+
+from lightning_sentinel.base import OnDetect, SentinelCallback, validate_on_detect
+from lightning_sentinel.catalog import validate_check_ids
+from lightning_sentinel.checks import GradientNormMonitor, NonFiniteGuard
+
+Preset = Literal["fast", "full"]
+PRESETS: tuple[str, ...] = ("fast", "full")
+
+
+def preset_checks(preset: str) -> list[SentinelCallback]:
+    """Fresh instances of the callbacks a preset runs.
+
+    ``fast`` holds the cheap always-on monitors; ``full`` adds the preflight trials (which run on
+    a copy of the model before training starts) as they become available.
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"`preset` must be one of {list(PRESETS)}, got {preset!r}")
+    fast: list[SentinelCallback] = [NonFiniteGuard(), GradientNormMonitor()]
+    if preset == "fast":
+        return fast
+    return fast
+
+
+class Sentinel(Callback):
+    """Runs a set of lightning-sentinel checks as one callback.
+
+    Args:
+        preset: ``"fast"`` (default): the cheap monitors that run during training (NaN/Inf guard,
+            gradient norms). ``"full"``: also the preflight trials, once available.
+        checks: the check callbacks to run instead of the preset's, e.g.
+            ``[NonFiniteGuard(on_detect="raise"), GradientNormMonitor(every_n_steps=1)]``.
+        disable: check ids to silence (see ``lightning-sentinel checks``); unknown ids raise ``ValueError``.
+        on_detect: if given, overrides every check's own ``on_detect`` (``"warn"``, ``"stop"``, ``"raise"``).
+
+    Example:
+        >>>         >>> from lightning_sentinel import Sentinel, findings
+        >>> sentinel = Sentinel(disable=["vanishing-gradients"])
+        >>> trainer = pl.Trainer(callbacks=[sentinel], logger=False, max_steps=1)
+        >>> [type(check).__name__ for check in sentinel.checks]
+        ['NonFiniteGuard', 'GradientNormMonitor']
+    """
+
+    def __init__(
+        self,
+        preset: Preset = "fast",
+        checks: list[SentinelCallback] | None = None,
+        disable: list[str] | None = None,
+        on_detect: OnDetect | None = None,
+    ) -> None:
+        if preset not in PRESETS:
+            raise ValueError(f"`preset` must be one of {list(PRESETS)}, got {preset!r}")
+        validate_on_detect(on_detect, allow_none=True)
+        disabled = list(disable or [])
+        validate_check_ids("disable", disabled)
+        if checks is not None:
+            for check in checks:
+                if not isinstance(check, SentinelCallback):
+                    raise ValueError(
+                        f"`checks` must hold lightning-sentinel check callbacks, got {type(check).__name__}"
+                    )
+        self.preset = preset
+        self.disable = disabled
+        self.on_detect = on_detect
+        self.checks: list[SentinelCallback] = list(checks) if checks is not None else preset_checks(preset)
+        keys = [check.state_key for check in self.checks]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"`checks` holds two callbacks with the same settings: {keys}")
+        for check in self.checks:
+            check.disabled_checks.update(disabled)
+            if on_detect is not None:
+                check.on_detect = on_detect
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(preset=self.preset, checks=[check.state_key for check in self.checks])
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {check.state_key: check.state_dict() for check in self.checks}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        for check in self.checks:
+            if check.state_key in state_dict:
+                check.load_state_dict(state_dict[check.state_key])
+
+    def __repr__(self) -> str:
+        names = ", ".join(type(check).__name__ for check in self.checks)
+        return f"Sentinel(preset={self.preset!r}, checks=[{names}], disable={self.disable})"
+
+
+def _forward(hook: str) -> Callable[..., None]:
+    def forward(self: Sentinel, *args: Any, **kwargs: Any) -> None:
+        for check in self.checks:
+            getattr(check, hook)(*args, **kwargs)
+
+    forward.__name__ = hook
+    forward.__doc__ = f"Run ``{hook}`` of every check in the suite."
+    return forward
+
+
+for _hook in [name for name in vars(Callback) if name.startswith("on_") or name in ("setup", "teardown")]:
+    if _hook in ("on_save_checkpoint", "on_load_checkpoint"):
+        continue  # state travels through state_dict / load_state_dict
+    setattr(Sentinel, _hook, _forward(_hook))
+
+__all__ = ["PRESETS", "Sentinel", "preset_checks"]
