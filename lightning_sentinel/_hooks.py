@@ -48,6 +48,7 @@ class ModuleFailure:
     """
 
     module: str
+    module_type: str
     parameters_finite: bool
     first_bad_parameter: str | None
 
@@ -114,9 +115,13 @@ class FiniteProbe:
         self.first_input_finite = bool(flags[0][0])
         for (name, *_), (inputs_ok, output_ok, params_ok) in zip(records, flags, strict=True):
             if inputs_ok and not output_ok:
+                module = self.root.get_submodule("" if name == type(self.root).__name__ else name)
                 bad = None
                 if not params_ok:
-                    module = self.root.get_submodule("" if name == type(self.root).__name__ else name)
-                    bad = next((n for n, p in module.named_parameters(recurse=False) if not torch.isfinite(p).all()), None)
-                return ModuleFailure(name, bool(params_ok), bad)
+                    prefix = "" if name == type(self.root).__name__ else name + "."
+                    bad = next(
+                        (prefix + n for n, p in module.named_parameters(recurse=False) if not torch.isfinite(p).all()),
+                        None,
+                    )
+                return ModuleFailure(name, type(module).__name__, bool(params_ok), bad)
         return None

@@ -12,7 +12,7 @@ from typing_extensions import override
 
 from lightning_sentinel._hooks import FiniteProbe, ModuleFailure
 from lightning_sentinel._stats import tensor_norms
-from lightning_sentinel.base import OnDetect, SentinelCallback, validate_positive_int
+from lightning_sentinel.base import OnDetect, SentinelCallback, validate_positive_float
 from lightning_sentinel.catalog import CheckSpec, register
 from lightning_sentinel.checks._optimizers import OptimizerView, optimizer_view, scaler_of
 from lightning_sentinel.findings import Severity
@@ -29,7 +29,7 @@ register(
         "NonFiniteGuard",
         Severity.ERROR,
         "a gradient holds NaN/Inf after AMP unscaling (a GradScaler's occasional skipped step is not a fault)",
-        "checked every 10 steps; under a GradScaler on 3 checks in a row",
+        "checked every 10 steps; under a GradScaler once its scale fell below 1",
     ),
     CheckSpec(WEIGHTS, "NonFiniteGuard", Severity.ERROR, "a parameter became NaN or Inf", "checked every 10 steps"),
     CheckSpec(
@@ -68,13 +68,14 @@ class NonFiniteGuard(SentinelCallback):
     hooks are armed for the next training batch.
 
     Under a GradScaler (``precision="16-mixed"``), non-finite gradients make the scaler skip the step
-    and lower its scale; that is normal, so ``non-finite-gradients`` is reported only when it
-    persists for ``scaler_patience`` checks in a row.
+    and halve its scale; that is normal, so ``non-finite-gradients`` is reported only once the scale
+    has fallen below ``scaler_min_scale`` (1.0 by default: from the default 65536 that takes 16
+    skipped steps, and the gradients then overflow even unscaled).
 
     Args:
         on_detect: ``"stop"`` (default: a non-finite run is worthless), ``"warn"`` or ``"raise"``.
         every_n_steps: check gradients and weights every n-th optimizer step.
-        scaler_patience: consecutive checks with non-finite gradients under a GradScaler before reporting.
+        scaler_min_scale: under a GradScaler, non-finite gradients are reported once its scale is below this.
         localize: replay or hook the forward pass to name the module that produced the first NaN/Inf.
 
     Example:
@@ -89,12 +90,12 @@ class NonFiniteGuard(SentinelCallback):
         self,
         on_detect: OnDetect = "stop",
         every_n_steps: int = 10,
-        scaler_patience: int = 3,
+        scaler_min_scale: float = 1.0,
         localize: bool = True,
     ) -> None:
         super().__init__(on_detect=on_detect, every_n_steps=every_n_steps)
-        validate_positive_int("scaler_patience", scaler_patience)
-        self.scaler_patience = scaler_patience
+        validate_positive_float("scaler_min_scale", scaler_min_scale)
+        self.scaler_min_scale = scaler_min_scale
         self.localize = localize
         self._reset_run_state()
 
@@ -108,7 +109,6 @@ class NonFiniteGuard(SentinelCallback):
         self._probe: FiniteProbe | None = None
         self._armed = False
         self._localized = False
-        self._scaler_streak = 0
 
     @override
     def _state_key_settings(self) -> dict[str, Any]:
@@ -146,7 +146,8 @@ class NonFiniteGuard(SentinelCallback):
         if self._probe is not None:
             probe, self._probe = self._probe, None
             probe.remove()
-            self._report_localization(trainer, probe.first_failure(), probe.first_input_finite)
+            self._armed = False  # one hooked step; a later non-finite check arms it again
+            self._report_localization(trainer, probe.first_failure())
         self._batch = None
 
     @override
@@ -221,31 +222,33 @@ class NonFiniteGuard(SentinelCallback):
                 hint="an earlier update was non-finite: find the first non-finite loss or gradient; lower the learning "
                 "rate, clip gradients, and check optimizer eps (eps=0 divides by zero)",
             )
+        grads_reported = False
         if bad_grads and not loss_bad and not bad_weights:
-            self._report_gradients(trainer, bad_grads, len(with_grad))
-        elif not bad_grads:
-            self._scaler_streak = 0
-        if (loss_bad or bad_grads) and not bad_weights and self.localize and not self._localized:
+            grads_reported = self._report_gradients(trainer, bad_grads, len(with_grad))
+        if (loss_bad or grads_reported) and not bad_weights and self.localize and not self._localized:
             if loss_bad_now is not None and self._replay(trainer, pl_module):
                 return
             self._armed = True
 
-    def _report_gradients(self, trainer: pl.Trainer, bad_grads: list[str], n_grads: int) -> None:
-        if scaler_of(trainer) is not None:
-            self._scaler_streak += 1
-            if self._scaler_streak < self.scaler_patience:
-                return  # a GradScaler skips this step and lowers its scale: normal in fp16
+    def _report_gradients(self, trainer: pl.Trainer, bad_grads: list[str], n_grads: int) -> bool:
+        scaler = scaler_of(trainer)
+        scale = float("nan")
+        if scaler is not None:
+            scale = float(scaler.get_scale())  # type: ignore[attr-defined]  (a sync, on this failure path only)
+            if scale >= self.scaler_min_scale:
+                return False  # the GradScaler skips this step and halves its scale: normal in fp16
         self._report(
             trainer,
             GRADIENTS,
             Severity.ERROR,
             f"{len(bad_grads)} of {n_grads} gradients hold NaN/Inf while the loss is finite, first '{bad_grads[0]}'",
             where=bad_grads[0],
-            evidence={"non_finite_gradients": float(len(bad_grads)), "scaler_streak": float(self._scaler_streak)},
+            evidence={"non_finite_gradients": float(len(bad_grads)), "grad_scale": scale},
             hint="an operation with an infinite derivative at the current value (sqrt or norm at 0, pow with a "
             "negative base, acos at 1); add an epsilon, e.g. torch.sqrt(x + 1e-12); Trainer(detect_anomaly=True) "
             "names the backward op",
         )
+        return True
 
     def _replay(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
         """Re-run this step's ``training_step`` under ``no_grad`` with hooks, leaving no trace on the run.
@@ -270,7 +273,7 @@ class NonFiniteGuard(SentinelCallback):
                         buffer.copy_(buffers[name])
         failure = probe.first_failure()
         if failure is not None:
-            self._report_localization(trainer, failure, probe.first_input_finite)
+            self._report_localization(trainer, failure)
             return True
         loss = output.get("loss") if isinstance(output, dict) else output
         if isinstance(loss, Tensor) and not bool(torch.isfinite(loss).all()) and probe.first_input_finite:
@@ -290,7 +293,7 @@ class NonFiniteGuard(SentinelCallback):
             return True
         return False
 
-    def _report_localization(self, trainer: pl.Trainer, failure: ModuleFailure | None, input_finite: bool) -> None:
+    def _report_localization(self, trainer: pl.Trainer, failure: ModuleFailure | None) -> None:
         if failure is None:
             return
         self._localized = True
@@ -301,7 +304,8 @@ class NonFiniteGuard(SentinelCallback):
                 trainer,
                 WEIGHTS,
                 Severity.ERROR,
-                f"module '{failure.module}' outputs NaN/Inf because its parameter '{where}' is non-finite",
+                f"module '{failure.module}' ({failure.module_type}) outputs NaN/Inf because its parameter '{where}' "
+                "is non-finite",
                 where=where,
                 evidence={},
                 hint="an earlier update was non-finite: lower the learning rate or clip gradients",
@@ -311,7 +315,8 @@ class NonFiniteGuard(SentinelCallback):
             trainer,
             ACTIVATION,
             Severity.ERROR,
-            f"module '{failure.module}' is the first (in execution order) to output NaN/Inf from finite inputs",
+            f"module '{failure.module}' ({failure.module_type}) is the first, in execution order, to output "
+            "NaN/Inf from finite inputs",
             where=failure.module,
             evidence={},
             hint="inspect that module's forward: log/sqrt/pow/division/exp on values that reach 0, negatives or "

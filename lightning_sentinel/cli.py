@@ -1,0 +1,104 @@
+"""The ``lightning-sentinel`` command: ``demo``, ``doctor`` and ``checks``.
+
+Example:
+    >>> from lightning_sentinel.cli import main
+    >>> main(["checks"])  # doctest: +ELLIPSIS
+    check id ...
+    0
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import platform
+import sys
+from collections.abc import Sequence
+
+from lightning_sentinel import __version__
+from lightning_sentinel.catalog import registered_checks
+
+
+def _checks_table() -> str:
+    specs = registered_checks().values()
+    rows = [("check id", "callback", "severity", "default rule", "meaning")]
+    rows += [(s.check, s.callback, s.severity.value, s.threshold, s.meaning) for s in specs]
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = []
+    for row in rows:
+        lines.append("  ".join(value.ljust(width) for value, width in zip(row[:4], widths, strict=True)) + "  " + row[4])
+    return "\n".join(lines)
+
+
+def _command_checks(args: argparse.Namespace) -> int:
+    print(_checks_table())
+    return 0
+
+
+def _command_demo(args: argparse.Namespace) -> int:
+    from lightning_sentinel.demo import run_demo
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    print("lightning-sentinel demo: three short trainings on synthetic data, each watched by Sentinel().")
+    results = run_demo()
+    healthy_quiet = not results[0].findings
+    broken_caught = all(result.findings for result in results[1:])
+    print(f"\nhealthy run quiet: {healthy_quiet}; broken runs caught: {broken_caught}")
+    return 0 if healthy_quiet and broken_caught else 1
+
+
+def _command_doctor(args: argparse.Namespace) -> int:
+    print(f"lightning-sentinel {__version__} on Python {platform.python_version()} ({platform.platform()})")
+    status = 0
+    for package in ("torch", "lightning", "torchmetrics", "tensorboard"):
+        try:
+            module = importlib.import_module(package)
+            print(f"  {package:<13} {getattr(module, '__version__', '?')}")
+        except ImportError as error:
+            print(f"  {package:<13} MISSING ({error})")
+            status = 1
+    import torch
+
+    print(f"  {'cuda':<13} {'available: ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'not available'}")
+    print(f"  {'bf16 on cpu':<13} {'yes' if hasattr(torch, 'bfloat16') else 'no'}")
+    print(f"  {'checks':<13} {len(registered_checks())} registered")
+    if status == 0:
+        from lightning_sentinel.demo import run_one
+
+        logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+        result = run_one("self-check", None, max_steps=20)
+        verdict = "ok" if not result.findings else f"UNEXPECTED findings: {[f.check for f in result.findings]}"
+        print(f"  {'self-check':<13} {verdict} ({result.steps} steps, {result.seconds:.1f}s)")
+        status = 0 if not result.findings else 1
+    return status
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``lightning-sentinel`` command."""
+    parser = argparse.ArgumentParser(
+        prog="lightning-sentinel",
+        description="PyTorch Lightning callbacks that catch training pathologies while they happen.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    commands.add_parser("demo", help="train a healthy and two broken models and show what is found").set_defaults(
+        handler=_command_demo
+    )
+    commands.add_parser("doctor", help="report versions and run a quick self-check").set_defaults(
+        handler=_command_doctor
+    )
+    commands.add_parser("checks", help="list every check id with its callback and default rule").set_defaults(
+        handler=_command_checks
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``lightning-sentinel`` console script."""
+    args = build_parser().parse_args(argv)
+    return int(args.handler(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

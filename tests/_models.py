@@ -1,0 +1,85 @@
+"""Tiny models and a fit helper shared by the tests (synthetic data, CPU, seconds)."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_sentinel import SentinelWarning
+
+
+def classification_loader(n: int = 256, features: int = 8, batch_size: int = 32, seed: int = 0) -> DataLoader:
+    """A shuffled 3-class problem on standardised features."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, features, generator=generator)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=True, generator=generator)
+
+
+class Classifier(pl.LightningModule):
+    """An MLP classifier; ``transform`` may corrupt the logits inside ``training_step``."""
+
+    def __init__(
+        self,
+        net: nn.Module | None = None,
+        lr: float = 0.05,
+        transform: Callable[[Tensor, int], Tensor] | None = None,
+        optimizer: str = "sgd",
+    ) -> None:
+        super().__init__()
+        self.net = net if net is not None else nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 3))
+        self.lr = lr
+        self.transform = transform
+        self.optimizer_name = optimizer
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch
+        logits = self(x)
+        if self.transform is not None:
+            logits = self.transform(logits, self.global_step)
+        loss = nn.functional.cross_entropy(logits, y)
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        if self.optimizer_name == "adam":
+            return torch.optim.Adam(self.parameters(), lr=self.lr)
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+
+
+def fit(
+    module: pl.LightningModule,
+    callbacks: list[pl.Callback],
+    loader: DataLoader | None = None,
+    root: Any = None,
+    **trainer_kwargs: Any,
+) -> pl.Trainer:
+    """Fit quietly on CPU and return the trainer (SentinelWarnings are recorded on ``trainer.sentinel_warnings``)."""
+    settings: dict[str, Any] = {
+        "max_steps": 30,
+        "accelerator": "cpu",
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+    }
+    settings.update(trainer_kwargs)
+    if root is not None:
+        settings["default_root_dir"] = str(root)
+    trainer = pl.Trainer(callbacks=callbacks, **settings)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", SentinelWarning)
+        try:
+            trainer.fit(module, loader if loader is not None else classification_loader())
+        finally:
+            trainer.sentinel_warnings = [w for w in caught if issubclass(w.category, SentinelWarning)]  # type: ignore[attr-defined]
+    return trainer
