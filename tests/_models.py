@@ -75,11 +75,12 @@ def fit(
     settings.update(trainer_kwargs)
     if root is not None:
         settings["default_root_dir"] = str(root)
+    ckpt_path = settings.pop("ckpt_path", None)
     trainer = pl.Trainer(callbacks=callbacks, **settings)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", SentinelWarning)
         try:
-            trainer.fit(module, loader if loader is not None else classification_loader())
+            trainer.fit(module, loader if loader is not None else classification_loader(), ckpt_path=ckpt_path)
         finally:
             trainer.sentinel_warnings = [w for w in caught if issubclass(w.category, SentinelWarning)]  # type: ignore[attr-defined]
     return trainer

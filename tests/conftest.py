@@ -1,5 +1,9 @@
+import os
+
 import lightning.pytorch as pl
 import pytest
+
+os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
 
 
 @pytest.fixture(autouse=True)
