@@ -11,7 +11,14 @@ Example:
 from lightning_sentinel.base import SentinelCallback
 from lightning_sentinel.catalog import CheckSpec, registered_checks
 from lightning_sentinel.checks import GradientNormMonitor, NonFiniteGuard
-from lightning_sentinel.findings import Finding, SentinelError, SentinelWarning, Severity, findings, load_findings
+from lightning_sentinel.findings import (
+    Finding,
+    SentinelError,
+    SentinelWarning,
+    Severity,
+    findings,
+    load_findings,
+)
 from lightning_sentinel.suite import Sentinel
 
 __version__ = "0.1.0.dev0"

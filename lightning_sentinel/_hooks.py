@@ -33,7 +33,9 @@ def _tensors(value: Any) -> Iterator[Tensor]:
 
 def all_finite(value: Any, device: torch.device) -> Tensor:
     """A device bool: every floating-point tensor inside ``value`` (nested lists/tuples/dicts) is finite."""
-    flags = [torch.isfinite(t).all().to(device) for t in _tensors(value) if t.is_floating_point() or t.is_complex()]
+    flags = [
+        torch.isfinite(t).all().to(device) for t in _tensors(value) if t.is_floating_point() or t.is_complex()
+    ]
     if not flags:
         return torch.ones((), dtype=torch.bool, device=device)
     return torch.stack(flags).all()
@@ -83,7 +85,9 @@ class FiniteProbe:
         self._records = []
         root_name = type(self.root).__name__
         for name, module in self.root.named_modules():
-            self._handles.append(module.register_forward_hook(self._make_hook(name or root_name), with_kwargs=True))
+            self._handles.append(
+                module.register_forward_hook(self._make_hook(name or root_name), with_kwargs=True)
+            )
 
     def remove(self) -> None:
         """Remove every hook (safe to call twice)."""
@@ -120,7 +124,11 @@ class FiniteProbe:
                 if not params_ok:
                     prefix = "" if name == type(self.root).__name__ else name + "."
                     bad = next(
-                        (prefix + n for n, p in module.named_parameters(recurse=False) if not torch.isfinite(p).all()),
+                        (
+                            prefix + n
+                            for n, p in module.named_parameters(recurse=False)
+                            if not torch.isfinite(p).all()
+                        ),
                         None,
                     )
                 return ModuleFailure(name, type(module).__name__, bool(params_ok), bad)

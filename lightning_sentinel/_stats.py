@@ -80,7 +80,9 @@ class LayerGrouping:
     def layer_norms(self, parameter_norms: Tensor) -> Tensor:
         """Combine per-parameter 2-norms into per-layer 2-norms (sqrt of summed squares), on device."""
         index = torch.tensor(self.parameter_layer, device=parameter_norms.device)
-        squares = torch.zeros(len(self.layer_names), dtype=parameter_norms.dtype, device=parameter_norms.device)
+        squares = torch.zeros(
+            len(self.layer_names), dtype=parameter_norms.dtype, device=parameter_norms.device
+        )
         squares.index_add_(0, index, parameter_norms.square())
         return squares.sqrt()
 

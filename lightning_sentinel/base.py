@@ -154,7 +154,10 @@ class SentinelCallback(Callback):
     @override
     def state_dict(self) -> dict[str, Any]:
         return {
-            "reported": [[check, where, rank, magnitude] for (check, where), (rank, magnitude) in self._reported.items()],
+            "reported": [
+                [check, where, rank, magnitude]
+                for (check, where), (rank, magnitude) in self._reported.items()
+            ],
             "findings": [finding.to_dict() for finding in self._own_findings],
             "extra": self._extra_state(),
         }
@@ -162,7 +165,8 @@ class SentinelCallback(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._reported = {
-            (check, where): (int(rank), float(magnitude)) for check, where, rank, magnitude in state_dict["reported"]
+            (check, where): (int(rank), float(magnitude))
+            for check, where, rank, magnitude in state_dict["reported"]
         }
         self._restored_findings = [Finding.from_dict(record) for record in state_dict.get("findings", [])]
         self._load_extra_state(state_dict.get("extra", {}))
@@ -200,7 +204,9 @@ class SentinelCallback(Callback):
         self._finish(trainer, print_report=True)
 
     @override
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
         self._release(trainer)
         self._finish(trainer, print_report=not isinstance(exception, SentinelError))
 
@@ -252,7 +258,9 @@ class SentinelCallback(Callback):
         if previous is not None:
             previous_rank, previous_magnitude = previous
             worse = severity.rank > previous_rank or (
-                math.isfinite(magnitude) and magnitude > 0 and magnitude >= 10 * max(previous_magnitude, 1e-300)
+                math.isfinite(magnitude)
+                and magnitude > 0
+                and magnitude >= 10 * max(previous_magnitude, 1e-300)
             )
             if not worse:
                 return None
@@ -270,7 +278,9 @@ class SentinelCallback(Callback):
         finding_log(trainer).add(finding)
         self._own_findings.append(finding)
         if trainer.global_rank == 0:
-            warnings.warn(SentinelWarning(finding.format() + (f" Hint: {hint}" if hint else "")), stacklevel=2)
+            warnings.warn(
+                SentinelWarning(finding.format() + (f" Hint: {hint}" if hint else "")), stacklevel=2
+            )
             self._log_findings_text(trainer)
         if self.on_detect == "stop":
             self._pending_stop = True
@@ -298,7 +308,11 @@ class SentinelCallback(Callback):
             return
         local_finding = self._pending_raise
         self._pending_raise = None
-        decision = strategy.reduce_boolean_decision(local_finding is not None, all=False) if distributed else bool(local_finding)
+        decision = (
+            strategy.reduce_boolean_decision(local_finding is not None, all=False)
+            if distributed
+            else bool(local_finding)
+        )
         if not decision:
             return
         # every rank takes part in the gather, then all raise the same first finding
@@ -314,12 +328,16 @@ class SentinelCallback(Callback):
                     "sentinel/findings", findings_markdown(finding_log(trainer).findings), trainer.global_step
                 )
 
-    def _log_scalars(self, trainer: pl.Trainer, pl_module: pl.LightningModule, metrics: dict[str, Any]) -> None:
+    def _log_scalars(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, metrics: dict[str, Any]
+    ) -> None:
         """Log scalar tensors or numbers under ``sentinel/...`` through Lightning (skipped when barebones)."""
         if trainer.barebones or not trainer.loggers:
             return
         for name, value in metrics.items():
-            pl_module.log(name, value, on_step=True, on_epoch=False, prog_bar=False, logger=True, batch_size=1)
+            pl_module.log(
+                name, value, on_step=True, on_epoch=False, prog_bar=False, logger=True, batch_size=1
+            )
 
     def _disable_after_error(self, hook: str, error: Exception) -> None:
         self._failed = True

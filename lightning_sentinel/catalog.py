@@ -54,6 +54,16 @@ def registered_checks() -> dict[str, CheckSpec]:
     return dict(_REGISTRY)
 
 
+def default_action(spec: CheckSpec) -> str:
+    """The default ``on_detect`` of the callback that owns ``spec``."""
+    import inspect
+
+    import lightning_sentinel.checks as checks
+
+    callback = getattr(checks, spec.callback)
+    return str(inspect.signature(callback.__init__).parameters["on_detect"].default)
+
+
 def validate_check_ids(argument: str, ids: list[str]) -> None:
     """Raise ``ValueError`` naming ``argument`` if an id in ``ids`` is not a registered check id."""
     known = registered_checks()

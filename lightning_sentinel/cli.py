@@ -10,24 +10,31 @@ Example:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import platform
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from lightning_sentinel import __version__
-from lightning_sentinel.catalog import registered_checks
+from lightning_sentinel.catalog import default_action, registered_checks
 
 
 def _checks_table() -> str:
     specs = registered_checks().values()
-    rows = [("check id", "callback", "severity", "default rule", "meaning")]
-    rows += [(s.check, s.callback, s.severity.value, s.threshold, s.meaning) for s in specs]
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    rows = [("check id", "callback", "severity", "action", "default rule", "meaning")]
+    rows += [
+        (s.check, s.callback, s.severity.value, default_action(s), s.threshold, s.meaning) for s in specs
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
     lines = []
     for row in rows:
-        lines.append("  ".join(value.ljust(width) for value, width in zip(row[:4], widths, strict=True)) + "  " + row[4])
+        lines.append(
+            "  ".join(value.ljust(width) for value, width in zip(row[:5], widths, strict=True))
+            + "  "
+            + row[5]
+        )
     return "\n".join(lines)
 
 
@@ -36,12 +43,24 @@ def _command_checks(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _quiet_lightning() -> Iterator[None]:
+    """Hide Lightning's INFO chatter (device banners, per-run reports) while the demo prints its own."""
+    logger = logging.getLogger("lightning.pytorch")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _command_demo(args: argparse.Namespace) -> int:
     from lightning_sentinel.demo import run_demo
 
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     print("lightning-sentinel demo: three short trainings on synthetic data, each watched by Sentinel().")
-    results = run_demo()
+    with _quiet_lightning():
+        results = run_demo()
     healthy_quiet = not results[0].findings
     broken_caught = all(result.findings for result in results[1:])
     print(f"\nhealthy run quiet: {healthy_quiet}; broken runs caught: {broken_caught}")
@@ -60,15 +79,19 @@ def _command_doctor(args: argparse.Namespace) -> int:
             status = 1
     import torch
 
-    print(f"  {'cuda':<13} {'available: ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'not available'}")
+    print(
+        f"  {'cuda':<13} {'available: ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'not available'}"
+    )
     print(f"  {'bf16 on cpu':<13} {'yes' if hasattr(torch, 'bfloat16') else 'no'}")
     print(f"  {'checks':<13} {len(registered_checks())} registered")
     if status == 0:
         from lightning_sentinel.demo import run_one
 
-        logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-        result = run_one("self-check", None, max_steps=20)
-        verdict = "ok" if not result.findings else f"UNEXPECTED findings: {[f.check for f in result.findings]}"
+        with _quiet_lightning():
+            result = run_one("self-check", None, max_steps=20)
+        verdict = (
+            "ok" if not result.findings else f"UNEXPECTED findings: {[f.check for f in result.findings]}"
+        )
         print(f"  {'self-check':<13} {verdict} ({result.steps} steps, {result.seconds:.1f}s)")
         status = 0 if not result.findings else 1
     return status
@@ -82,9 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    commands.add_parser("demo", help="train a healthy and two broken models and show what is found").set_defaults(
-        handler=_command_demo
-    )
+    commands.add_parser(
+        "demo", help="train a healthy and two broken models and show what is found"
+    ).set_defaults(handler=_command_demo)
     commands.add_parser("doctor", help="report versions and run a quick self-check").set_defaults(
         handler=_command_doctor
     )

@@ -30,7 +30,9 @@ def make_data(n: int = 1024, batch_size: int = 64, seed: int = 0) -> DataLoader:
     generator = torch.Generator().manual_seed(seed)
     features = torch.randn(n, 16, generator=generator)
     labels = (features[:, 0] > 0).long() + (features[:, 1] > 0.5).long()
-    return DataLoader(TensorDataset(features, labels), batch_size=batch_size, shuffle=True, generator=generator)
+    return DataLoader(
+        TensorDataset(features, labels), batch_size=batch_size, shuffle=True, generator=generator
+    )
 
 
 class SafeLogNormalizer(nn.Module):

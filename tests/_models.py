@@ -80,7 +80,9 @@ def fit(
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", SentinelWarning)
         try:
-            trainer.fit(module, loader if loader is not None else classification_loader(), ckpt_path=ckpt_path)
+            trainer.fit(
+                module, loader if loader is not None else classification_loader(), ckpt_path=ckpt_path
+            )
         finally:
             trainer.sentinel_warnings = [w for w in caught if issubclass(w.category, SentinelWarning)]  # type: ignore[attr-defined]
     return trainer

@@ -69,6 +69,11 @@ def test_severity_order():
 def test_report_formats():
     assert format_report([], ["a", "b"], None) == "lightning-sentinel: all 2 checks passed (a, b)."
     text = format_report([_finding()], ["non-finite-loss"], "/x/findings.json")
-    assert "non-finite-loss" in text and "batch 3" in text and "lower the lr" in text and "/x/findings.json" in text
+    assert (
+        "non-finite-loss" in text
+        and "batch 3" in text
+        and "lower the lr" in text
+        and "/x/findings.json" in text
+    )
     markdown = findings_markdown([_finding(message="a | b")])
     assert markdown.startswith("| severity | check |") and "a \\| b" in markdown

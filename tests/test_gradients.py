@@ -60,7 +60,10 @@ def test_a_spike_over_the_running_median_is_caught(tmp_path):
     trainer = fit(Classifier(transform=spike, lr=1e-3), [monitor], root=tmp_path, max_steps=45)
     found = [f for f in findings(trainer) if f.check == "exploding-gradients"]
     assert [f.step for f in found] == [40]
-    assert found[0].where.startswith("net.") and found[0].evidence["grad_norm"] > 10 * found[0].evidence["reference"]
+    assert (
+        found[0].where.startswith("net.")
+        and found[0].evidence["grad_norm"] > 10 * found[0].evidence["reference"]
+    )
 
 
 def test_deep_sigmoid_net_has_vanishing_gradients(tmp_path):
@@ -68,7 +71,10 @@ def test_deep_sigmoid_net_has_vanishing_gradients(tmp_path):
     trainer = fit(Classifier(net=net, lr=0.01), [GradientNormMonitor()], root=tmp_path, max_steps=30)
     found = [f for f in findings(trainer) if f.check == "vanishing-gradients"]
     assert found and found[0].where == "net.0"
-    assert found[0].evidence.get("depth_ratio", 0.0) < 1e-5 and found[0].evidence.get("grad_weight_ratio", 0.0) < 1e-7
+    assert (
+        found[0].evidence.get("depth_ratio", 0.0) < 1e-5
+        and found[0].evidence.get("grad_weight_ratio", 0.0) < 1e-7
+    )
 
 
 def test_relu_net_of_the_same_depth_with_he_init_is_silent(tmp_path):
@@ -120,7 +126,9 @@ class TwoOptimizers(Classifier):
         head_optimizer.step()
 
     def configure_optimizers(self):
-        return torch.optim.SGD(self.net.parameters(), lr=0.01), torch.optim.SGD(self.head.parameters(), lr=1e-4)
+        return torch.optim.SGD(self.net.parameters(), lr=0.01), torch.optim.SGD(
+            self.head.parameters(), lr=1e-4
+        )
 
 
 def test_manual_optimization_with_two_optimizers_is_keyed_per_optimizer(tmp_path):
@@ -134,7 +142,13 @@ def test_manual_optimization_with_two_optimizers_is_keyed_per_optimizer(tmp_path
 
 
 def test_bf16_mixed_run_is_silent(tmp_path):
-    trainer = fit(Classifier(), [GradientNormMonitor(every_n_steps=1)], root=tmp_path, max_steps=40, precision="bf16-mixed")
+    trainer = fit(
+        Classifier(),
+        [GradientNormMonitor(every_n_steps=1)],
+        root=tmp_path,
+        max_steps=40,
+        precision="bf16-mixed",
+    )
     assert findings(trainer) == []
 
 

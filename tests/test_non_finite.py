@@ -31,7 +31,9 @@ def _checks(trainer):
 
 @pytest.mark.parametrize("trainer_kwargs", [{}, {"precision": "bf16-mixed"}, {"accumulate_grad_batches": 3}])
 def test_healthy_runs_are_silent(tmp_path, trainer_kwargs):
-    trainer = fit(Classifier(), [NonFiniteGuard(every_n_steps=1)], root=tmp_path, max_steps=40, **trainer_kwargs)
+    trainer = fit(
+        Classifier(), [NonFiniteGuard(every_n_steps=1)], root=tmp_path, max_steps=40, **trainer_kwargs
+    )
     assert findings(trainer) == []
     assert trainer.global_step == 40
 
@@ -115,7 +117,9 @@ def _fp16_plugin(init_scale):
 def test_grad_scaler_skipped_steps_are_not_a_finding(tmp_path):
     # 2**22 overflows fp16 gradients for the first steps; the scaler skips them and halves its scale
     plugin = _fp16_plugin(2.0**22)
-    trainer = fit(Classifier(), [NonFiniteGuard(every_n_steps=1)], root=tmp_path, max_steps=30, plugins=[plugin])
+    trainer = fit(
+        Classifier(), [NonFiniteGuard(every_n_steps=1)], root=tmp_path, max_steps=30, plugins=[plugin]
+    )
     assert plugin.scaler.get_scale() < 2.0**22  # steps were really skipped
     assert findings(trainer) == []
 
@@ -134,7 +138,9 @@ def test_persistent_non_finite_gradients_under_a_grad_scaler_are_reported(tmp_pa
 def test_replay_leaves_buffers_rng_and_logging_untouched():
     class BatchNormNaN(Classifier):
         def __init__(self):
-            super().__init__(net=nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), LogCompressor(), nn.Linear(16, 3)))
+            super().__init__(
+                net=nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), LogCompressor(), nn.Linear(16, 3))
+            )
 
     module = BatchNormNaN()
     x, y = next(iter(classification_loader()))

@@ -15,7 +15,10 @@ def test_fast_preset_runs_every_registered_runtime_check():
     assert [type(check) for check in sentinel.checks] == [NonFiniteGuard, GradientNormMonitor]
     owned = {check_id for check in sentinel.checks for check_id in check.CHECKS}
     assert owned == set(registered_checks())
-    assert [type(check) for check in Sentinel(preset="full").checks][:2] == [NonFiniteGuard, GradientNormMonitor]
+    assert [type(check) for check in Sentinel(preset="full").checks][:2] == [
+        NonFiniteGuard,
+        GradientNormMonitor,
+    ]
 
 
 def test_healthy_run_is_silent_and_reports_all_checks_passed(tmp_path, capfd):
@@ -34,9 +37,13 @@ def test_disable_silences_ids_and_on_detect_overrides(tmp_path):
     assert "non-finite-loss" in {f.check for f in findings(trainer)}
     assert trainer.global_step == 8  # warn instead of NonFiniteGuard's default stop
 
-    disabled = Sentinel(on_detect="warn", disable=["non-finite-loss", "non-finite-weights", "non-finite-activation"])
+    disabled = Sentinel(
+        on_detect="warn", disable=["non-finite-loss", "non-finite-weights", "non-finite-activation"]
+    )
     trainer = fit(_nan_module(), [disabled], root=tmp_path, max_steps=8)
-    assert not {"non-finite-loss", "non-finite-weights", "non-finite-activation"} & {f.check for f in findings(trainer)}
+    assert not {"non-finite-loss", "non-finite-weights", "non-finite-activation"} & {
+        f.check for f in findings(trainer)
+    }
 
 
 def test_custom_checks_list():
@@ -116,4 +123,8 @@ trainer:
     (monitor,) = [c for c in cli.trainer.callbacks if isinstance(c, GradientNormMonitor)]
     assert isinstance(sentinel, Sentinel) and sentinel.disable == ["vanishing-gradients"]
     assert all(check.on_detect == "stop" for check in sentinel.checks)
-    assert isinstance(monitor, GradientNormMonitor) and monitor.every_n_steps == 3 and monitor.spike_factor == 20.0
+    assert (
+        isinstance(monitor, GradientNormMonitor)
+        and monitor.every_n_steps == 3
+        and monitor.spike_factor == 20.0
+    )

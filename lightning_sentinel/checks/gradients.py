@@ -64,7 +64,12 @@ def exploding_verdict(
     if norm > max_norm:
         return True, f"above the absolute bound {max_norm:g}", max_norm
     reference = median(history)
-    if len(history) >= min_history and math.isfinite(reference) and reference > 0 and norm > spike_factor * reference:
+    if (
+        len(history) >= min_history
+        and math.isfinite(reference)
+        and reference > 0
+        and norm > spike_factor * reference
+    ):
         return True, f"{norm / reference:.0f}x the running median {reference:.3g}", reference
     return False, "", reference
 
@@ -207,7 +212,9 @@ class GradientNormMonitor(SentinelCallback):
 
     @override
     def _load_extra_state(self, state: dict[str, Any]) -> None:
-        self._saved_history = {key: [float(v) for v in values] for key, values in state.get("history", {}).items()}
+        self._saved_history = {
+            key: [float(v) for v in values] for key, values in state.get("history", {}).items()
+        }
 
     # ------------------------------------------------------------------ hooks
     @override
@@ -230,7 +237,9 @@ class GradientNormMonitor(SentinelCallback):
         state = self._optimizers.get(id(optimizer))
         if state is None:
             view = optimizer_view(trainer, pl_module, optimizer)
-            state = _OptimizerState(view=view, history=deque(self._saved_history.get(view.key, []), maxlen=self.window))
+            state = _OptimizerState(
+                view=view, history=deque(self._saved_history.get(view.key, []), maxlen=self.window)
+            )
             self._optimizers[id(optimizer)] = state
         step_index = state.steps_seen
         state.steps_seen += 1
@@ -241,9 +250,15 @@ class GradientNormMonitor(SentinelCallback):
 
     # ------------------------------------------------------------------ the check
     def _run_gradient_check(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer, state: _OptimizerState
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        optimizer: torch.optim.Optimizer,
+        state: _OptimizerState,
     ) -> None:
-        present = [(n, p) for n, p in zip(state.view.names, state.view.parameters, strict=True) if p.grad is not None]
+        present = [
+            (n, p) for n, p in zip(state.view.names, state.view.parameters, strict=True) if p.grad is not None
+        ]
         if not present:
             return
         grouping = LayerGrouping.from_named_parameters(present)
@@ -268,7 +283,9 @@ class GradientNormMonitor(SentinelCallback):
         prefix = f"sentinel/grad_norm/{state.view.key + '/' if state.view.key else ''}"
         metrics: dict[str, float] = {prefix + "total": total_norm}
         if self.log_per_layer:
-            metrics.update({prefix + name: norm for name, norm in zip(grouping.layer_names, layer_grads, strict=True)})
+            metrics.update(
+                {prefix + name: norm for name, norm in zip(grouping.layer_names, layer_grads, strict=True)}
+            )
         self._log_scalars(trainer, pl_module, metrics)
         if not math.isfinite(total_norm):
             return  # non-finite gradients are NonFiniteGuard's business (or a GradScaler's skipped step)
@@ -287,7 +304,11 @@ class GradientNormMonitor(SentinelCallback):
                 f"total gradient norm {total_norm:.3g} is {reason}; largest in layer "
                 f"'{grouping.layer_names[worst]}' ({layer_grads[worst]:.3g})",
                 where=where_prefix + grouping.layer_names[worst],
-                evidence={"grad_norm": total_norm, "reference": reference, "layer_grad_norm": layer_grads[worst]},
+                evidence={
+                    "grad_norm": total_norm,
+                    "reference": reference,
+                    "layer_grad_norm": layer_grads[worst],
+                },
                 hint="lower the learning rate, clip gradients (Trainer(gradient_clip_val=1.0)), check the weight "
                 "initialisation and normalise inputs/targets",
                 magnitude=total_norm / max(reference, 1e-30) if math.isfinite(reference) else total_norm,
@@ -325,7 +346,11 @@ class GradientNormMonitor(SentinelCallback):
                     f"layer '{name}' gradient/weight norm ratio {ratio:.2g} < {self.vanishing_ratio:g} for {streak} "
                     f"checks while the loss ({latest_loss:.4g}) has not converged",
                     where=where_prefix + name,
-                    evidence={"grad_weight_ratio": ratio, "grad_norm": layer_grads[index], "loss": latest_loss},
+                    evidence={
+                        "grad_weight_ratio": ratio,
+                        "grad_norm": layer_grads[index],
+                        "loss": latest_loss,
+                    },
                     hint="use ReLU-family activations instead of sigmoid/tanh in deep stacks, add normalisation "
                     "or residual connections, use He/Xavier initialisation; check for a detached branch",
                 )

@@ -23,7 +23,13 @@ WEIGHTS = "non-finite-weights"
 ACTIVATION = "non-finite-activation"
 
 register(
-    CheckSpec(LOSS, "NonFiniteGuard", Severity.ERROR, "the training loss is NaN or Inf", "any step"),
+    CheckSpec(
+        LOSS,
+        "NonFiniteGuard",
+        Severity.ERROR,
+        "the training loss is NaN or Inf",
+        "every step (on an accelerator: flagged on device, read every 10 steps)",
+    ),
     CheckSpec(
         GRADIENTS,
         "NonFiniteGuard",
@@ -31,7 +37,9 @@ register(
         "a gradient holds NaN/Inf after AMP unscaling (a GradScaler's occasional skipped step is not a fault)",
         "checked every 10 steps; under a GradScaler once its scale fell below 1",
     ),
-    CheckSpec(WEIGHTS, "NonFiniteGuard", Severity.ERROR, "a parameter became NaN or Inf", "checked every 10 steps"),
+    CheckSpec(
+        WEIGHTS, "NonFiniteGuard", Severity.ERROR, "a parameter became NaN or Inf", "checked every 10 steps"
+    ),
     CheckSpec(
         ACTIVATION,
         "NonFiniteGuard",
@@ -120,7 +128,9 @@ class NonFiniteGuard(SentinelCallback):
         self._reset_run_state()
 
     @override
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self._batch = batch  # a reference only, for a possible replay
         self._batch_idx = batch_idx
         if self._armed and not self._localized:
@@ -191,7 +201,9 @@ class NonFiniteGuard(SentinelCallback):
         loss_flag = self._loss_flag if self._loss_flag is not None else torch.zeros((), dtype=torch.bool)
         self._loss_flag = None
         # the one host read of this check
-        values = torch.cat([loss_flag.float().view(1).to(weight_norms.device), weight_norms, grad_norms]).tolist()
+        values = torch.cat(
+            [loss_flag.float().view(1).to(weight_norms.device), weight_norms, grad_norms]
+        ).tolist()
         loss_bad = loss_bad_now is not None or values[0] > 0
         weights = values[1 : 1 + len(parameters)]
         grads = values[1 + len(parameters) :]

@@ -1,0 +1,46 @@
+"""The lightning-sentinel command."""
+
+import shutil
+import subprocess
+
+import pytest
+
+from lightning_sentinel.catalog import registered_checks
+from lightning_sentinel.cli import main
+
+
+def test_checks_lists_every_registered_id(capsys):
+    assert main(["checks"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:4] == ["check", "id", "callback", "severity"]
+    assert [line.split()[0] for line in lines[1:]] == list(registered_checks())
+
+
+def test_demo_is_quiet_on_the_healthy_model_and_catches_both_broken_ones(capsys):
+    assert main(["demo"]) == 0
+    out = capsys.readouterr().out
+    healthy, log_fault, lr_fault = out.split("=== ")[1:4]
+    assert "no findings: all checks passed." in healthy
+    assert "non-finite-activation at net.3" in log_fault and "SafeLogNormalizer" in log_fault
+    assert "non-finite-loss" in lr_fault and "try:" in lr_fault
+
+
+def test_doctor_self_check_passes(capsys):
+    assert main(["doctor"]) == 0
+    out = capsys.readouterr().out
+    assert "lightning" in out and "self-check" in out and " ok " in out
+
+
+def test_help_and_unknown_command():
+    with pytest.raises(SystemExit) as exited:
+        main(["--help"])
+    assert exited.value.code == 0
+    with pytest.raises(SystemExit) as exited:
+        main(["frobnicate"])
+    assert exited.value.code == 2
+
+
+@pytest.mark.skipif(shutil.which("lightning-sentinel") is None, reason="console script not installed")
+def test_console_script_is_installed():
+    result = subprocess.run(["lightning-sentinel", "--version"], capture_output=True, text=True, check=True)
+    assert result.stdout.startswith("lightning-sentinel ")
