@@ -42,7 +42,8 @@ class Sentinel(Callback):
         on_detect: if given, overrides every check's own ``on_detect`` (``"warn"``, ``"stop"``, ``"raise"``).
 
     Example:
-        >>>         >>> from lightning_sentinel import Sentinel, findings
+        >>> import lightning.pytorch as pl
+        >>> from lightning_sentinel import Sentinel
         >>> sentinel = Sentinel(disable=["vanishing-gradients"])
         >>> trainer = pl.Trainer(callbacks=[sentinel], logger=False, max_steps=1)
         >>> [type(check).__name__ for check in sentinel.checks]
