@@ -15,7 +15,7 @@ from lightning_sentinel._stats import tensor_norms
 from lightning_sentinel.base import OnDetect, SentinelCallback, validate_positive_float
 from lightning_sentinel.catalog import CheckSpec, register
 from lightning_sentinel.checks._optimizers import OptimizerView, optimizer_view, scaler_of
-from lightning_sentinel.findings import Severity
+from lightning_sentinel.findings import Finding, Severity
 
 LOSS = "non-finite-loss"
 GRADIENTS = "non-finite-gradients"
@@ -80,6 +80,9 @@ class NonFiniteGuard(SentinelCallback):
     has fallen below ``scaler_min_scale`` (1.0 by default: from the default 65536 that takes 16
     skipped steps, and the gradients then overflow even unscaled).
 
+    Each of its ids is reported once per run, for its first occurrence: after the first NaN,
+    everything downstream is NaN too.
+
     Args:
         on_detect: ``"stop"`` (default: a non-finite run is worthless), ``"warn"`` or ``"raise"``.
         every_n_steps: check gradients and weights every n-th optimizer step.
@@ -121,6 +124,13 @@ class NonFiniteGuard(SentinelCallback):
     @override
     def _state_key_settings(self) -> dict[str, Any]:
         return {**super()._state_key_settings(), "localize": self.localize}
+
+    @override
+    def _report(self, trainer: pl.Trainer, check: str, *args: Any, **kwargs: Any) -> Finding | None:
+        """Each id at most once per run: after the first NaN, everything downstream is NaN too."""
+        if any(reported == check for reported, _ in self._reported):
+            return None
+        return super()._report(trainer, check, *args, **kwargs)
 
     # ------------------------------------------------------------------ hooks
     @override
