@@ -7,9 +7,9 @@ import lightning.pytorch as pl
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from _models import Classifier, classification_loader  # noqa: E402
+from _models import Classifier, classification_loader
 
-from lightning_sentinel import Sentinel, SentinelError, findings  # noqa: E402
+from lightning_sentinel import Sentinel, SentinelError, findings
 
 
 class NaNOnRankOne(Classifier):
