@@ -40,6 +40,24 @@ def tensor_norms(tensors: Sequence[Tensor], device: torch.device | None = None) 
     return result
 
 
+def total_norm(tensors: Sequence[Tensor]) -> Tensor:
+    """The 2-norm of all ``tensors`` together, as a float32 device scalar (fused, no host read).
+
+    Example:
+        >>> total_norm([torch.full((4,), 3.0), torch.full((9,), 4.0 / 3.0)])
+        tensor(7.2111)
+    """
+    groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    for tensor in tensors:
+        groups.setdefault((tensor.device, tensor.dtype), []).append(tensor.detach())
+    device = tensors[0].device
+    squares = [
+        torch.stack(torch._foreach_norm(group, 2, dtype=torch.float32)).square().sum().to(device)
+        for group in groups.values()
+    ]
+    return torch.stack(squares).sum().sqrt()
+
+
 @dataclass(frozen=True)
 class LayerGrouping:
     """Parameters grouped into layers (the module that owns them).

@@ -243,17 +243,19 @@ class SentinelCallback(Callback):
         evidence: dict[str, float] | None = None,
         hint: str = "",
         magnitude: float = 0.0,
+        dedupe_as: str | None = None,
     ) -> Finding | None:
         """Record a finding unless it is disabled or a repeat; apply the ``on_detect`` policy.
 
         ``magnitude`` grows with how bad the finding is: a (check, where) already reported is reported
-        again only when its severity rises or its magnitude is 10x the last one reported.
+        again only when its severity rises or its magnitude is 10x the last one reported. Pass
+        ``dedupe_as`` to de-duplicate on another key than ``where`` (e.g. one key for a whole model).
         """
         if check not in self.CHECKS:
             raise AssertionError(f"{type(self).__name__} reported {check!r}, which is not in its CHECKS")
         if check in self.disabled_checks:
             return None
-        key = (check, where)
+        key = (check, where if dedupe_as is None else dedupe_as)
         previous = self._reported.get(key)
         if previous is not None:
             previous_rank, previous_magnitude = previous

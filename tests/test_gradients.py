@@ -22,9 +22,12 @@ def test_exploding_rule():
 
 
 def test_vanishing_rules():
-    assert vanishing_layers([1e-3, 1e-12, 0.0], [1.0, 1.0, 0.0], 1e-7) == [1]
+    assert vanishing_layers([1e-3, 1e-12, 0.0, 1e-12], [1.0, 1.0, 1.0, 0.0], 1e-7) == [
+        1
+    ]  # 0 grad/weight: skipped
     assert math.isclose(depth_ratio([1e-6, 5.0, 2.0], [2.0, 1.0, 4.0], [0, 2]), (1e-6 / 2.0) / (2.0 / 4.0))
     assert math.isnan(depth_ratio([1.0], [1.0], [0]))
+    assert math.isnan(depth_ratio([0.0, 1.0], [1.0, 1.0], [0, 1]))  # a dead first layer is not "vanishing"
 
 
 def test_healthy_run_is_silent_and_logs_the_total_norm(tmp_path):

@@ -2,6 +2,7 @@
 
 import json
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from _models import Classifier, fit
@@ -128,3 +129,18 @@ trainer:
         and monitor.every_n_steps == 3
         and monitor.spike_factor == 20.0
     )
+
+
+def test_watching_does_not_change_training(tmp_path):
+    def train(callbacks):
+        pl.seed_everything(0, verbose=False)
+        net = nn.Sequential(nn.Linear(8, 32), nn.Dropout(0.3), nn.ReLU(), nn.Linear(32, 3))
+        module = Classifier(net=net, optimizer="adam", lr=1e-2)
+        fit(module, callbacks, root=tmp_path, max_steps=25)
+        return [p.detach().clone() for p in module.parameters()]
+
+    bare = train([])
+    watched = train(
+        [Sentinel(checks=[NonFiniteGuard(every_n_steps=1), GradientNormMonitor(every_n_steps=1)])]
+    )
+    assert all(torch.equal(a, b) for a, b in zip(bare, watched, strict=True))

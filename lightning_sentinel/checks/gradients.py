@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_sentinel._stats import LayerGrouping, median, tensor_norms
+from lightning_sentinel._stats import LayerGrouping, median, tensor_norms, total_norm
 from lightning_sentinel.base import OnDetect, SentinelCallback, validate_positive_float, validate_positive_int
 from lightning_sentinel.catalog import CheckSpec, register
 from lightning_sentinel.checks._optimizers import OptimizerView, gradient_scale, optimizer_view
@@ -77,16 +77,18 @@ def exploding_verdict(
 def vanishing_layers(grad_norms: list[float], weight_norms: list[float], ratio_threshold: float) -> list[int]:
     """Indices of layers whose gradient/weight norm ratio is below ``ratio_threshold``.
 
-    Layers with zero weight norm (e.g. zero-initialised biases alone) are skipped.
+    Layers with zero weight norm (e.g. zero-initialised biases alone) are skipped, and so are
+    gradients that are exactly zero: those come from dead units or a branch cut off the graph, not
+    from a gradient shrinking through depth (other checks own them).
 
     Example:
-        >>> vanishing_layers([1e-3, 1e-12], [1.0, 1.0], 1e-7)
+        >>> vanishing_layers([1e-3, 1e-12, 0.0], [1.0, 1.0, 1.0], 1e-7)
         [1]
     """
     return [
         index
         for index, (grad, weight) in enumerate(zip(grad_norms, weight_norms, strict=True))
-        if weight > 0 and math.isfinite(grad) and grad / weight < ratio_threshold
+        if weight > 0 and math.isfinite(grad) and 0 < grad / weight < ratio_threshold
     ]
 
 
@@ -100,8 +102,8 @@ def depth_ratio(grad_norms: list[float], weight_norms: list[float], weight_layer
     if len(weight_layers) < 2:
         return float("nan")
     first, last = weight_layers[0], weight_layers[-1]
-    if weight_norms[first] <= 0 or weight_norms[last] <= 0 or grad_norms[last] <= 0:
-        return float("nan")
+    if weight_norms[first] <= 0 or weight_norms[last] <= 0 or grad_norms[last] <= 0 or grad_norms[first] <= 0:
+        return float("nan")  # an exactly-zero gradient is a dead or cut-off layer, not a vanishing one
     return (grad_norms[first] / weight_norms[first]) / (grad_norms[last] / weight_norms[last])
 
 
@@ -112,6 +114,8 @@ class _OptimizerState:
     history: deque[float] = field(default_factory=deque)
     vanishing_streak: dict[str, int] = field(default_factory=dict)
     depth_streak: int = 0
+    peak: Tensor | None = None  # largest finite total norm of the steps since the last check (device)
+    exploded: bool = False  # after an explosion, grad/weight ratios say nothing about vanishing
 
 
 class GradientNormMonitor(SentinelCallback):
@@ -146,6 +150,8 @@ class GradientNormMonitor(SentinelCallback):
         patience: consecutive checks a vanishing condition must hold.
         converged_fraction: no vanishing finding once the loss is below this fraction of its first value.
         log_per_layer: also log each layer's gradient norm (off by default: no per-layer clutter).
+        track_peak: on the steps between checks, fold the total norm into a device-side running peak
+            (one fused norm per step, no host read), so a one-step spike is judged at the next check.
 
     Example:
         >>> import lightning.pytorch as pl
@@ -170,6 +176,7 @@ class GradientNormMonitor(SentinelCallback):
         patience: int = 3,
         converged_fraction: float = 0.05,
         log_per_layer: bool = False,
+        track_peak: bool = True,
     ) -> None:
         super().__init__(on_detect=on_detect, every_n_steps=every_n_steps, warmup_steps=warmup_steps)
         validate_positive_float("spike_factor", spike_factor)
@@ -191,6 +198,7 @@ class GradientNormMonitor(SentinelCallback):
         self.patience = patience
         self.converged_fraction = converged_fraction
         self.log_per_layer = log_per_layer
+        self.track_peak = track_peak
         self._optimizers: dict[int, _OptimizerState] = {}
         self._saved_history: dict[str, list[float]] = {}
         self._first_loss: Tensor | None = None
@@ -243,10 +251,29 @@ class GradientNormMonitor(SentinelCallback):
             self._optimizers[id(optimizer)] = state
         step_index = state.steps_seen
         state.steps_seen += 1
-        if not self.active_checks or not self._is_due(step_index):
+        if not self.active_checks:
             return
-        self._run_gradient_check(trainer, pl_module, optimizer, state)
-        self._settle(trainer)
+        if self._is_due(step_index):
+            self._run_gradient_check(trainer, pl_module, optimizer, state)
+            self._settle(trainer)
+        elif self.track_peak and EXPLODING in self.active_checks and step_index >= self.warmup_steps:
+            self._track_peak(trainer, optimizer, state)
+
+    def _track_peak(
+        self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer, state: _OptimizerState
+    ) -> None:
+        """Fold this step's total norm into the device-side peak (one fused norm, no host read)."""
+        grads = [p.grad for p in state.view.parameters if p.grad is not None]
+        if not grads:
+            return
+        total = total_norm(grads)
+        scale = gradient_scale(trainer, optimizer)
+        if scale is not None:
+            total = total / scale.to(total.device, torch.float32)
+        total = torch.where(
+            torch.isfinite(total), total, torch.zeros_like(total)
+        )  # NaN/Inf: NonFiniteGuard's
+        state.peak = total if state.peak is None else torch.maximum(state.peak, total)
 
     # ------------------------------------------------------------------ the check
     def _run_gradient_check(
@@ -273,12 +300,16 @@ class GradientNormMonitor(SentinelCallback):
         losses = torch.full((2,), float("nan"), device=grad_norms.device)
         if self._first_loss is not None and self._latest_loss is not None:
             losses = torch.stack([self._first_loss, self._latest_loss]).float().to(grad_norms.device)
+        peak = (
+            torch.zeros(1, device=total.device) if state.peak is None else state.peak.view(1).to(total.device)
+        )
+        state.peak = None
         # the one host read of this check
-        values = torch.cat([total, losses, layer_grad, layer_weight]).tolist()
+        values = torch.cat([total, peak, losses, layer_grad, layer_weight]).tolist()
         n_layers = len(grouping.layer_names)
-        total_norm, first_loss, latest_loss = values[0], values[1], values[2]
-        layer_grads = values[3 : 3 + n_layers]
-        layer_weights = values[3 + n_layers :]
+        total_norm, peak_between, first_loss, latest_loss = values[0], values[1], values[2], values[3]
+        layer_grads = values[4 : 4 + n_layers]
+        layer_weights = values[4 + n_layers :]
 
         prefix = f"sentinel/grad_norm/{state.view.key + '/' if state.view.key else ''}"
         metrics: dict[str, float] = {prefix + "total": total_norm}
@@ -287,33 +318,42 @@ class GradientNormMonitor(SentinelCallback):
                 {prefix + name: norm for name, norm in zip(grouping.layer_names, layer_grads, strict=True)}
             )
         self._log_scalars(trainer, pl_module, metrics)
-        if not math.isfinite(total_norm):
-            return  # non-finite gradients are NonFiniteGuard's business (or a GradScaler's skipped step)
-
+        finite_now = math.isfinite(total_norm)  # non-finite gradients are NonFiniteGuard's business
         where_prefix = f"{state.view.key}:" if state.view.key else ""
+        judged = max(total_norm, peak_between) if finite_now else peak_between
         exploding, reason, reference = exploding_verdict(
-            total_norm, list(state.history), self.spike_factor, self.max_norm, self.min_history
+            judged, list(state.history), self.spike_factor, self.max_norm, self.min_history
         )
-        state.history.append(total_norm)
+        if finite_now:
+            state.history.append(total_norm)
         if exploding:
-            worst = max(range(n_layers), key=lambda i: layer_grads[i])
+            worst = max(
+                range(n_layers), key=lambda i: layer_grads[i] if math.isfinite(layer_grads[i]) else -1.0
+            )
+            when = (
+                "at this step"
+                if judged == total_norm
+                else f"peak of the {self.every_n_steps - 1} steps before"
+            )
             self._report(
                 trainer,
                 EXPLODING,
                 Severity.WARNING,
-                f"total gradient norm {total_norm:.3g} is {reason}; largest in layer "
+                f"total gradient norm {judged:.3g} ({when}) is {reason}; now largest in layer "
                 f"'{grouping.layer_names[worst]}' ({layer_grads[worst]:.3g})",
                 where=where_prefix + grouping.layer_names[worst],
-                evidence={
-                    "grad_norm": total_norm,
-                    "reference": reference,
-                    "layer_grad_norm": layer_grads[worst],
-                },
+                evidence={"grad_norm": judged, "reference": reference, "layer_grad_norm": layer_grads[worst]},
                 hint="lower the learning rate, clip gradients (Trainer(gradient_clip_val=1.0)), check the weight "
                 "initialisation and normalise inputs/targets",
-                magnitude=total_norm / max(reference, 1e-30) if math.isfinite(reference) else total_norm,
+                magnitude=judged / max(reference, 1e-30) if math.isfinite(reference) else judged,
+                dedupe_as=state.view.key,  # one report per optimizer, whichever layer is largest
             )
-        self._judge_vanishing(trainer, state, grouping, layer_grads, layer_weights, first_loss, latest_loss)
+        if exploding:
+            state.exploded = True
+        if finite_now and not state.exploded:
+            self._judge_vanishing(
+                trainer, state, grouping, layer_grads, layer_weights, first_loss, latest_loss
+            )
 
     def _judge_vanishing(
         self,

@@ -42,4 +42,6 @@ if __name__ == "__main__":
     except SentinelError as error:
         outcome = f"raised:{error.finding.check}"
     checks = sorted({f.check for f in findings(trainer)})
-    print(f"RESULT rank={trainer.global_rank} outcome={outcome} step={trainer.global_step} checks={','.join(checks)}")
+    print(
+        f"RESULT rank={trainer.global_rank} outcome={outcome} step={trainer.global_step} checks={','.join(checks)}"
+    )
