@@ -82,6 +82,7 @@ def _loader(kind: str, steps: int) -> DataLoader:
 
 VARIANTS: dict[str, tuple[Callable[[], list[pl.Callback]], dict[str, Any]]] = {
     "bare": (list, {}),
+    "empty Callback (Lightning's dispatch floor)": (lambda: [pl.Callback()], {}),
     "NonFiniteGuard()": (lambda: [NonFiniteGuard()], {}),
     "NonFiniteGuard(every_n_steps=1)": (lambda: [NonFiniteGuard(every_n_steps=1)], {}),
     "GradientNormMonitor()": (lambda: [GradientNormMonitor()], {}),

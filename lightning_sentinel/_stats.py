@@ -47,10 +47,17 @@ def total_norm(tensors: Sequence[Tensor]) -> Tensor:
         >>> total_norm([torch.full((4,), 3.0), torch.full((9,), 4.0 / 3.0)])
         tensor(7.2111)
     """
+    first = tensors[0]
+    if all(
+        t.dtype == first.dtype and t.device == first.device for t in tensors
+    ):  # the usual case: one fused call
+        return torch.linalg.vector_norm(
+            torch.stack(torch._foreach_norm(list(tensors), 2, dtype=torch.float32))
+        )
     groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
     for tensor in tensors:
         groups.setdefault((tensor.device, tensor.dtype), []).append(tensor.detach())
-    device = tensors[0].device
+    device = first.device
     squares = [
         torch.stack(torch._foreach_norm(group, 2, dtype=torch.float32)).square().sum().to(device)
         for group in groups.values()

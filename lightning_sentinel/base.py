@@ -96,7 +96,7 @@ class SentinelCallback(Callback):
         warmup_steps: do not judge (but may measure) during the first optimizer steps.
 
     Subclasses list their check ids in ``CHECKS`` and put every setting that tells two instances
-    apart into :meth:`_state_key_settings`.
+    apart into :meth:`_state_key_settings`. Settings are fixed once the callback is in use.
 
     Example:
         >>> import lightning.pytorch as pl
@@ -128,6 +128,7 @@ class SentinelCallback(Callback):
         self._pending_stop = False
         self._pending_raise: Finding | None = None
         self._restored_findings: list[Finding] = []
+        self._own_findings: list[Finding] = []
 
     # ------------------------------------------------------------------ identity and state
     def _state_key_settings(self) -> dict[str, Any]:
@@ -137,7 +138,13 @@ class SentinelCallback(Callback):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(**self._state_key_settings())
+        # Lightning reads this on every hook call: build it once (settings are fixed after construction)
+        cached = self.__dict__.get("_state_key_cache")
+        if cached is None:
+            cached = self.__dict__["_state_key_cache"] = self._generate_state_key(
+                **self._state_key_settings()
+            )
+        return cached
 
     @property
     def active_checks(self) -> tuple[str, ...]:
@@ -170,12 +177,6 @@ class SentinelCallback(Callback):
         }
         self._restored_findings = [Finding.from_dict(record) for record in state_dict.get("findings", [])]
         self._load_extra_state(state_dict.get("extra", {}))
-
-    @property
-    def _own_findings(self) -> list[Finding]:
-        if not hasattr(self, "_findings_of_run"):
-            self._findings_of_run: list[Finding] = []
-        return self._findings_of_run
 
     # ------------------------------------------------------------------ lifecycle shared by all checks
     @override
@@ -350,6 +351,12 @@ class SentinelCallback(Callback):
             ),
             stacklevel=3,
         )
+
+
+# the base class's own hooks are guarded like its subclasses'
+for _name in _GUARDED_HOOKS:
+    if _name in SentinelCallback.__dict__:
+        setattr(SentinelCallback, _name, _guard_hook(_name, SentinelCallback.__dict__[_name]))
 
 
 def _first_finding_of_any_rank(local: Finding | None) -> Finding:

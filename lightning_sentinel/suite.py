@@ -72,18 +72,23 @@ class Sentinel(Callback):
         self.disable = disabled
         self.on_detect = on_detect
         self.checks: list[SentinelCallback] = list(checks) if checks is not None else preset_checks(preset)
-        keys = [check.state_key for check in self.checks]
-        if len(set(keys)) != len(keys):
-            raise ValueError(f"`checks` holds two callbacks with the same settings: {keys}")
         for check in self.checks:
             check.disabled_checks.update(disabled)
             if on_detect is not None:
                 check.on_detect = on_detect
+        keys = [check.state_key for check in self.checks]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"`checks` holds two callbacks with the same settings: {keys}")
+        self._state_key = self._generate_state_key(preset=self.preset, checks=keys)
+        # per hook, only the checks that implement it (Lightning calls every hook of every callback)
+        self._implementers: dict[str, list[SentinelCallback]] = {
+            hook: [check for check in self.checks if _implements(check, hook)] for hook in _FORWARDED_HOOKS
+        }
 
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(preset=self.preset, checks=[check.state_key for check in self.checks])
+        return self._state_key
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -100,19 +105,29 @@ class Sentinel(Callback):
         return f"Sentinel(preset={self.preset!r}, checks=[{names}], disable={self.disable})"
 
 
+def _implements(check: Callback, hook: str) -> bool:
+    """Whether ``check``'s class does something in ``hook`` (not Lightning's empty default)."""
+    return getattr(type(check), hook) is not getattr(Callback, hook)
+
+
 def _forward(hook: str) -> Callable[..., None]:
     def forward(self: Sentinel, *args: Any, **kwargs: Any) -> None:
-        for check in self.checks:
+        for check in self._implementers[hook]:
             getattr(check, hook)(*args, **kwargs)
 
     forward.__name__ = hook
-    forward.__doc__ = f"Run ``{hook}`` of every check in the suite."
+    forward.__doc__ = f"Run ``{hook}`` of every check in the suite that implements it."
     return forward
 
 
-for _hook in [name for name in vars(Callback) if name.startswith("on_") or name in ("setup", "teardown")]:
-    if _hook in ("on_save_checkpoint", "on_load_checkpoint"):
-        continue  # state travels through state_dict / load_state_dict
+# state travels through state_dict / load_state_dict, not the checkpoint hooks
+_FORWARDED_HOOKS = tuple(
+    name
+    for name in vars(Callback)
+    if (name.startswith("on_") or name in ("setup", "teardown"))
+    and name not in ("on_save_checkpoint", "on_load_checkpoint")
+)
+for _hook in _FORWARDED_HOOKS:
     setattr(Sentinel, _hook, _forward(_hook))
 
 __all__ = ["PRESETS", "Sentinel", "preset_checks"]

@@ -270,9 +270,7 @@ class GradientNormMonitor(SentinelCallback):
         scale = gradient_scale(trainer, optimizer)
         if scale is not None:
             total = total / scale.to(total.device, torch.float32)
-        total = torch.where(
-            torch.isfinite(total), total, torch.zeros_like(total)
-        )  # NaN/Inf: NonFiniteGuard's
+        total = torch.nan_to_num(total, nan=0.0, posinf=0.0)  # NaN/Inf are NonFiniteGuard's business
         state.peak = total if state.peak is None else torch.maximum(state.peak, total)
 
     # ------------------------------------------------------------------ the check

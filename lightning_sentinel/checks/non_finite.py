@@ -152,12 +152,13 @@ class NonFiniteGuard(SentinelCallback):
         if LOSS not in self.active_checks and ACTIVATION not in self.active_checks:
             return
         detached = loss.detach()
-        bad = ~torch.isfinite(detached).all()
-        if detached.device.type == "cpu":
-            if bad and self._loss_bad_now is None:  # a host read of a CPU tensor: no device sync
-                self._loss_bad_now = float(detached.float().mean())
-        else:
-            self._loss_flag = bad if self._loss_flag is None else (self._loss_flag | bad)
+        if detached.device.type == "cpu":  # a host read of a CPU tensor: no device to sync with
+            value = detached.item() if detached.numel() == 1 else float(detached.float().sum())
+            if not math.isfinite(value) and self._loss_bad_now is None:
+                self._loss_bad_now = value
+            return
+        bad = ~torch.isfinite(detached).all()  # stays on the accelerator until a check step reads it
+        self._loss_flag = bad if self._loss_flag is None else (self._loss_flag | bad)
 
     @override
     def on_train_batch_end(
