@@ -47,6 +47,25 @@ def register(*specs: CheckSpec) -> None:
         _REGISTRY[spec.check] = spec
 
 
+_PRESET_MEMBERS: list[tuple[type, tuple[str, ...]]] = []
+
+
+def add_to_presets(callback: type, presets: tuple[str, ...]) -> None:
+    """Make ``Sentinel(preset=...)`` run a default instance of ``callback`` for each preset named.
+
+    Called by each check module at import; ``Sentinel`` keeps the registration order.
+    """
+    if not any(member is callback for member, _ in _PRESET_MEMBERS):
+        _PRESET_MEMBERS.append((callback, tuple(presets)))
+
+
+def preset_members(preset: str) -> list[type]:
+    """The callback classes of ``preset``, in registration order."""
+    import lightning_sentinel.checks  # noqa: F401  (importing the checks registers them)
+
+    return [callback for callback, presets in _PRESET_MEMBERS if preset in presets]
+
+
 def registered_checks() -> dict[str, CheckSpec]:
     """Every implemented check id and its spec, in registration order."""
     import lightning_sentinel.checks  # noqa: F401  (importing the checks registers their ids)

@@ -9,8 +9,7 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from lightning_sentinel.base import OnDetect, SentinelCallback, validate_on_detect
-from lightning_sentinel.catalog import validate_check_ids
-from lightning_sentinel.checks import GradientNormMonitor, NonFiniteGuard
+from lightning_sentinel.catalog import preset_members, validate_check_ids
 
 Preset = Literal["fast", "full"]
 PRESETS: tuple[str, ...] = ("fast", "full")
@@ -24,10 +23,7 @@ def preset_checks(preset: str) -> list[SentinelCallback]:
     """
     if preset not in PRESETS:
         raise ValueError(f"`preset` must be one of {list(PRESETS)}, got {preset!r}")
-    fast: list[SentinelCallback] = [NonFiniteGuard(), GradientNormMonitor()]
-    if preset == "fast":
-        return fast
-    return fast
+    return [callback() for callback in preset_members(preset)]
 
 
 class Sentinel(Callback):

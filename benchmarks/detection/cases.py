@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -477,6 +478,33 @@ CASES: tuple[Case, ...] = (
         {"max_steps": 60},
     ),
 )
+
+# Cases of later checks live in their own modules (one per topic), each exporting ``CASES``.
+_EXTENSIONS = (
+    "cases_activations",
+    "cases_wiring",
+    "cases_losses",
+    "cases_data",
+    "cases_curves",
+    "cases_preflight",
+    "cases_histograms",
+)
+
+
+def _extension_cases() -> tuple[Case, ...]:
+    found: list[Case] = []
+    for name in _EXTENSIONS:
+        try:
+            module = importlib.import_module(f"benchmarks.detection.{name}")
+        except ModuleNotFoundError as error:
+            if error.name != f"benchmarks.detection.{name}":
+                raise
+            continue
+        found.extend(module.CASES)
+    return tuple(found)
+
+
+CASES = CASES + _extension_cases()
 
 _BY_NAME: dict[str, Case] = {case.name: case for case in CASES}
 if len(_BY_NAME) != len(CASES):

@@ -18,7 +18,7 @@ from typing_extensions import override
 
 from lightning_sentinel._stats import LayerGrouping, median, tensor_norms, total_norm
 from lightning_sentinel.base import OnDetect, SentinelCallback, validate_positive_float, validate_positive_int
-from lightning_sentinel.catalog import CheckSpec, register
+from lightning_sentinel.catalog import CheckSpec, add_to_presets, register
 from lightning_sentinel.checks._optimizers import OptimizerView, gradient_scale, optimizer_view
 from lightning_sentinel.findings import Severity
 
@@ -409,3 +409,6 @@ class GradientNormMonitor(SentinelCallback):
                 hint="use ReLU-family activations instead of sigmoid/tanh in deep stacks, add normalisation "
                 "or residual connections, use He/Xavier initialisation",
             )
+
+
+add_to_presets(GradientNormMonitor, ("fast", "full"))

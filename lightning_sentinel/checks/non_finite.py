@@ -13,7 +13,7 @@ from typing_extensions import override
 from lightning_sentinel._hooks import FiniteProbe, ModuleFailure
 from lightning_sentinel._stats import tensor_norms
 from lightning_sentinel.base import OnDetect, SentinelCallback, validate_positive_float
-from lightning_sentinel.catalog import CheckSpec, register
+from lightning_sentinel.catalog import CheckSpec, add_to_presets, register
 from lightning_sentinel.checks._optimizers import OptimizerView, optimizer_view, scaler_of
 from lightning_sentinel.findings import Finding, Severity
 
@@ -345,3 +345,6 @@ class NonFiniteGuard(SentinelCallback):
             hint="inspect that module's forward: log/sqrt/pow/division/exp on values that reach 0, negatives or "
             "large magnitudes; clamp or add an epsilon",
         )
+
+
+add_to_presets(NonFiniteGuard, ("fast", "full"))
