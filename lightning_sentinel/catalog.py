@@ -47,23 +47,25 @@ def register(*specs: CheckSpec) -> None:
         _REGISTRY[spec.check] = spec
 
 
-_PRESET_MEMBERS: list[tuple[type, tuple[str, ...]]] = []
+_PRESET_MEMBERS: list[tuple[int, type, tuple[str, ...]]] = []
 
 
-def add_to_presets(callback: type, presets: tuple[str, ...]) -> None:
+def add_to_presets(callback: type, presets: tuple[str, ...], order: int = 100) -> None:
     """Make ``Sentinel(preset=...)`` run a default instance of ``callback`` for each preset named.
 
-    Called by each check module at import; ``Sentinel`` keeps the registration order.
+    Called by each check module at import. ``Sentinel`` runs its checks by ascending ``order``
+    (then registration order): the NaN guard first, so it sees a step before anything else.
     """
-    if not any(member is callback for member, _ in _PRESET_MEMBERS):
-        _PRESET_MEMBERS.append((callback, tuple(presets)))
+    if not any(member is callback for _, member, _ in _PRESET_MEMBERS):
+        _PRESET_MEMBERS.append((order, callback, tuple(presets)))
+        _PRESET_MEMBERS.sort(key=lambda member: member[0])
 
 
 def preset_members(preset: str) -> list[type]:
     """The callback classes of ``preset``, in registration order."""
     import lightning_sentinel.checks  # noqa: F401  (importing the checks registers them)
 
-    return [callback for callback, presets in _PRESET_MEMBERS if preset in presets]
+    return [callback for _, callback, presets in _PRESET_MEMBERS if preset in presets]
 
 
 def registered_checks() -> dict[str, CheckSpec]:

@@ -411,4 +411,4 @@ class GradientNormMonitor(SentinelCallback):
             )
 
 
-add_to_presets(GradientNormMonitor, ("fast", "full"))
+add_to_presets(GradientNormMonitor, ("fast", "full"), order=10)

@@ -347,4 +347,4 @@ class NonFiniteGuard(SentinelCallback):
         )
 
 
-add_to_presets(NonFiniteGuard, ("fast", "full"))
+add_to_presets(NonFiniteGuard, ("fast", "full"), order=0)
