@@ -325,22 +325,30 @@ class GradientNormMonitor(SentinelCallback):
         if finite_now:
             state.history.append(total_norm)
         if exploding:
-            worst = max(
-                range(n_layers), key=lambda i: layer_grads[i] if math.isfinite(layer_grads[i]) else -1.0
-            )
+            finite_layers = [i for i in range(n_layers) if math.isfinite(layer_grads[i])]
+            worst = max(finite_layers, key=lambda i: layer_grads[i]) if finite_layers else None
             when = (
                 "at this step"
                 if judged == total_norm
                 else f"peak of the {self.every_n_steps - 1} steps before"
             )
+            place = (
+                f"; now largest in layer '{grouping.layer_names[worst]}' ({layer_grads[worst]:.3g})"
+                if worst is not None
+                else "; the gradients are non-finite by now"
+            )
+            evidence = {"grad_norm": judged, "reference": reference}
+            if worst is not None:
+                evidence["layer_grad_norm"] = layer_grads[worst]
             self._report(
                 trainer,
                 EXPLODING,
                 Severity.WARNING,
-                f"total gradient norm {judged:.3g} ({when}) is {reason}; now largest in layer "
-                f"'{grouping.layer_names[worst]}' ({layer_grads[worst]:.3g})",
-                where=where_prefix + grouping.layer_names[worst],
-                evidence={"grad_norm": judged, "reference": reference, "layer_grad_norm": layer_grads[worst]},
+                f"total gradient norm {judged:.3g} ({when}) is {reason}{place}",
+                where=where_prefix + grouping.layer_names[worst]
+                if worst is not None
+                else state.view.key or None,
+                evidence=evidence,
                 hint="lower the learning rate, clip gradients (Trainer(gradient_clip_val=1.0)), check the weight "
                 "initialisation and normalise inputs/targets",
                 magnitude=judged / max(reference, 1e-30) if math.isfinite(reference) else judged,
