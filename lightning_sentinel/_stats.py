@@ -28,6 +28,11 @@ def tensor_norms(tensors: Sequence[Tensor], device: torch.device | None = None) 
     if not tensors:
         return torch.zeros(0, device=device)
     out_device = device if device is not None else tensors[0].device
+    first = tensors[0]
+    if all(
+        t.device == first.device and t.dtype == first.dtype for t in tensors
+    ):  # usual case: one fused call
+        return torch.stack(torch._foreach_norm(list(tensors), 2, dtype=torch.float32)).to(out_device)
     groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
     for index, tensor in enumerate(tensors):
         groups.setdefault((tensor.device, tensor.dtype), []).append(index)
@@ -38,31 +43,6 @@ def tensor_norms(tensors: Sequence[Tensor], device: torch.device | None = None) 
         index_tensor = torch.tensor(indices, device=out_device)
         result.index_copy_(0, index_tensor, norms.to(out_device) if group_device != out_device else norms)
     return result
-
-
-def total_norm(tensors: Sequence[Tensor]) -> Tensor:
-    """The 2-norm of all ``tensors`` together, as a float32 device scalar (fused, no host read).
-
-    Example:
-        >>> total_norm([torch.full((4,), 3.0), torch.full((9,), 4.0 / 3.0)])
-        tensor(7.2111)
-    """
-    first = tensors[0]
-    if all(
-        t.dtype == first.dtype and t.device == first.device for t in tensors
-    ):  # the usual case: one fused call
-        return torch.linalg.vector_norm(
-            torch.stack(torch._foreach_norm(list(tensors), 2, dtype=torch.float32))
-        )
-    groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
-    for tensor in tensors:
-        groups.setdefault((tensor.device, tensor.dtype), []).append(tensor.detach())
-    device = first.device
-    squares = [
-        torch.stack(torch._foreach_norm(group, 2, dtype=torch.float32)).square().sum().to(device)
-        for group in groups.values()
-    ]
-    return torch.stack(squares).sum().sqrt()
 
 
 @dataclass(frozen=True)

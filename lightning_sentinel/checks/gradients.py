@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_sentinel._stats import LayerGrouping, median, tensor_norms, total_norm
+from lightning_sentinel._stats import LayerGrouping, median, tensor_norms
 from lightning_sentinel.base import OnDetect, SentinelCallback, validate_positive_float, validate_positive_int
 from lightning_sentinel.catalog import CheckSpec, add_to_presets, register
 from lightning_sentinel.checks._optimizers import OptimizerView, gradient_scale, optimizer_view
@@ -115,6 +115,7 @@ class _OptimizerState:
     vanishing_streak: dict[str, int] = field(default_factory=dict)
     depth_streak: int = 0
     peak: Tensor | None = None  # largest finite total norm of the steps since the last check (device)
+    peak_parameters: Tensor | None = None  # per-parameter largest finite norms since the last check (device)
     exploded: bool = False  # after an explosion, grad/weight ratios say nothing about vanishing
 
 
@@ -262,16 +263,23 @@ class GradientNormMonitor(SentinelCallback):
     def _track_peak(
         self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer, state: _OptimizerState
     ) -> None:
-        """Fold this step's total norm into the device-side peak (one fused norm, no host read)."""
+        """Fold this step's norms into device-side peaks (one fused norm, a few tiny ops, no host read)."""
         grads = [p.grad for p in state.view.parameters if p.grad is not None]
         if not grads:
             return
-        total = total_norm(grads)
+        norms = tensor_norms(grads)
         scale = gradient_scale(trainer, optimizer)
         if scale is not None:
-            total = total / scale.to(total.device, torch.float32)
-        total = torch.nan_to_num(total, nan=0.0, posinf=0.0)  # NaN/Inf are NonFiniteGuard's business
-        state.peak = total if state.peak is None else torch.maximum(state.peak, total)
+            norms = norms / scale.to(norms.device, torch.float32)
+        total = torch.nan_to_num(
+            torch.linalg.vector_norm(norms), nan=0.0, posinf=0.0
+        )  # NaN/Inf: NonFiniteGuard's
+        norms = torch.nan_to_num(norms, nan=0.0, posinf=0.0)
+        if state.peak is None or state.peak_parameters is None or state.peak_parameters.shape != norms.shape:
+            state.peak, state.peak_parameters = total, norms
+        else:
+            state.peak = torch.maximum(state.peak, total)
+            state.peak_parameters = torch.maximum(state.peak_parameters, norms)
 
     # ------------------------------------------------------------------ the check
     def _run_gradient_check(
@@ -298,16 +306,20 @@ class GradientNormMonitor(SentinelCallback):
         losses = torch.full((2,), float("nan"), device=grad_norms.device)
         if self._first_loss is not None and self._latest_loss is not None:
             losses = torch.stack([self._first_loss, self._latest_loss]).float().to(grad_norms.device)
-        peak = (
-            torch.zeros(1, device=total.device) if state.peak is None else state.peak.view(1).to(total.device)
-        )
-        state.peak = None
+        peak = torch.zeros(1, device=total.device)
+        layer_peak = torch.zeros_like(layer_grad)
+        if state.peak is not None and state.peak_parameters is not None:
+            peak = state.peak.view(1).to(total.device)
+            if state.peak_parameters.shape == grad_norms.shape:  # the same parameters had gradients
+                layer_peak = grouping.layer_norms(state.peak_parameters.to(total.device))
+        state.peak, state.peak_parameters = None, None
         # the one host read of this check
-        values = torch.cat([total, peak, losses, layer_grad, layer_weight]).tolist()
+        values = torch.cat([total, peak, losses, layer_grad, layer_weight, layer_peak]).tolist()
         n_layers = len(grouping.layer_names)
         total_norm, peak_between, first_loss, latest_loss = values[0], values[1], values[2], values[3]
         layer_grads = values[4 : 4 + n_layers]
-        layer_weights = values[4 + n_layers :]
+        layer_weights = values[4 + n_layers : 4 + 2 * n_layers]
+        layer_peaks = values[4 + 2 * n_layers :]
 
         prefix = f"sentinel/grad_norm/{state.view.key + '/' if state.view.key else ''}"
         metrics: dict[str, float] = {prefix + "total": total_norm}
@@ -325,21 +337,19 @@ class GradientNormMonitor(SentinelCallback):
         if finite_now:
             state.history.append(total_norm)
         if exploding:
-            finite_layers = [i for i in range(n_layers) if math.isfinite(layer_grads[i])]
-            worst = max(finite_layers, key=lambda i: layer_grads[i]) if finite_layers else None
-            when = (
-                "at this step"
-                if judged == total_norm
-                else f"peak of the {self.every_n_steps - 1} steps before"
-            )
+            at_peak = judged != total_norm  # the spike happened between checks
+            sizes = layer_peaks if at_peak else layer_grads
+            finite_layers = [i for i in range(n_layers) if math.isfinite(sizes[i]) and sizes[i] > 0]
+            worst = max(finite_layers, key=lambda i: sizes[i]) if finite_layers else None
+            when = f"peak of the {self.every_n_steps - 1} steps before" if at_peak else "at this step"
             place = (
-                f"; now largest in layer '{grouping.layer_names[worst]}' ({layer_grads[worst]:.3g})"
+                f"; largest in layer '{grouping.layer_names[worst]}' ({sizes[worst]:.3g})"
                 if worst is not None
                 else "; the gradients are non-finite by now"
             )
             evidence = {"grad_norm": judged, "reference": reference}
             if worst is not None:
-                evidence["layer_grad_norm"] = layer_grads[worst]
+                evidence["layer_grad_norm"] = sizes[worst]
             self._report(
                 trainer,
                 EXPLODING,
