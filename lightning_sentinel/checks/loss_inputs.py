@@ -1,0 +1,755 @@
+"""LossInputCheck: what the loss functions receive (probabilities, logits, shapes, ranges).
+
+On a sampled training step, a :class:`torch.overrides.TorchFunctionMode` is active from
+``on_train_batch_start`` to ``on_train_batch_end``. It intercepts the functional losses that the
+``nn.*Loss`` modules call (``cross_entropy``, ``nll_loss``, ``binary_cross_entropy``,
+``binary_cross_entropy_with_logits``, ``mse_loss``, ``l1_loss``, ``smooth_l1_loss``,
+``huber_loss``), lets the call run unchanged, and reduces its arguments to a few statistics on the
+device. The callback reads them back once, at the end of the step, and judges them with the pure
+rules below.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+from typing_extensions import override
+
+from lightning_sentinel.base import OnDetect, SentinelCallback, validate_positive_float, validate_positive_int
+from lightning_sentinel.catalog import CheckSpec, add_to_presets, register
+from lightning_sentinel.findings import Severity
+
+SOFTMAX_BEFORE_CE = "softmax-before-cross-entropy"
+NLL_ON_LOGITS = "nll-on-logits"
+SIGMOID_BEFORE_BCE = "sigmoid-before-bce-with-logits"
+LOSS_BROADCAST = "loss-broadcast"
+CLIPPED_OUTPUT = "clipped-output"
+
+register(
+    CheckSpec(
+        SOFTMAX_BEFORE_CE,
+        "LossInputCheck",
+        Severity.ERROR,
+        "cross_entropy/CrossEntropyLoss receives probabilities (softmax output) instead of logits",
+        "every input in [0, 1] and every row summing to 1 (within 1e-2), on a sampled step (every 10 batches)",
+    ),
+    CheckSpec(
+        NLL_ON_LOGITS,
+        "LossInputCheck",
+        Severity.ERROR,
+        "nll_loss/NLLLoss receives raw logits instead of log-probabilities",
+        "an input above 0.01 or a row logsumexp above 0.1, on a sampled step",
+    ),
+    CheckSpec(
+        SIGMOID_BEFORE_BCE,
+        "LossInputCheck",
+        Severity.WARNING,
+        "binary_cross_entropy_with_logits/BCEWithLogitsLoss receives probabilities (sigmoid output)",
+        "every input inside [0, 1] on 3 sampled steps in a row",
+    ),
+    CheckSpec(
+        LOSS_BROADCAST,
+        "LossInputCheck",
+        Severity.ERROR,
+        "a regression loss broadcasts input and target of different shapes, e.g. (N, 1) against (N,)",
+        "error when both sides are expanded (every output meets every target); warning when one non-scalar "
+        "side is",
+    ),
+    CheckSpec(
+        CLIPPED_OUTPUT,
+        "LossInputCheck",
+        Severity.WARNING,
+        "a regression output is confined to a bounded activation's range (>= 0, [0, 1], [-1, 1]) and pinned "
+        "at its bound while the targets lie outside it",
+        ">= 5% of targets outside the range and >= 1% of outputs at the bound, 3 sampled steps in a row",
+    ),
+)
+
+_CLASSIFICATION = "classification"  # cross_entropy, nll_loss: stats of the class scores
+_LOGITS = "logits"  # binary_cross_entropy_with_logits
+_PROBABILITIES = "probabilities"  # binary_cross_entropy: shapes only
+_REGRESSION = "regression"  # mse, l1, smooth_l1, huber
+
+_INTERCEPTED: dict[Callable[..., Any], str] = {
+    F.cross_entropy: _CLASSIFICATION,
+    F.nll_loss: _CLASSIFICATION,
+    F.binary_cross_entropy_with_logits: _LOGITS,
+    F.binary_cross_entropy: _PROBABILITIES,
+    F.mse_loss: _REGRESSION,
+    F.l1_loss: _REGRESSION,
+    F.smooth_l1_loss: _REGRESSION,
+    F.huber_loss: _REGRESSION,
+}
+
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
+_THIS_FILE = os.path.abspath(__file__)
+_LOSS_MODULES_FILE = os.path.join(_TORCH_DIR, "nn", "modules", "loss.py")
+
+# the bounded ranges a final activation confines an output to: ReLU (and friends), sigmoid, tanh
+RANGE_NON_NEGATIVE = (0.0, math.inf)
+RANGE_UNIT = (0.0, 1.0)
+RANGE_SYMMETRIC = (-1.0, 1.0)
+_PIN_BAND = 0.05  # an output this close to a finite bound (0, 1, -1) counts as pinned there
+
+
+# ---------------------------------------------------------------------- pure rules
+def looks_like_probabilities(
+    minimum: float, maximum: float, max_row_deviation: float, classes: int, tolerance: float = 1e-2
+) -> bool:
+    """Whether class scores are probabilities: all in [0, 1] and every row summing to 1.
+
+    ``max_row_deviation`` is the largest ``abs(row sum - 1)`` over the rows (class dimension summed).
+
+    Example:
+        >>> looks_like_probabilities(0.01, 0.9, 1e-7, classes=10)
+        True
+        >>> looks_like_probabilities(-2.3, 3.1, 4.2, classes=10)  # logits
+        False
+        >>> looks_like_probabilities(0.0, 0.0, 1.0, classes=10)  # a zero-initialised head
+        False
+    """
+    return (
+        classes >= 2
+        and minimum >= -tolerance
+        and maximum <= 1.0 + tolerance
+        and max_row_deviation <= tolerance
+    )
+
+
+def not_log_probabilities(
+    maximum: float, max_row_logsumexp: float, value_tolerance: float = 1e-2, lse_tolerance: float = 0.1
+) -> bool:
+    """Whether ``nll_loss`` inputs cannot be log-probabilities.
+
+    Log-probabilities are <= 0 and each row's ``logsumexp`` is 0 (probabilities summing to 1), or
+    below 0 for a partial distribution. A positive value, or a row whose probabilities would sum
+    to more than ``exp(lse_tolerance)``, is something else (typically raw logits). NaN is not judged.
+
+    Example:
+        >>> not_log_probabilities(-0.01, 0.0)  # log_softmax output
+        False
+        >>> not_log_probabilities(2.7, 3.4)  # logits
+        True
+        >>> not_log_probabilities(-0.5, -0.7)  # log-probabilities of a subset of the classes
+        False
+    """
+    return maximum > value_tolerance or max_row_logsumexp > lse_tolerance
+
+
+def inside_unit_interval(minimum: float, maximum: float) -> bool:
+    """Whether every value lies in [0, 1] (what a sigmoid returns).
+
+    Example:
+        >>> inside_unit_interval(0.02, 0.97)
+        True
+        >>> inside_unit_interval(-1.3, 2.2)
+        False
+    """
+    return minimum >= 0.0 and maximum <= 1.0
+
+
+def broadcast_verdict(
+    input_shape: tuple[int, ...], target_shape: tuple[int, ...]
+) -> tuple[str, tuple[int, ...]]:
+    """How an elementwise loss pairs ``input`` with ``target`` of these shapes.
+
+    Returns ``(verdict, broadcast_shape)`` with verdict ``"same"`` (shapes equal, or only reshaped
+    with the same pairs), ``"scalar"`` (one side holds a single value: a constant target),
+    ``"both-expanded"`` (each side is repeated along a dimension of the other: every output meets
+    every target, the (N, 1) against (N,) bug), ``"one-expanded"`` (a non-scalar side is repeated
+    along the other's dimensions) or ``"incompatible"`` (the loss itself raises).
+
+    Example:
+        >>> broadcast_verdict((32, 1), (32,))
+        ('both-expanded', (32, 32))
+        >>> broadcast_verdict((32, 4), (4,))
+        ('one-expanded', (32, 4))
+        >>> broadcast_verdict((32, 1), (32, 1))[0], broadcast_verdict((8,), ())[0]
+        ('same', 'scalar')
+    """
+    if tuple(input_shape) == tuple(target_shape):
+        return "same", tuple(input_shape)
+    try:
+        shape = tuple(torch.broadcast_shapes(torch.Size(input_shape), torch.Size(target_shape)))
+    except RuntimeError:
+        return "incompatible", ()
+    n_input, n_target, n_out = math.prod(input_shape), math.prod(target_shape), math.prod(shape)
+    if min(n_input, n_target) <= 1:
+        return "scalar", shape
+    if n_out > n_input and n_out > n_target:
+        return "both-expanded", shape
+    if n_out > min(n_input, n_target):
+        return "one-expanded", shape
+    return "same", shape
+
+
+def bounded_range(minimum: float, maximum: float) -> tuple[float, float] | None:
+    """The tightest bounded-activation range (``[0, 1]``, ``[-1, 1]``, ``[0, inf)``) holding all outputs.
+
+    Example:
+        >>> bounded_range(0.0, 3.5)
+        (0.0, inf)
+        >>> bounded_range(-0.99, 0.98)
+        (-1.0, 1.0)
+        >>> bounded_range(-2.0, 1.5) is None
+        True
+    """
+    if not (math.isfinite(minimum) and math.isfinite(maximum)):
+        return None
+    for low, high in (RANGE_UNIT, RANGE_SYMMETRIC, RANGE_NON_NEGATIVE):
+        if low <= minimum and maximum <= high:
+            return low, high
+    return None
+
+
+@dataclass(frozen=True)
+class RegressionStats:
+    """What the device reduced a regression loss's arguments to (shares are fractions in [0, 1]).
+
+    ``pinned_*``: share of outputs at the bound of each range; ``outside_*``: share of targets outside it.
+    """
+
+    minimum: float
+    maximum: float
+    pinned_non_negative: float
+    pinned_unit: float
+    pinned_symmetric: float
+    outside_non_negative: float
+    outside_unit: float
+    outside_symmetric: float
+
+    def for_range(self, bounds: tuple[float, float]) -> tuple[float, float]:
+        """``(pinned share, outside share)`` for one of the three ranges."""
+        if bounds == RANGE_UNIT:
+            return self.pinned_unit, self.outside_unit
+        if bounds == RANGE_SYMMETRIC:
+            return self.pinned_symmetric, self.outside_symmetric
+        return self.pinned_non_negative, self.outside_non_negative
+
+
+def clipped_verdict(
+    stats: RegressionStats, min_target_share: float = 0.05, min_pinned_share: float = 0.01
+) -> tuple[bool, tuple[float, float] | None, float, float]:
+    """Whether a regression output is clipped by a bounded activation while its targets are not.
+
+    The outputs must lie inside a bounded range, at least ``min_pinned_share`` of them at its bound
+    (exactly 0 for ``[0, inf)``: a ReLU; within 0.05 of a finite bound: a saturated sigmoid/tanh; a
+    linear output that merely happens to be small is not pinned), and at least
+    ``min_target_share`` of the targets outside it. Returns ``(clipped, range, pinned, outside)``.
+
+    Example:
+        >>> relu = RegressionStats(0.0, 2.1, 0.4, 0.0, 0.0, 0.45, 0.5, 0.2)
+        >>> clipped_verdict(relu)[:2]
+        (True, (0.0, inf))
+        >>> linear = RegressionStats(-0.4, 0.6, 0.0, 0.0, 0.0, 0.45, 0.5, 0.2)
+        >>> clipped_verdict(linear)[0]
+        False
+    """
+    bounds = bounded_range(stats.minimum, stats.maximum)
+    if bounds is None:
+        return False, None, 0.0, 0.0
+    pinned, outside = stats.for_range(bounds)
+    return pinned >= min_pinned_share and outside >= min_target_share, bounds, pinned, outside
+
+
+# ---------------------------------------------------------------------- device statistics
+def classification_stats(scores: Tensor) -> Tensor:
+    """``[min, max, max abs(row sum - 1), max row logsumexp]`` of class scores, on their device.
+
+    The class dimension is 1 (``(N, C, ...)``), or 0 for an unbatched ``(C,)`` input.
+
+    Example:
+        >>> classification_stats(torch.tensor([[0.2, 0.8], [0.5, 0.5]])).tolist()[:3]
+        [0.20000000298023224, 0.800000011920929, 0.0]
+    """
+    scores = scores.detach().float()
+    dim = 1 if scores.dim() >= 2 else 0
+    low, high = torch.aminmax(scores)
+    deviation = (scores.sum(dim) - 1.0).abs().amax()
+    lse = torch.logsumexp(scores, dim).amax()
+    return torch.stack([low, high, deviation, lse])
+
+
+def range_stats(values: Tensor) -> Tensor:
+    """``[min, max]`` of a tensor, on its device."""
+    low, high = torch.aminmax(values.detach().float())
+    return torch.stack([low, high])
+
+
+def regression_stats(outputs: Tensor, targets: Tensor) -> Tensor:
+    """The eight numbers of :class:`RegressionStats`, on the outputs' device."""
+    out = outputs.detach().float()
+    tgt = targets.detach().float().to(out.device)
+    low, high = torch.aminmax(out)
+    band = _PIN_BAND
+    pinned_zero = (out == 0).float().mean()
+    pinned_unit = ((out <= band) | (out >= 1.0 - band)).float().mean()
+    pinned_symmetric = (out.abs() >= 1.0 - band).float().mean()
+    margin = 1e-3  # targets this far beyond a bound count as outside
+    outside_non_negative = (tgt < -margin).float().mean()
+    outside_unit = ((tgt < -margin) | (tgt > 1.0 + margin)).float().mean()
+    outside_symmetric = (tgt.abs() > 1.0 + margin).float().mean()
+    return torch.stack(
+        [
+            low,
+            high,
+            pinned_zero,
+            pinned_unit,
+            pinned_symmetric,
+            outside_non_negative,
+            outside_unit,
+            outside_symmetric,
+        ]
+    )
+
+
+# ---------------------------------------------------------------------- the interception
+@dataclass
+class LossCall:
+    """One intercepted loss call: where it came from, its shapes, and its device statistics."""
+
+    function: str
+    kind: str
+    where: str
+    call_site: str
+    input_shape: tuple[int, ...]
+    target_shape: tuple[int, ...] | None
+    stats: Tensor | None
+
+
+def _call_site(function: str, module_names: dict[int, str]) -> tuple[str, str]:
+    """``(where, call_site)`` of the loss call being intercepted, from the Python stack.
+
+    ``where`` is the loss module's name in the LightningModule when an ``nn.*Loss`` made the call,
+    otherwise ``F.<function> in <caller>``; ``call_site`` is the first frame outside torch.
+    """
+    frame = sys._getframe(2)
+    loss_module: nn.Module | None = None
+    while frame is not None:
+        filename = frame.f_code.co_filename
+        if filename == _LOSS_MODULES_FILE and loss_module is None:
+            candidate = frame.f_locals.get("self")
+            if isinstance(candidate, nn.Module):
+                loss_module = candidate
+        elif not filename.startswith(_TORCH_DIR) and os.path.abspath(filename) != _THIS_FILE:
+            break
+        frame = frame.f_back
+    site = "unknown"
+    caller = "unknown"
+    if frame is not None:
+        caller = frame.f_code.co_name
+        site = f"{caller} ({os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno})"
+    if loss_module is not None:
+        name = module_names.get(id(loss_module))
+        if name:
+            return name, site
+        return f"{type(loss_module).__name__} in {caller}", site
+    return f"F.{function} in {caller}", site
+
+
+class _LossInterceptor(TorchFunctionMode):
+    """Records the arguments of the intercepted losses; every other call passes straight through."""
+
+    def __init__(self, module_names: dict[int, str]) -> None:
+        super().__init__()
+        self.module_names = module_names
+        self.calls: list[LossCall] = []
+        self.error: Exception | None = None
+
+    def __torch_function__(
+        self, func: Callable[..., Any], types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        result = func(*args, **kwargs)
+        kind = _INTERCEPTED.get(func)
+        if kind is not None and self.error is None:
+            try:
+                self._record(func.__name__, kind, args, kwargs)
+            except Exception as error:  # the check's failure must never break the user's loss
+                self.error = error
+        return result
+
+    def _record(self, function: str, kind: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        values = args[0] if args else kwargs.get("input")
+        target = args[1] if len(args) > 1 else kwargs.get("target")
+        if not isinstance(values, Tensor) or not values.is_floating_point() or values.numel() == 0:
+            return
+        where, site = _call_site(function, self.module_names)
+        target_shape = tuple(target.shape) if isinstance(target, Tensor) else None
+        stats: Tensor | None = None
+        with torch.no_grad():
+            if kind == _CLASSIFICATION:
+                stats = classification_stats(values)
+            elif kind == _LOGITS:
+                stats = range_stats(values)
+            elif (
+                kind == _REGRESSION
+                and isinstance(target, Tensor)
+                and target.is_floating_point()
+                and target.numel() > 0
+            ):
+                stats = regression_stats(values, target)
+        self.calls.append(LossCall(function, kind, where, site, tuple(values.shape), target_shape, stats))
+
+
+def _remove_mode(mode: TorchFunctionMode) -> None:
+    """Take ``mode`` off the torch-function mode stack, wherever it sits, leaving the others in order."""
+    stack = torch.overrides._get_current_function_mode_stack()
+    if not any(entry is mode for entry in stack):
+        return
+    if stack[-1] is mode:
+        mode.__exit__(None, None, None)
+        return
+    above: list[Any] = []
+    while True:
+        top = torch._C._pop_torch_function_stack()
+        if top is mode:
+            break
+        above.append(top)
+    for entry in reversed(above):
+        torch._C._push_on_torch_function_stack(entry)
+
+
+# ---------------------------------------------------------------------- the callback
+class LossInputCheck(SentinelCallback):
+    """Checks what the loss functions receive: probabilities where logits belong, logits where
+    log-probabilities belong, shapes that broadcast, outputs clipped by a final activation.
+
+    On every ``every_n_steps``-th training batch (micro-batch) a ``TorchFunctionMode`` is entered in
+    ``on_train_batch_start`` and removed in ``on_train_batch_end`` (and on exception, epoch end and
+    teardown: it is never left active). While it is active it intercepts ``cross_entropy``,
+    ``nll_loss``, ``binary_cross_entropy(_with_logits)``, ``mse_loss``, ``l1_loss``,
+    ``smooth_l1_loss`` and ``huber_loss`` (the ``nn.*Loss`` modules call these), lets each call run
+    unchanged, and reduces its arguments on the device; the step's statistics are read back once,
+    at batch end. Other steps cost nothing (a counter).
+
+    Rules (calibrated on the healthy and faulty zoos of ``benchmarks/detection``):
+
+    - ``softmax-before-cross-entropy`` (error): every ``cross_entropy`` input in ``[0, 1]`` and every
+      row summing to 1 within ``tolerance``: the loss applies ``log_softmax`` a second time.
+    - ``nll-on-logits`` (error): an ``nll_loss`` input above ``tolerance`` or a row ``logsumexp``
+      above 0.1: not log-probabilities (a partial distribution, logsumexp < 0, is accepted).
+    - ``sigmoid-before-bce-with-logits`` (warning): every ``binary_cross_entropy_with_logits`` input in
+      ``[0, 1]`` on ``patience`` sampled steps in a row (a zero-initialised head starts at 0).
+    - ``loss-broadcast``: input and target shapes differ and broadcast; error when both sides are
+      expanded (``(N, 1)`` against ``(N,)`` compares every output with every target), warning when
+      one non-scalar side is; a scalar target is accepted.
+    - ``clipped-output`` (warning): a regression output inside ``[0, inf)``, ``[0, 1]`` or ``[-1, 1]``
+      with at least ``min_pinned_share`` of it at the bound (exactly 0, or within 0.05 of 0/1/-1)
+      and at least ``min_target_share`` of the targets outside that range, ``patience`` sampled
+      steps in a row.
+
+    Label smoothing, class weights, ``ignore_index`` and soft (probability) targets of
+    ``cross_entropy`` are legitimate and not judged: only the predicted scores are.
+
+    What it cannot see: a loss written by hand (``-(y * torch.log(p)).sum()``), a loss outside the
+    list above, or a loss computed inside a compiled region (``torch.compile``) that does not call
+    back into Python. When a sampled step makes no intercepted loss call at all, it says so once, as
+    an ``info`` finding under the first of its ids that is enabled (``softmax-before-cross-entropy``
+    by default), with ``where="training_step"``, rather than staying silent. Under ``torch.compile``,
+    entering a mode can also make the compiled code re-check its guards on sampled steps.
+
+    Args:
+        on_detect: ``"warn"``, ``"stop"`` or ``"raise"`` (see :class:`~lightning_sentinel.base.SentinelCallback`).
+        every_n_steps: sample every n-th training batch (micro-batch).
+        warmup_steps: training batches to skip before the first sample.
+        tolerance: slack of the probability and log-probability rules (covers bf16 rounding).
+        patience: consecutive sampled steps the sigmoid and clipped-output conditions must hold.
+        min_target_share: share of targets outside the output's range for ``clipped-output``.
+        min_pinned_share: share of outputs at the range's bound for ``clipped-output``.
+
+    Example:
+        >>> import lightning.pytorch as pl
+        >>> from lightning_sentinel.checks.loss_inputs import LossInputCheck
+        >>> check = LossInputCheck(every_n_steps=20, on_detect="raise")
+        >>> trainer = pl.Trainer(callbacks=[check], logger=False)
+    """
+
+    CHECKS = (SOFTMAX_BEFORE_CE, NLL_ON_LOGITS, SIGMOID_BEFORE_BCE, LOSS_BROADCAST, CLIPPED_OUTPUT)
+
+    def __init__(
+        self,
+        on_detect: OnDetect = "warn",
+        every_n_steps: int = 10,
+        warmup_steps: int = 0,
+        tolerance: float = 1e-2,
+        patience: int = 3,
+        min_target_share: float = 0.05,
+        min_pinned_share: float = 0.01,
+    ) -> None:
+        super().__init__(on_detect=on_detect, every_n_steps=every_n_steps, warmup_steps=warmup_steps)
+        validate_positive_float("tolerance", tolerance)
+        validate_positive_int("patience", patience)
+        for argument, value in (
+            ("min_target_share", min_target_share),
+            ("min_pinned_share", min_pinned_share),
+        ):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+                raise ValueError(f"`{argument}` must be a number in (0, 1], got {value!r}")
+        self.tolerance = tolerance
+        self.patience = patience
+        self.min_target_share = min_target_share
+        self.min_pinned_share = min_pinned_share
+        self._batches_seen = 0
+        self._streaks: dict[str, int] = {}
+        self._unseen_reported = False
+        self._mode: _LossInterceptor | None = None
+        self._module_names: dict[int, str] | None = None
+
+    @override
+    def _state_key_settings(self) -> dict[str, Any]:
+        return {**super()._state_key_settings(), "tolerance": self.tolerance, "patience": self.patience}
+
+    @override
+    def _extra_state(self) -> dict[str, Any]:
+        return {
+            "batches_seen": self._batches_seen,
+            "streaks": dict(self._streaks),
+            "unseen_reported": self._unseen_reported,
+        }
+
+    @override
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        self._batches_seen = int(state.get("batches_seen", 0))
+        self._streaks = {str(key): int(value) for key, value in state.get("streaks", {}).items()}
+        self._unseen_reported = bool(state.get("unseen_reported", False))
+
+    # ------------------------------------------------------------------ hooks
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._module_names = None
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._release(trainer)  # a batch whose end hook never ran (an epoch cut short) leaves nothing behind
+        index = self._batches_seen
+        self._batches_seen += 1
+        if not self.active_checks or not self._is_due(index):
+            return
+        if self._module_names is None:
+            self._module_names = {id(module): name for name, module in pl_module.named_modules() if name}
+        self._mode = _LossInterceptor(self._module_names)
+        self._mode.__enter__()
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        mode = self._mode
+        if mode is None:
+            return
+        self._release(trainer)
+        if mode.error is not None:
+            raise mode.error  # the base class turns this into "disabled itself", once
+        self._run_loss_input_check(trainer, mode.calls, batch_idx)
+        self._settle(trainer)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._release(trainer)
+
+    @override
+    def _release(self, trainer: pl.Trainer) -> None:
+        if self._mode is not None:
+            mode, self._mode = self._mode, None
+            _remove_mode(mode)
+
+    # ------------------------------------------------------------------ the check
+    def _run_loss_input_check(self, trainer: pl.Trainer, calls: list[LossCall], batch_idx: int) -> None:
+        if not calls:
+            self._report_unseen(trainer, batch_idx)
+            return
+        with_stats = [call for call in calls if call.stats is not None]
+        values: list[float] = []
+        if with_stats:
+            device = with_stats[0].stats.device  # type: ignore[union-attr]
+            # the one host read of this check
+            values = torch.cat([call.stats.to(device) for call in with_stats]).tolist()  # type: ignore[union-attr]
+        offset = 0
+        # (check, where) -> (condition held on every call of this step, the call, what to report)
+        held: dict[tuple[str, str], tuple[bool, LossCall, Any]] = {}
+        for call in calls:
+            stats: list[float] = []
+            if call.stats is not None:
+                stats = values[offset : offset + call.stats.numel()]
+                offset += call.stats.numel()
+            self._judge_broadcast(trainer, call)
+            if call.kind == _CLASSIFICATION and stats:
+                self._judge_classification(trainer, call, stats, batch_idx)
+            elif call.kind == _LOGITS and stats:
+                key = (SIGMOID_BEFORE_BCE, call.where)
+                before = held.get(key, (True, call, None))[0]
+                held[key] = (before and inside_unit_interval(stats[0], stats[1]), call, (stats[0], stats[1]))
+            elif call.kind == _REGRESSION and stats:
+                key = (CLIPPED_OUTPUT, call.where)
+                verdict = clipped_verdict(
+                    RegressionStats(*stats), self.min_target_share, self.min_pinned_share
+                )
+                before = held.get(key, (True, call, None))[0]
+                held[key] = (before and verdict[0], call, verdict)
+        for (check, where), (condition, call, payload) in held.items():
+            streak_key = f"{check}|{where}"
+            streak = self._streaks.get(streak_key, 0) + 1 if condition else 0
+            self._streaks[streak_key] = streak
+            if streak < self.patience:
+                continue
+            if check == SIGMOID_BEFORE_BCE:
+                self._report_sigmoid(trainer, call, payload, streak)
+            else:
+                self._report_clipped(trainer, call, payload, streak)
+
+    def _report_unseen(self, trainer: pl.Trainer, batch_idx: int) -> None:
+        if self._unseen_reported or not self.active_checks:
+            return
+        self._unseen_reported = True
+        self._report(
+            trainer,
+            self.active_checks[0],
+            Severity.INFO,
+            f"sampled training batch {batch_idx} made no intercepted loss call (cross_entropy, nll_loss, "
+            "binary_cross_entropy(_with_logits), mse/l1/smooth_l1/huber_loss): the loss-input checks could not run",
+            where="training_step",
+            evidence={"batch_idx": float(batch_idx)},
+            hint="a hand-written loss or one computed in a compiled region is not seen; use the torch.nn.functional "
+            "losses (or nn.*Loss modules) in eager mode to have their inputs checked",
+        )
+
+    def _judge_broadcast(self, trainer: pl.Trainer, call: LossCall) -> None:
+        if call.target_shape is None or call.kind == _CLASSIFICATION:
+            return
+        verdict, shape = broadcast_verdict(call.input_shape, call.target_shape)
+        if verdict not in ("both-expanded", "one-expanded"):
+            return
+        both = verdict == "both-expanded"
+        severity = Severity.ERROR if both else Severity.WARNING
+        what = (
+            "every output is compared with every target"
+            if both
+            else "one side is repeated along the other's dimensions"
+        )
+        self._report(
+            trainer,
+            LOSS_BROADCAST,
+            severity,
+            f"{call.function} broadcasts input {list(call.input_shape)} against target {list(call.target_shape)} "
+            f"to {list(shape)}: {what} ({math.prod(shape)} terms instead of "
+            f"{max(math.prod(call.input_shape), math.prod(call.target_shape))}), at {call.call_site}",
+            where=call.where,
+            evidence={
+                "input_numel": float(math.prod(call.input_shape)),
+                "target_numel": float(math.prod(call.target_shape)),
+                "broadcast_numel": float(math.prod(shape)),
+            },
+            hint="make the shapes equal before the loss, e.g. output.squeeze(-1) for a (N, 1) output against (N,) "
+            "targets, or targets.unsqueeze(-1); if the repetition is intended, expand explicitly (target.expand_as)",
+        )
+
+    def _judge_classification(
+        self, trainer: pl.Trainer, call: LossCall, stats: list[float], batch_idx: int
+    ) -> None:
+        minimum, maximum, deviation, lse = stats
+        classes = call.input_shape[1] if len(call.input_shape) >= 2 else call.input_shape[0]
+        evidence = {
+            "min": minimum,
+            "max": maximum,
+            "max_row_sum_deviation": deviation,
+            "max_row_logsumexp": lse,
+            "classes": float(classes),
+        }
+        if call.function == "cross_entropy":
+            if looks_like_probabilities(minimum, maximum, deviation, classes, self.tolerance):
+                self._report(
+                    trainer,
+                    SOFTMAX_BEFORE_CE,
+                    Severity.ERROR,
+                    f"cross_entropy receives probabilities: inputs in [{minimum:.3g}, {maximum:.3g}] with every row "
+                    f"summing to 1 (max deviation {deviation:.2g}) over {classes} classes, batch {batch_idx}, at "
+                    f"{call.call_site}; the loss applies log_softmax again, so gradients shrink ~{classes}x and the "
+                    "loss cannot fall below ~log(C) - 1",
+                    where=call.where,
+                    evidence=evidence,
+                    hint="pass the raw logits to cross_entropy/CrossEntropyLoss: remove the softmax (nn.Softmax) at "
+                    "the end of the model, and apply softmax only where probabilities are wanted (metrics, inference)",
+                )
+        elif call.function == "nll_loss" and not_log_probabilities(maximum, lse, self.tolerance):
+            self._report(
+                trainer,
+                NLL_ON_LOGITS,
+                Severity.ERROR,
+                f"nll_loss receives values that are not log-probabilities: max {maximum:.3g} (must be <= 0), "
+                f"max row logsumexp {lse:.3g} (must be ~0), batch {batch_idx}, at {call.call_site}; nll_loss only "
+                "negates the target's entry, so the loss is unbounded below on raw logits",
+                where=call.where,
+                evidence=evidence,
+                hint="apply log_softmax(dim=1) (nn.LogSoftmax) before nll_loss/NLLLoss, or use cross_entropy on the "
+                "raw logits",
+            )
+
+    def _report_sigmoid(
+        self, trainer: pl.Trainer, call: LossCall, extremes: tuple[float, float], streak: int
+    ) -> None:
+        minimum, maximum = extremes
+        self._report(
+            trainer,
+            SIGMOID_BEFORE_BCE,
+            Severity.WARNING,
+            f"binary_cross_entropy_with_logits receives values inside [0, 1] ([{minimum:.3g}, {maximum:.3g}]) on "
+            f"{streak} sampled steps in a row, at {call.call_site}: it applies a sigmoid itself, so a probability "
+            "passed in is squashed again into [0.5, 0.73]",
+            where=call.where,
+            evidence={"min": minimum, "max": maximum, "sampled_steps": float(streak)},
+            hint="pass raw logits to binary_cross_entropy_with_logits/BCEWithLogitsLoss (remove the final sigmoid), "
+            "or keep the sigmoid and use binary_cross_entropy/BCELoss",
+        )
+
+    def _report_clipped(
+        self,
+        trainer: pl.Trainer,
+        call: LossCall,
+        verdict: tuple[bool, tuple[float, float] | None, float, float],
+        streak: int,
+    ) -> None:
+        _, bounds, pinned, outside = verdict
+        assert bounds is not None
+        low, high = bounds
+        shown = f"[{low:g}, {high:g}]" if math.isfinite(high) else f"[{low:g}, inf)"
+        activation = {RANGE_UNIT: "a sigmoid", RANGE_SYMMETRIC: "a tanh"}.get(bounds, "a ReLU (or clamp)")
+        self._report(
+            trainer,
+            CLIPPED_OUTPUT,
+            Severity.WARNING,
+            f"{call.function} output stays inside {shown} with {pinned:.0%} pinned at the bound, while "
+            f"{outside:.0%} of the targets lie outside it, on {streak} sampled steps in a row, at {call.call_site}: "
+            f"the output seems to pass through {activation} and cannot reach those targets",
+            where=call.where,
+            evidence={
+                "range_low": low,
+                "range_high": high,
+                "pinned_share": pinned,
+                "targets_outside_share": outside,
+                "sampled_steps": float(streak),
+            },
+            hint="remove the final activation of a regression head (use a linear output), or rescale the targets into "
+            "the activation's range",
+        )
+
+
+add_to_presets(LossInputCheck, ("fast", "full"), order=40)
+
+# ``catalog.default_action`` looks the owning callback up as an attribute of the checks package;
+# auto-imported modules are not re-exported there, so expose this one (see the report to the lead).
+_package = sys.modules.get(__name__.rpartition(".")[0])
+if _package is not None and not hasattr(_package, "LossInputCheck"):
+    _package.LossInputCheck = LossInputCheck  # type: ignore[attr-defined]

@@ -1,0 +1,231 @@
+"""LossInputCheck: pure rules, each id on a real Trainer, the mode's lifetime, loop variants, the harness cases."""
+
+import math
+
+import pytest
+import torch
+from _models import Classifier, fit
+from torch import nn
+
+from benchmarks.detection.cases import get_case
+from benchmarks.detection.runner import run_case
+from lightning_sentinel import findings
+from lightning_sentinel.checks.loss_inputs import (
+    LossInputCheck,
+    RegressionStats,
+    bounded_range,
+    broadcast_verdict,
+    clipped_verdict,
+    looks_like_probabilities,
+    not_log_probabilities,
+)
+
+OWN = set(LossInputCheck.CHECKS)
+
+
+def _mode_depth() -> int:
+    return len(torch.overrides._get_current_function_mode_stack())
+
+
+# ---------------------------------------------------------------------- pure rules
+def test_rules():
+    probabilities = torch.softmax(torch.randn(16, 5), dim=1)
+    assert looks_like_probabilities(0.0, 1.0, float((probabilities.sum(1) - 1).abs().max()), 5)
+    assert not looks_like_probabilities(0.0, 0.0, 1.0, 5)
+    assert not looks_like_probabilities(0.1, 0.9, 0.0, 1)  # one class: nothing to say
+    assert not looks_like_probabilities(float("nan"), float("nan"), float("nan"), 5)
+    log_probabilities = torch.log_softmax(torch.randn(16, 5), dim=1)
+    assert not not_log_probabilities(
+        float(log_probabilities.max()), float(log_probabilities.logsumexp(1).max())
+    )
+    assert not_log_probabilities(1.5, 2.0) and not_log_probabilities(-0.5, 0.5)
+    assert broadcast_verdict((8, 1), (8,)) == ("both-expanded", (8, 8))
+    assert broadcast_verdict((8,), (1, 8))[0] == "same"
+    assert broadcast_verdict((8, 3), ())[0] == "scalar"
+    assert broadcast_verdict((8, 3), (4,))[0] == "incompatible"
+    assert bounded_range(-0.5, 0.5) == (-1.0, 1.0) and bounded_range(float("nan"), 1.0) is None
+    relu = RegressionStats(0.0, 3.0, 0.3, 0.0, 0.0, 0.4, 0.6, 0.3)
+    assert clipped_verdict(relu)[:2] == (True, (0.0, math.inf))
+    unpinned = RegressionStats(0.01, 3.0, 0.0, 0.0, 0.0, 0.4, 0.6, 0.3)
+    assert not clipped_verdict(unpinned)[0]
+    non_negative_targets = RegressionStats(0.0, 3.0, 0.3, 0.0, 0.0, 0.0, 0.6, 0.3)
+    assert not clipped_verdict(non_negative_targets)[0]
+
+
+@pytest.mark.parametrize(
+    ("argument", "value"),
+    [
+        ("tolerance", 0.0),
+        ("patience", 0),
+        ("min_target_share", 1.5),
+        ("min_pinned_share", 0),
+        ("every_n_steps", 0),
+    ],
+)
+def test_bad_settings_name_the_argument(argument, value):
+    with pytest.raises(ValueError, match=argument):
+        LossInputCheck(**{argument: value})
+
+
+# ---------------------------------------------------------------------- on a Trainer
+def _own(trainer):
+    return [finding for finding in findings(trainer) if finding.check in OWN]
+
+
+def test_healthy_classifier_is_silent_and_the_mode_lives_only_on_sampled_batches(tmp_path):
+    depths = []
+
+    class Recording(Classifier):
+        def training_step(self, batch, batch_idx):
+            depths.append(_mode_depth())
+            return super().training_step(batch, batch_idx)
+
+    trainer = fit(Recording(), [LossInputCheck(every_n_steps=4)], root=tmp_path, max_steps=12)
+    assert _own(trainer) == []
+    assert depths == [1 if index % 4 == 0 else 0 for index in range(12)]
+    assert _mode_depth() == 0
+
+
+def test_softmax_before_cross_entropy_names_the_call(tmp_path):
+    softmax = lambda logits, step: torch.softmax(logits, dim=1)  # noqa: E731
+    trainer = fit(Classifier(transform=softmax), [LossInputCheck()], root=tmp_path, max_steps=3)
+    found = _own(trainer)
+    assert [f.check for f in found] == ["softmax-before-cross-entropy"]
+    assert found[0].where == "F.cross_entropy in training_step"
+    assert found[0].severity.value == "error"
+    assert found[0].evidence["max_row_sum_deviation"] < 1e-5 and found[0].evidence["classes"] == 3
+    assert "log_softmax" in found[0].message and "softmax" in found[0].hint
+
+
+def test_nll_on_logits_under_manual_optimization(tmp_path):
+    class Manual(Classifier):
+        def __init__(self):
+            super().__init__()
+            self.automatic_optimization = False
+            self.loss = nn.NLLLoss()
+
+        def training_step(self, batch, batch_idx):
+            optimizer = self.optimizers()
+            x, y = batch
+            loss = self.loss(self(x), y)  # raw logits: the bug
+            optimizer.zero_grad()
+            self.manual_backward(loss)
+            optimizer.step()
+
+    trainer = fit(Manual(), [LossInputCheck(every_n_steps=5)], root=tmp_path, max_steps=6)
+    found = _own(trainer)
+    assert [f.check for f in found] == ["nll-on-logits"]
+    assert found[0].where == "loss"
+    assert found[0].evidence["max"] > 0
+
+
+class _Regressor(Classifier):
+    """A regression on 8 standardised features; ``head`` ends the network, ``squeeze_target`` makes targets (N,)."""
+
+    def __init__(self, head=None, squeeze_target=False, loss=None):
+        layers = [nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 1)]
+        super().__init__(net=nn.Sequential(*layers, *([head] if head is not None else [])), lr=0.01)
+        self.squeeze_target = squeeze_target
+        self.loss = loss if loss is not None else nn.MSELoss()
+
+    def training_step(self, batch, batch_idx):
+        x, _ = batch
+        target = (x[:, :1] * 1.5 + x[:, 1:2]).detach()
+        if self.squeeze_target:
+            target = target.squeeze(1)
+        return self.loss(self(x), target)
+
+
+def test_broadcast_of_n1_against_n_is_an_error(tmp_path):
+    trainer = fit(_Regressor(squeeze_target=True), [LossInputCheck()], root=tmp_path, max_steps=2)
+    found = _own(trainer)
+    assert [(f.check, f.where, f.severity.value) for f in found] == [("loss-broadcast", "loss", "error")]
+    assert found[0].evidence["broadcast_numel"] == 32 * 32
+
+
+def test_relu_on_a_standardized_regression_output_is_clipped(tmp_path):
+    check = LossInputCheck(every_n_steps=2)
+    trainer = fit(_Regressor(head=nn.ReLU()), [check], root=tmp_path, max_steps=12)
+    found = _own(trainer)
+    assert [(f.check, f.where) for f in found] == [("clipped-output", "loss")]
+    assert found[0].evidence["range_low"] == 0.0 and found[0].evidence["targets_outside_share"] > 0.2
+    assert found[0].step == 5  # sampled batches 0, 2, 4: three in a row
+
+
+def test_healthy_regressions_are_silent(tmp_path):
+    trainer = fit(
+        _Regressor(loss=nn.HuberLoss()), [LossInputCheck(every_n_steps=2)], root=tmp_path, max_steps=30
+    )
+    assert _own(trainer) == []
+
+
+class _Binary(Classifier):
+    def __init__(self, sigmoid):
+        head = [nn.Sigmoid()] if sigmoid else []
+        super().__init__(net=nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1), *head), lr=0.01)
+        self.loss = nn.BCEWithLogitsLoss()
+
+    def training_step(self, batch, batch_idx):
+        x, _ = batch
+        return self.loss(self(x), (x[:, :1] > 0).float())
+
+
+def test_sigmoid_before_bce_with_logits_survives_resume_and_bf16_accumulation(tmp_path):
+    check = LossInputCheck(every_n_steps=5)
+    first = fit(_Binary(sigmoid=True), [check], root=tmp_path, max_steps=8)
+    assert _own(first) == []  # sampled batches 0 and 5: two in a row, patience is 3
+    path = tmp_path / "half.ckpt"
+    first.save_checkpoint(path)
+    resumed = LossInputCheck(every_n_steps=5)
+    second = fit(_Binary(sigmoid=True), [resumed], root=tmp_path, max_steps=12, ckpt_path=str(path))
+    found = [f for f in _own(second) if f.check == "sigmoid-before-bce-with-logits"]
+    assert found and found[0].where == "loss" and found[0].step == 11  # batch 10 completes the streak
+
+    accumulated = fit(
+        _Binary(sigmoid=True),
+        [LossInputCheck(every_n_steps=3)],
+        root=tmp_path,
+        max_steps=5,
+        accumulate_grad_batches=2,
+        precision="bf16-mixed",
+    )
+    assert [f.check for f in _own(accumulated)] == ["sigmoid-before-bce-with-logits"]
+    healthy = fit(_Binary(sigmoid=False), [LossInputCheck(every_n_steps=3)], root=tmp_path, max_steps=30)
+    assert _own(healthy) == []
+
+
+def test_a_hand_written_loss_is_reported_once_as_not_seen(tmp_path):
+    class HandWritten(Classifier):
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            log_p = torch.log_softmax(self(x), dim=1)
+            return -log_p.gather(1, y[:, None]).mean()
+
+    trainer = fit(HandWritten(), [LossInputCheck(every_n_steps=2)], root=tmp_path, max_steps=8)
+    found = _own(trainer)
+    assert [(f.check, f.severity.value, f.where) for f in found] == [
+        ("softmax-before-cross-entropy", "info", "training_step")
+    ]
+
+
+def test_the_mode_is_removed_when_training_step_raises(tmp_path):
+    class Crashing(Classifier):
+        def training_step(self, batch, batch_idx):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        fit(Crashing(), [LossInputCheck()], root=tmp_path, max_steps=2)
+    assert _mode_depth() == 0
+
+
+# ---------------------------------------------------------------------- harness cases
+@pytest.mark.parametrize(
+    "name",
+    ["softmax-before-ce-mlp", "nll-on-logits-mlp", "broadcast-mse-mlp", "clipped-relu-regression"],
+)
+def test_fast_fault_cases_are_caught(name):
+    case = get_case(name)
+    result = run_case(case)
+    own = [f for f in result.findings if f.check in OWN and f.severity.value != "info"]
+    assert own and own[0].check in case.expected and own[0].where == "loss"
+    assert result.verdict == "ok"
