@@ -2,6 +2,7 @@
 
 import math
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from _models import Classifier, fit
@@ -80,9 +81,16 @@ def test_healthy_classifier_is_silent_and_the_mode_lives_only_on_sampled_batches
             depths.append(_mode_depth())
             return super().training_step(batch, batch_idx)
 
-    trainer = fit(Recording(), [LossInputCheck(every_n_steps=4)], root=tmp_path, max_steps=12)
+    class AtOptimizerStep(pl.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            depths.append(_mode_depth())
+
+    trainer = fit(
+        Recording(), [LossInputCheck(every_n_steps=4), AtOptimizerStep()], root=tmp_path, max_steps=12
+    )
     assert _own(trainer) == []
-    assert depths == [1 if index % 4 == 0 else 0 for index in range(12)]
+    # in training_step on sampled batches only; never during backward and the optimizer step
+    assert depths == [depth for index in range(12) for depth in ((1 if index % 4 == 0 else 0), 0)]
     assert _mode_depth() == 0
 
 
@@ -229,3 +237,22 @@ def test_fast_fault_cases_are_caught(name):
     own = [f for f in result.findings if f.check in OWN and f.severity.value != "info"]
     assert own and own[0].check in case.expected and own[0].where == "loss"
     assert result.verdict == "ok"
+
+
+def test_a_loss_inside_a_compiled_function_is_still_seen(tmp_path):
+    class Compiled(Classifier):
+        def __init__(self):
+            super().__init__()
+            self.compute_loss = torch.compile(self._loss, backend="eager")
+
+        def _loss(self, x, y):
+            return nn.functional.cross_entropy(torch.softmax(self.net(x), dim=1), y)
+
+        def training_step(self, batch, batch_idx):
+            return self.compute_loss(*batch)
+
+    trainer = fit(Compiled(), [LossInputCheck(every_n_steps=3)], root=tmp_path, max_steps=7)
+    assert [(f.check, f.where) for f in _own(trainer)] == [
+        ("softmax-before-cross-entropy", "F.cross_entropy in _loss")
+    ]
+    assert _mode_depth() == 0

@@ -147,15 +147,17 @@ def not_log_probabilities(
 
 
 def inside_unit_interval(minimum: float, maximum: float) -> bool:
-    """Whether every value lies in [0, 1] (what a sigmoid returns).
+    """Whether the values lie in [0, 1] (what a sigmoid returns) and are not all equal.
+
+    A constant output (a zero-initialised head at step 0, a dead layer) is no sigmoid's signature.
 
     Example:
         >>> inside_unit_interval(0.02, 0.97)
         True
-        >>> inside_unit_interval(-1.3, 2.2)
-        False
+        >>> inside_unit_interval(-1.3, 2.2), inside_unit_interval(0.0, 0.0)
+        (False, False)
     """
-    return minimum >= 0.0 and maximum <= 1.0
+    return minimum >= 0.0 and maximum <= 1.0 and maximum > minimum
 
 
 def broadcast_verdict(
@@ -426,8 +428,9 @@ class LossInputCheck(SentinelCallback):
     log-probabilities belong, shapes that broadcast, outputs clipped by a final activation.
 
     On every ``every_n_steps``-th training batch (micro-batch) a ``TorchFunctionMode`` is entered in
-    ``on_train_batch_start`` and removed in ``on_train_batch_end`` (and on exception, epoch end and
-    teardown: it is never left active). While it is active it intercepts ``cross_entropy``,
+    ``on_train_batch_start`` and removed in ``on_before_backward`` under automatic optimization (the
+    backward pass and the optimizer step are not intercepted), otherwise in ``on_train_batch_end``
+    (and always on exception, epoch end and teardown: it is never left active). While it is active it intercepts ``cross_entropy``,
     ``nll_loss``, ``binary_cross_entropy(_with_logits)``, ``mse_loss``, ``l1_loss``,
     ``smooth_l1_loss`` and ``huber_loss`` (the ``nn.*Loss`` modules call these), lets each call run
     unchanged, and reduces its arguments on the device; the step's statistics are read back once,
@@ -453,11 +456,18 @@ class LossInputCheck(SentinelCallback):
     ``cross_entropy`` are legitimate and not judged: only the predicted scores are.
 
     What it cannot see: a loss written by hand (``-(y * torch.log(p)).sum()``), a loss outside the
-    list above, or a loss computed inside a compiled region (``torch.compile``) that does not call
-    back into Python. When a sampled step makes no intercepted loss call at all, it says so once, as
-    an ``info`` finding under the first of its ids that is enabled (``softmax-before-cross-entropy``
-    by default), with ``where="training_step"``, rather than staying silent. Under ``torch.compile``,
-    entering a mode can also make the compiled code re-check its guards on sampled steps.
+    list above (``PoissonNLLLoss``, ``KLDivLoss``, ...), or a loss inside a compiled region whose
+    code never returns to Python (a fully captured graph, an exported or scripted model). When a
+    sampled step makes no intercepted loss call at all, it says so once per run, as an ``info``
+    finding under the first of its ids that is enabled (``softmax-before-cross-entropy`` by
+    default: that id names the family, the info says that none of the five rules could run), with
+    ``where="training_step"``, rather than staying silent. Under ``torch.compile`` (Dynamo) the
+    loss calls are still seen: Dynamo breaks the graph at the mode on sampled steps and keeps that
+    variant cached (measured: 3 graphs instead of 1, not growing with the number of steps).
+
+    ``where`` is the loss module's name in the LightningModule (e.g. ``"loss"`` for
+    ``self.loss = nn.CrossEntropyLoss()``), or ``"F.<loss> in <function>"`` for a functional call;
+    the message adds the call site (function, file and line).
 
     Args:
         on_detect: ``"warn"``, ``"stop"`` or ``"raise"`` (see :class:`~lightning_sentinel.base.SentinelCallback`).
@@ -555,6 +565,13 @@ class LossInputCheck(SentinelCallback):
             raise mode.error  # the base class turns this into "disabled itself", once
         self._run_loss_input_check(trainer, mode.calls, batch_idx)
         self._settle(trainer)
+
+    @override
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
+        # automatic optimization: the loss of this batch is computed; backward and the optimizer step
+        # need not pay for the interception (the calls recorded so far are judged at batch end)
+        if self._mode is not None and pl_module.automatic_optimization:
+            _remove_mode(self._mode)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
