@@ -1,0 +1,648 @@
+"""ParameterUpdateMonitor: parameters that are not trained, or trained at the wrong speed.
+
+- ``parameters-not-in-optimizer``: trainable parameters that no optimizer param group holds.
+- ``unused-parameters``: trainable parameters in an optimizer that never get a gradient (not in the graph).
+- ``frozen-parameters``: parameters that get gradients but do not change when their optimizer steps.
+- ``update-ratio-too-high`` / ``update-ratio-too-low``: a layer's ``||delta W|| / ||W||`` per optimizer
+  step far from the ~1e-3 rule of thumb.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+from torch.utils.hooks import RemovableHandle
+from typing_extensions import override
+
+from lightning_sentinel._stats import LayerGrouping, tensor_norms
+from lightning_sentinel.base import OnDetect, SentinelCallback, validate_positive_float, validate_positive_int
+from lightning_sentinel.catalog import CheckSpec, add_to_presets, register
+from lightning_sentinel.checks._optimizers import OptimizerView, optimizer_view, scaler_of
+from lightning_sentinel.findings import Severity
+
+UNUSED = "unused-parameters"
+NOT_IN_OPTIMIZER = "parameters-not-in-optimizer"
+FROZEN = "frozen-parameters"
+RATIO_HIGH = "update-ratio-too-high"
+RATIO_LOW = "update-ratio-too-low"
+
+register(
+    CheckSpec(
+        NOT_IN_OPTIMIZER,
+        "ParameterUpdateMonitor",
+        Severity.WARNING,
+        "a parameter with requires_grad=True is in no optimizer param group (it never trains)",
+        "at train start",
+    ),
+    CheckSpec(
+        UNUSED,
+        "ParameterUpdateMonitor",
+        Severity.WARNING,
+        "a trainable parameter in an optimizer gets no gradient (not in the graph, e.g. a .detach() in forward)",
+        "no gradient in any backward over 50 optimizer steps (conditional branches get their chance)",
+    ),
+    CheckSpec(
+        FROZEN,
+        "ParameterUpdateMonitor",
+        Severity.WARNING,
+        "a parameter gets gradients but does not change when its optimizer steps (lr 0, gradients always zero)",
+        "update exactly 0 on 3 checked steps in a row (checked every 10 steps)",
+    ),
+    CheckSpec(
+        RATIO_HIGH,
+        "ParameterUpdateMonitor",
+        Severity.WARNING,
+        "a layer's update/weight norm ratio per step is far above ~1e-3 (learning rate too high)",
+        "||dW||/||W|| > 0.5 on 3 checked steps in a row (checked every 10 steps)",
+    ),
+    CheckSpec(
+        RATIO_LOW,
+        "ParameterUpdateMonitor",
+        Severity.WARNING,
+        "a layer's update/weight norm ratio per step is far below ~1e-3 (learning rate too low)",
+        "||dW||/||W|| < 1e-6 on 3 checked steps in a row, not while the lr warms up or has decayed below half its peak",
+    ),
+)
+
+
+# ---------------------------------------------------------------------- pure rules
+def module_groups(names: Iterable[str], universe: Iterable[str]) -> list[str]:
+    """Collapse parameter ``names`` into the largest modules all of whose ``universe`` parameters are in ``names``.
+
+    ``universe`` holds every parameter name considered (e.g. all trainable ones). A name that no
+    module covers on its own stays as it is. The order follows ``names``.
+
+    Example:
+        >>> universe = ["enc.0.weight", "enc.0.bias", "enc.2.weight", "head.weight", "head.bias", "scale"]
+        >>> module_groups(["enc.0.weight", "enc.0.bias", "enc.2.weight"], universe)
+        ['enc']
+        >>> module_groups(["enc.0.bias", "scale"], universe)
+        ['enc.0.bias', 'scale']
+    """
+    chosen = list(dict.fromkeys(names))
+    members = set(chosen)
+    everything = list(universe)
+    groups: list[str] = []
+    for name in chosen:
+        parts = name.split(".")
+        group = name
+        for depth in range(1, len(parts)):
+            prefix = ".".join(parts[:depth])
+            if all(other in members for other in everything if other.startswith(prefix + ".")):
+                group = prefix
+                break
+        if group not in groups:
+            groups.append(group)
+    return groups
+
+
+def ratio_streak(ratio: float, streak: int, high: float, low: float) -> tuple[int, int]:
+    """Update the (high, low) streaks of one layer from its update/weight ratio.
+
+    ``streak`` is positive while the ratio stays above ``high``, negative while below ``low``
+    (exactly-zero and non-finite ratios reset it: those belong to other checks).
+
+    Example:
+        >>> ratio_streak(2.0, 1, 0.5, 1e-6), ratio_streak(1e-8, 1, 0.5, 1e-6), ratio_streak(1e-3, -2, 0.5, 1e-6)
+        ((2, 0), (0, 1), (0, 0))
+        >>> ratio_streak(1e-8, -2, 0.5, 1e-6)
+        (0, 3)
+    """
+    if not math.isfinite(ratio) or ratio <= 0:
+        return 0, 0
+    if ratio > high:
+        return max(streak, 0) + 1, 0
+    if ratio < low:
+        return 0, max(-streak, 0) + 1
+    return 0, 0
+
+
+def lr_excuses_low_ratio(
+    lr: float, previous_lr: float | None, peak_lr: float, decayed_fraction: float
+) -> bool:
+    """Whether the learning-rate schedule explains a low update ratio: it is warming up (rising since
+    the last check) or has decayed below ``decayed_fraction`` of its peak.
+
+    Example:
+        >>> lr_excuses_low_ratio(1e-4, 5e-5, 1e-4, 0.5), lr_excuses_low_ratio(1e-8, 1e-8, 1e-8, 0.5)
+        (True, False)
+        >>> lr_excuses_low_ratio(1e-5, 1e-4, 1e-3, 0.5)
+        True
+    """
+    rising = previous_lr is not None and lr > previous_lr * (1 + 1e-6)
+    return rising or lr < decayed_fraction * peak_lr
+
+
+def _listing(names: Sequence[str], limit: int = 6) -> str:
+    shown = ", ".join(f"'{name}'" for name in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+# ---------------------------------------------------------------------- state
+@dataclass
+class _Snapshot:
+    indices: list[int]  # positions in the view's parameters
+    before: list[Tensor]  # copies of those parameters before the step (become -delta in place)
+    weight_norms: Tensor  # norms before the step
+    grouping: LayerGrouping
+    lr: float
+    scale: Tensor | None
+
+
+@dataclass
+class _Candidate:
+    """A parameter that had no gradient at a check: watched by a gradient hook until it gets one."""
+
+    name: str
+    since: int  # optimizer step index (of its optimizer) at which it was first seen without a gradient
+    handle: RemovableHandle | None = None
+    got_gradient: bool = False
+
+
+@dataclass
+class _OptimizerState:
+    view: OptimizerView
+    steps_seen: int = 0
+    snapshot: _Snapshot | None = None
+    previous_lr: float | None = None
+    peak_lr: float = 0.0
+    frozen_streak: dict[str, int] = field(default_factory=dict)
+    ratio_streak: dict[str, int] = field(default_factory=dict)
+
+
+def _max_lr(optimizer: torch.optim.Optimizer) -> float:
+    values = [group.get("lr", 0.0) for group in optimizer.param_groups]
+    return max((float(v) for v in values), default=0.0)
+
+
+class ParameterUpdateMonitor(SentinelCallback):
+    """Checks that every trainable parameter is optimized, gets gradients, and moves at a sane speed.
+
+    - ``parameters-not-in-optimizer`` (at train start): parameters with ``requires_grad=True`` in no
+      optimizer param group, named by module (e.g. only the head was passed to the optimizer).
+    - ``unused-parameters``: on a check step, parameters of an optimizer with ``requires_grad=True``
+      and no gradient become candidates; a gradient hook is attached to those only (no cost for the
+      others) and a candidate that gets no gradient in any backward for ``unused_patience`` optimizer
+      steps is reported, grouped by module. Conditional branches (mixture-of-experts, auxiliary
+      heads used on some steps) get a gradient within that window and are dropped.
+    - ``frozen-parameters``, ``update-ratio-too-high`` / ``-too-low``: on every ``every_n_steps``-th
+      optimizer step the parameters that have a gradient are copied on the device (one fused op) in
+      ``on_before_optimizer_step`` and compared after the step (``on_train_batch_end``, or the next
+      step of the same optimizer under manual optimization): per layer (module owning the parameters)
+      ``||delta W|| / ||W||`` with fused norms, one host read per check, the copies freed at once.
+      A parameter whose update is exactly zero on ``patience`` checks in a row is frozen; a layer
+      whose ratio stays above ``high_ratio`` (below ``low_ratio``) on ``patience`` checks in a row
+      moves too fast (too slow). A low ratio is excused while the learning rate rises (warm-up) or
+      after it decayed below ``decayed_fraction`` of its peak (an intended schedule). Steps that a
+      GradScaler skipped are not judged.
+
+    Defaults, calibrated on the healthy zoo of ``benchmarks/detection`` (Adam/AdamW 1e-3..1e-2, SGD
+    0.05..0.1, MLP/CNN/ResNet/GRU/LSTM/Transformer/embeddings, bf16, accumulation): the largest
+    sustained layer ratio seen is ~0.12 (a zero-initialised head in its first steps), the smallest
+    ~2e-5; ``high_ratio=0.5`` and ``low_ratio=1e-6`` leave a margin of 4x and 20x, and still catch
+    lr=20 SGD (ratios ~1-100) and lr=1e-8 (ratios ~1e-9..1e-7). The published bands are 1e-4..1e-1
+    (TheDeepChecker: warned on healthy runs here) and 1e-8..10 (SageMaker: misses lr=1e-8 under Adam).
+
+    Args:
+        on_detect: ``"warn"``, ``"stop"`` or ``"raise"`` (see :class:`~lightning_sentinel.base.SentinelCallback`).
+        every_n_steps: check every n-th optimizer step (per optimizer).
+        warmup_steps: optimizer steps before the first check.
+        unused_patience: optimizer steps without any gradient before a parameter is reported unused.
+        patience: consecutive checks a frozen parameter or an out-of-band ratio must persist.
+        high_ratio: per-layer update/weight norm ratio above which the update is too large.
+        low_ratio: per-layer update/weight norm ratio below which the update is too small.
+        decayed_fraction: a low ratio is not judged once the lr fell below this fraction of its peak.
+        log_ratios: log the largest and smallest layer ratio of each check under ``sentinel/update_ratio/``.
+
+    Example:
+        >>> import lightning.pytorch as pl
+        >>> from lightning_sentinel.checks.parameters import ParameterUpdateMonitor
+        >>> monitor = ParameterUpdateMonitor(every_n_steps=20, high_ratio=1.0)
+        >>> trainer = pl.Trainer(callbacks=[monitor], logger=False)
+    """
+
+    CHECKS = (NOT_IN_OPTIMIZER, UNUSED, FROZEN, RATIO_HIGH, RATIO_LOW)
+
+    def __init__(
+        self,
+        on_detect: OnDetect = "warn",
+        every_n_steps: int = 10,
+        warmup_steps: int = 0,
+        unused_patience: int = 50,
+        patience: int = 3,
+        high_ratio: float = 0.5,
+        low_ratio: float = 1e-6,
+        decayed_fraction: float = 0.5,
+        log_ratios: bool = True,
+    ) -> None:
+        super().__init__(on_detect=on_detect, every_n_steps=every_n_steps, warmup_steps=warmup_steps)
+        validate_positive_int("unused_patience", unused_patience)
+        validate_positive_int("patience", patience)
+        validate_positive_float("high_ratio", high_ratio)
+        validate_positive_float("low_ratio", low_ratio)
+        validate_positive_float("decayed_fraction", decayed_fraction)
+        if low_ratio >= high_ratio:
+            raise ValueError(f"`low_ratio` ({low_ratio}) must be below `high_ratio` ({high_ratio})")
+        if decayed_fraction > 1:
+            raise ValueError(f"`decayed_fraction` must be in (0, 1], got {decayed_fraction}")
+        self.unused_patience = unused_patience
+        self.patience = patience
+        self.high_ratio = high_ratio
+        self.low_ratio = low_ratio
+        self.decayed_fraction = decayed_fraction
+        self.log_ratios = log_ratios
+        self._optimizers: dict[int, _OptimizerState] = {}
+        self._candidates: dict[int, _Candidate] = {}
+        self._reported_unused: set[str] = set()
+        self._saved: dict[str, Any] = {}
+
+    @override
+    def _state_key_settings(self) -> dict[str, Any]:
+        return {
+            **super()._state_key_settings(),
+            "high_ratio": self.high_ratio,
+            "low_ratio": self.low_ratio,
+            "unused_patience": self.unused_patience,
+        }
+
+    @override
+    def _extra_state(self) -> dict[str, Any]:
+        optimizers = {
+            state.view.key: {
+                "steps_seen": state.steps_seen,
+                "peak_lr": state.peak_lr,
+                "previous_lr": state.previous_lr,
+                "frozen_streak": dict(state.frozen_streak),
+                "ratio_streak": dict(state.ratio_streak),
+            }
+            for state in self._optimizers.values()
+        }
+        return {"optimizers": optimizers or self._saved.get("optimizers", {})}
+
+    @override
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        self._saved = {"optimizers": dict(state.get("optimizers", {}))}
+
+    # ------------------------------------------------------------------ lifecycle
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._release(trainer)
+        self._optimizers = {}
+        self._reported_unused = set()
+
+    @override
+    def _release(self, trainer: pl.Trainer) -> None:
+        for candidate in self._candidates.values():
+            if candidate.handle is not None:
+                candidate.handle.remove()
+        self._candidates = {}
+        for state in self._optimizers.values():
+            state.snapshot = None
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        if NOT_IN_OPTIMIZER in self.active_checks:
+            self._run_optimizer_coverage_check(trainer, pl_module)
+        self._settle(trainer)
+
+    def _state_of(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> _OptimizerState:
+        state = self._optimizers.get(id(optimizer))
+        if state is None:
+            state = _OptimizerState(view=optimizer_view(trainer, pl_module, optimizer))
+            saved = self._saved.get("optimizers", {}).get(state.view.key)
+            if saved:
+                state.steps_seen = int(saved.get("steps_seen", 0))
+                state.peak_lr = float(saved.get("peak_lr", 0.0))
+                previous = saved.get("previous_lr")
+                state.previous_lr = None if previous is None else float(previous)
+                state.frozen_streak = {k: int(v) for k, v in saved.get("frozen_streak", {}).items()}
+                state.ratio_streak = {k: int(v) for k, v in saved.get("ratio_streak", {}).items()}
+            self._optimizers[id(optimizer)] = state
+        return state
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        state = self._state_of(trainer, pl_module, optimizer)
+        if state.snapshot is not None:  # manual optimization: this optimizer steps again in the same batch
+            self._run_update_check(trainer, pl_module, state)
+        step_index = state.steps_seen
+        state.steps_seen += 1
+        if not self._is_due(step_index):
+            return
+        if UNUSED in self.active_checks:
+            self._run_unused_check(trainer, pl_module, state, step_index)
+        if {FROZEN, RATIO_HIGH, RATIO_LOW} & set(self.active_checks):
+            self._take_snapshot(trainer, optimizer, state)
+        self._settle(trainer)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        pending = [state for state in self._optimizers.values() if state.snapshot is not None]
+        if not pending:
+            return
+        for state in pending:
+            self._run_update_check(trainer, pl_module, state)
+        self._settle(trainer)
+
+    # ------------------------------------------------------------------ parameters-not-in-optimizer
+    def _run_optimizer_coverage_check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        optimized = {
+            id(parameter)
+            for optimizer in trainer.optimizers
+            for group in optimizer.param_groups
+            for parameter in group["params"]
+        }
+        trainable = [(name, p) for name, p in pl_module.named_parameters() if p.requires_grad]
+        if not trainable or not trainer.optimizers:
+            return
+        missing = [(name, p) for name, p in trainable if id(p) not in optimized]
+        if not missing:
+            return
+        groups = module_groups([name for name, _ in missing], [name for name, _ in trainable])
+        elements = sum(p.numel() for _, p in missing)
+        total = sum(p.numel() for _, p in trainable)
+        self._report(
+            trainer,
+            NOT_IN_OPTIMIZER,
+            Severity.WARNING,
+            f"{len(missing)} of {len(trainable)} trainable parameters ({elements:,} of {total:,} elements) are in no "
+            f"optimizer param group and will never be updated: {_listing(groups)}",
+            where=groups[0],
+            evidence={"parameters": len(missing), "elements": elements, "trainable_elements": total},
+            hint="pass all of them to the optimizer (e.g. torch.optim.Adam(self.parameters())), not only the head; "
+            "to freeze them on purpose set requires_grad_(False)",
+            dedupe_as=NOT_IN_OPTIMIZER,
+        )
+
+    # ------------------------------------------------------------------ unused-parameters
+    def _run_unused_check(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, state: _OptimizerState, step_index: int
+    ) -> None:
+        view = state.view
+        matured: list[str] = []
+        for parameter in view.parameters:
+            candidate = self._candidates.get(id(parameter))
+            if candidate is None:
+                continue
+            if candidate.got_gradient or parameter.grad is not None or not parameter.requires_grad:
+                self._drop_candidate(id(parameter))
+            elif step_index - candidate.since >= self.unused_patience:
+                matured.append(candidate.name)
+                self._reported_unused.add(candidate.name)
+                self._drop_candidate(id(parameter))
+        for name, parameter in zip(view.names, view.parameters, strict=True):
+            if (
+                parameter.requires_grad
+                and parameter.grad is None
+                and id(parameter) not in self._candidates
+                and name not in self._reported_unused
+            ):
+                candidate = _Candidate(name=name, since=step_index)
+                if hasattr(parameter, "register_post_accumulate_grad_hook"):
+                    candidate.handle = parameter.register_post_accumulate_grad_hook(
+                        self._make_hook(candidate)
+                    )
+                self._candidates[id(parameter)] = candidate
+        if matured:
+            self._report_unused(trainer, state, matured)
+
+    @staticmethod
+    def _make_hook(candidate: _Candidate) -> Any:
+        def hook(parameter: Tensor) -> None:
+            candidate.got_gradient = True
+
+        return hook
+
+    def _drop_candidate(self, key: int) -> None:
+        candidate = self._candidates.pop(key)
+        if candidate.handle is not None:
+            candidate.handle.remove()
+
+    def _report_unused(self, trainer: pl.Trainer, state: _OptimizerState, names: list[str]) -> None:
+        view = state.view
+        trainable = [n for n, p in zip(view.names, view.parameters, strict=True) if p.requires_grad]
+        sizes = {n: p.numel() for n, p in zip(view.names, view.parameters, strict=True)}
+        groups = module_groups(names, trainable)
+        prefix = f"{view.key}:" if view.key else ""
+        elements = sum(sizes[name] for name in names)
+        self._report(
+            trainer,
+            UNUSED,
+            Severity.WARNING,
+            f"{len(names)} trainable parameters ({elements:,} elements) got no gradient in any backward pass over "
+            f"{self.unused_patience} optimizer steps: {_listing(groups)} (not part of the loss's graph)",
+            where=prefix + groups[0],
+            evidence={
+                "parameters": len(names),
+                "elements": elements,
+                "steps_without_gradient": self.unused_patience,
+            },
+            hint="look for a .detach(), .item()/.numpy() round trip, torch.no_grad() or a module built but never called "
+            "in forward; if the branch is unused on purpose, set requires_grad_(False) on it (DDP also needs "
+            "find_unused_parameters=True otherwise)",
+        )
+
+    # ------------------------------------------------------------------ updates
+    def _take_snapshot(
+        self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer, state: _OptimizerState
+    ) -> None:
+        view = state.view
+        indices = [i for i, p in enumerate(view.parameters) if p.requires_grad and p.grad is not None]
+        if not indices:
+            return
+        parameters = [view.parameters[i].detach() for i in indices]
+        with torch.no_grad():
+            before = list(torch._foreach_mul(parameters, 1.0))
+        scaler = scaler_of(trainer)
+        scale = getattr(scaler, "_scale", None)
+        state.snapshot = _Snapshot(
+            indices=indices,
+            before=before,
+            weight_norms=tensor_norms(parameters),
+            grouping=LayerGrouping.from_named_parameters(
+                (view.names[i], view.parameters[i]) for i in indices
+            ),
+            lr=_max_lr(optimizer),
+            scale=scale.detach().clone() if isinstance(scale, Tensor) else None,
+        )
+
+    def _run_update_check(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, state: _OptimizerState
+    ) -> None:
+        snapshot, state.snapshot = state.snapshot, None
+        assert snapshot is not None
+        view = state.view
+        current = [view.parameters[i].detach() for i in snapshot.indices]
+        with torch.no_grad():
+            torch._foreach_sub_(snapshot.before, current)  # now -delta, in place
+        update_norms = tensor_norms(snapshot.before, device=snapshot.weight_norms.device)
+        snapshot.before = []
+        grouping = snapshot.grouping
+        layer_update = grouping.layer_norms(update_norms)
+        layer_weight = grouping.layer_norms(snapshot.weight_norms)
+        skipped = torch.zeros(1, device=update_norms.device)
+        scaler = scaler_of(trainer)
+        scale_now = getattr(scaler, "_scale", None)
+        if snapshot.scale is not None and isinstance(scale_now, Tensor):
+            skipped = (scale_now < snapshot.scale).float().view(1).to(update_norms.device)
+        # the one host read of this check
+        values = torch.cat([skipped, update_norms, layer_update, layer_weight]).tolist()
+        if values[0] > 0:
+            return  # the GradScaler skipped this step: nothing moved on purpose
+        n_params, n_layers = len(snapshot.indices), len(grouping.layer_names)
+        param_updates = values[1 : 1 + n_params]
+        layer_updates = values[1 + n_params : 1 + n_params + n_layers]
+        layer_weights = values[1 + n_params + n_layers :]
+        ratios = [
+            u / w if w > 0 and math.isfinite(u) and math.isfinite(w) else float("nan")
+            for u, w in zip(layer_updates, layer_weights, strict=True)
+        ]
+        finite = [r for r in ratios if math.isfinite(r) and r > 0]
+        key = f"{view.key}/" if view.key else ""
+        if self.log_ratios and finite:
+            self._log_scalars(
+                trainer,
+                pl_module,
+                {
+                    f"sentinel/update_ratio/{key}max": max(finite),
+                    f"sentinel/update_ratio/{key}min": min(finite),
+                },
+            )
+        if FROZEN in self.active_checks:
+            self._judge_frozen(trainer, state, snapshot, param_updates)
+        self._judge_ratios(trainer, state, snapshot, ratios, layer_updates, layer_weights)
+
+    def _judge_frozen(
+        self, trainer: pl.Trainer, state: _OptimizerState, snapshot: _Snapshot, updates: list[float]
+    ) -> None:
+        view = state.view
+        names = [view.names[i] for i in snapshot.indices]
+        seen = set(names)
+        for name in list(state.frozen_streak):
+            if name not in seen:
+                state.frozen_streak.pop(name)  # no gradient this time: unused-parameters' business
+        frozen: list[str] = []
+        for name, update in zip(names, updates, strict=True):
+            streak = state.frozen_streak.get(name, 0) + 1 if update == 0.0 else 0
+            state.frozen_streak[name] = streak
+            if streak >= self.patience:
+                frozen.append(name)
+        if not frozen:
+            return
+        trainable = [n for n, p in zip(view.names, view.parameters, strict=True) if p.requires_grad]
+        groups = module_groups(frozen, trainable)
+        prefix = f"{view.key}:" if view.key else ""
+        lr = snapshot.lr
+        cause = (
+            "the learning rate is 0"
+            if lr == 0
+            else "their gradients are exactly zero, or lr x gradient is below the floating-point resolution of the weights"
+        )
+        self._report(
+            trainer,
+            FROZEN,
+            Severity.WARNING,
+            f"{len(frozen)} of {len(names)} parameters with gradients did not change at all on {self.patience} checked "
+            f"optimizer steps in a row (lr {lr:.3g}; likely {cause}): {_listing(groups)}",
+            where=prefix + groups[0],
+            evidence={"parameters": len(frozen), "lr": lr, "checks": self.patience},
+            hint="check the learning rate and its schedule (a LambdaLR returning 0, lr=0 in a param group), that the "
+            "loss depends on these parameters through differentiable ops (no argmax/round/comparison), and the "
+            "optimizer's param groups; to freeze them on purpose set requires_grad_(False)",
+            dedupe_as=f"{prefix}{FROZEN}",
+        )
+
+    def _judge_ratios(
+        self,
+        trainer: pl.Trainer,
+        state: _OptimizerState,
+        snapshot: _Snapshot,
+        ratios: list[float],
+        updates: list[float],
+        weights: list[float],
+    ) -> None:
+        lr = snapshot.lr
+        excused = lr_excuses_low_ratio(lr, state.previous_lr, max(state.peak_lr, lr), self.decayed_fraction)
+        state.previous_lr = lr
+        state.peak_lr = max(state.peak_lr, lr)
+        high_layers: list[int] = []
+        low_layers: list[int] = []
+        for index, name in enumerate(snapshot.grouping.layer_names):
+            streak = state.ratio_streak.get(name, 0)
+            high, low = ratio_streak(ratios[index], streak, self.high_ratio, self.low_ratio)
+            if low and excused:
+                low = 0
+            state.ratio_streak[name] = high if high else -low
+            if high >= self.patience:
+                high_layers.append(index)
+            if low >= self.patience:
+                low_layers.append(index)
+        prefix = f"{state.view.key}:" if state.view.key else ""
+        names = snapshot.grouping.layer_names
+        if high_layers and RATIO_HIGH in self.active_checks:
+            worst = max(high_layers, key=lambda i: ratios[i])
+            self._report(
+                trainer,
+                RATIO_HIGH,
+                Severity.WARNING,
+                f"layer '{names[worst]}' changes by {ratios[worst]:.3g} of its norm per step (> {self.high_ratio:g}; "
+                f"~1e-3 is typical) on {self.patience} checks in a row, lr {lr:.3g}; "
+                f"{len(high_layers)} of {len(names)} layers above: {_listing([names[i] for i in high_layers])}",
+                where=prefix + names[worst],
+                evidence={
+                    "update_ratio": ratios[worst],
+                    "update_norm": updates[worst],
+                    "weight_norm": weights[worst],
+                    "lr": lr,
+                    "layers_above": len(high_layers),
+                },
+                hint="lower the learning rate (try 10x lower) or add warm-up; check the lr schedule (a warm-up "
+                "factor without its cap) and that inputs/targets are normalised",
+                magnitude=ratios[worst],
+                dedupe_as=f"{prefix}{RATIO_HIGH}",
+            )
+        if low_layers and RATIO_LOW in self.active_checks:
+            worst = min(low_layers, key=lambda i: ratios[i])
+            self._report(
+                trainer,
+                RATIO_LOW,
+                Severity.WARNING,
+                f"layer '{names[worst]}' changes by only {ratios[worst]:.3g} of its norm per step "
+                f"(< {self.low_ratio:g}; ~1e-3 is typical) on {self.patience} checks in a row, lr {lr:.3g}; "
+                f"{len(low_layers)} of {len(names)} layers below: {_listing([names[i] for i in low_layers])}",
+                where=prefix + names[worst],
+                evidence={
+                    "update_ratio": ratios[worst],
+                    "update_norm": updates[worst],
+                    "weight_norm": weights[worst],
+                    "lr": lr,
+                    "layers_below": len(low_layers),
+                },
+                hint="raise the learning rate (a learning-rate range test finds a good one); check for a "
+                "typo such as 1e-8 for 1e-3, and a scheduler that starts at 0 and never rises",
+                magnitude=1.0 / max(ratios[worst], 1e-300),
+                dedupe_as=f"{prefix}{RATIO_LOW}",
+            )
+
+
+add_to_presets(ParameterUpdateMonitor, ("fast", "full"), order=50)
+
+# ``catalog.default_action`` looks the owning callback up on ``lightning_sentinel.checks``, which does not
+# re-export auto-imported modules: expose this one there until the package does (shared fix requested).
+_checks_package = sys.modules.get(__name__.rpartition(".")[0])
+if _checks_package is not None and not hasattr(_checks_package, "ParameterUpdateMonitor"):
+    _checks_package.ParameterUpdateMonitor = ParameterUpdateMonitor  # type: ignore[attr-defined]

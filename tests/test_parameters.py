@@ -1,0 +1,196 @@
+"""ParameterUpdateMonitor: pure rules, optimizer coverage, unused and frozen parameters, update ratios."""
+
+import pytest
+import torch
+from _models import Classifier, fit
+from torch import nn
+
+from lightning_sentinel import findings
+from lightning_sentinel.checks.parameters import (
+    ParameterUpdateMonitor,
+    lr_excuses_low_ratio,
+    module_groups,
+    ratio_streak,
+)
+
+
+def _ids(trainer):
+    return [f.check for f in findings(trainer)]
+
+
+def test_pure_rules():
+    universe = ["a.0.weight", "a.0.bias", "a.1.weight", "b.weight", "c"]
+    assert module_groups(["a.0.weight", "a.0.bias"], universe) == ["a.0"]
+    assert module_groups(["a.0.weight", "a.0.bias", "a.1.weight", "b.weight", "c"], universe) == [
+        "a",
+        "b",
+        "c",
+    ]
+    assert module_groups(["a.0.bias"], universe) == ["a.0.bias"]
+    assert ratio_streak(float("nan"), 5, 0.5, 1e-6) == (0, 0)
+    assert ratio_streak(0.0, -5, 0.5, 1e-6) == (0, 0)  # exactly zero: frozen-parameters' business
+    assert ratio_streak(1.0, 2, 0.5, 1e-6) == (3, 0)
+    assert not lr_excuses_low_ratio(1e-3, 1e-3, 1e-3, 0.5)
+    assert lr_excuses_low_ratio(2e-4, 1e-4, 2e-4, 0.5)  # warming up
+    assert lr_excuses_low_ratio(1e-4, 1e-4, 1e-3, 0.5)  # decayed
+
+
+@pytest.mark.parametrize(
+    ("argument", "kwargs"),
+    [
+        ("patience", {"patience": 0}),
+        ("high_ratio", {"high_ratio": -1.0}),
+        ("low_ratio", {"low_ratio": 1.0, "high_ratio": 0.5}),
+        ("decayed_fraction", {"decayed_fraction": 2.0}),
+        ("unused_patience", {"unused_patience": 0}),
+    ],
+)
+def test_arguments_are_validated(argument, kwargs):
+    with pytest.raises(ValueError, match=argument):
+        ParameterUpdateMonitor(**kwargs)
+
+
+def test_healthy_run_is_silent_logs_ratios_and_releases_everything(tmp_path):
+    monitor = ParameterUpdateMonitor(every_n_steps=2, unused_patience=10)
+    trainer = fit(Classifier(), [monitor], root=tmp_path, max_steps=40, logger=True, log_every_n_steps=1)
+    assert findings(trainer) == []
+    assert 1e-4 < trainer.logged_metrics["sentinel/update_ratio/max"] < 0.5
+    assert not monitor._candidates and all(s.snapshot is None for s in monitor._optimizers.values())
+
+
+class _HeadOnly(Classifier):
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.net[2].parameters(), lr=0.05)
+
+
+def test_only_the_head_in_the_optimizer(tmp_path):
+    trainer = fit(_HeadOnly(), [ParameterUpdateMonitor()], root=tmp_path, max_steps=3)
+    (found,) = findings(trainer)
+    assert found.check == "parameters-not-in-optimizer" and found.where == "net.0" and found.step == 0
+    assert found.evidence["parameters"] == 2 and "torch.optim.Adam(self.parameters())" in found.hint
+
+
+class _DetachedEncoder(Classifier):
+    def __init__(self, every=None):
+        super().__init__(net=nn.Sequential(nn.Linear(8, 32), nn.ReLU()))
+        self.aux = nn.Linear(32, 3)
+        self.head = nn.Linear(32, 3)
+        self.every = every
+
+    def forward(self, x):
+        features = self.net(x)
+        if self.every is None:
+            return self.head(features.detach())  # the bug: the encoder never trains
+        if self.global_step % self.every == 0:  # an auxiliary head used on some steps only
+            return self.head(features) + self.aux(features)
+        return self.head(features)
+
+
+def test_detached_encoder_is_unused_and_named_by_module(tmp_path):
+    monitor = ParameterUpdateMonitor(every_n_steps=2, unused_patience=10)
+    trainer = fit(_DetachedEncoder(), [monitor], root=tmp_path, max_steps=20)
+    (found,) = findings(trainer)
+    assert found.check == "unused-parameters" and found.where == "net" and found.step == 10
+    assert found.evidence["parameters"] == 4 and "'net', 'aux'" in found.message  # aux is never called
+
+
+@pytest.mark.parametrize("accumulate", [1, 3])
+def test_a_branch_used_on_some_steps_is_not_unused(tmp_path, accumulate):
+    monitor = ParameterUpdateMonitor(every_n_steps=1, unused_patience=10)
+    trainer = fit(
+        _DetachedEncoder(every=4), [monitor], root=tmp_path, max_steps=25, accumulate_grad_batches=accumulate
+    )
+    assert findings(trainer) == []
+    assert monitor._optimizers and next(iter(monitor._optimizers.values())).steps_seen == 25
+
+
+def test_lr_zero_freezes_the_parameters(tmp_path):
+    trainer = fit(Classifier(lr=0.0), [ParameterUpdateMonitor(every_n_steps=2)], root=tmp_path, max_steps=10)
+    (found,) = findings(trainer)
+    assert found.check == "frozen-parameters" and found.where == "net" and found.step == 5
+    assert found.evidence["lr"] == 0.0 and "learning rate is 0" in found.message
+
+
+def test_tiny_learning_rate_is_too_low_but_a_warmup_is_not(tmp_path):
+    trainer = fit(Classifier(lr=1e-8), [ParameterUpdateMonitor(every_n_steps=2)], root=tmp_path, max_steps=10)
+    # (a bias's update may even round away in float32: frozen-parameters, also a right diagnosis)
+    assert set(_ids(trainer)) <= {"update-ratio-too-low", "frozen-parameters"}
+    (found,) = [f for f in findings(trainer) if f.check == "update-ratio-too-low"]
+    assert found.where in {"net.0", "net.2"}
+    assert found.evidence["update_ratio"] < 1e-6
+
+    class _Warmup(Classifier):
+        def configure_optimizers(self):
+            optimizer = super().configure_optimizers()
+            scheduler = torch.optim.lr_scheduler.LambdaLR(
+                optimizer, lambda step: min(1.0, (step + 1e-5) / 30)
+            )
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    trainer = fit(_Warmup(lr=1e-3), [ParameterUpdateMonitor(every_n_steps=2)], root=tmp_path, max_steps=30)
+    assert findings(trainer) == []
+
+
+def test_huge_learning_rate_is_too_high(tmp_path):
+    module = Classifier(lr=20.0)  # SGD: meant 0.02
+    trainer = fit(module, [ParameterUpdateMonitor(every_n_steps=2)], root=tmp_path, max_steps=10)
+    found = [f for f in findings(trainer) if f.check == "update-ratio-too-high"]
+    assert found and found[0].where in {"net.0", "net.2"} and found[0].evidence["update_ratio"] > 0.5
+
+
+class _TwoOptimizers(Classifier):
+    def __init__(self):
+        super().__init__(net=nn.Sequential(nn.Linear(8, 32), nn.ReLU()))
+        self.head = nn.Linear(32, 3)
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        body, head = self.optimizers()
+        x, y = batch
+        body.zero_grad()
+        head.zero_grad()
+        self.manual_backward(nn.functional.cross_entropy(self.head(self.net(x)), y))
+        body.step()
+        head.step()
+        head.zero_grad()  # the head steps twice per batch
+        self.manual_backward(nn.functional.cross_entropy(self.head(self.net(x).detach()), y))
+        head.step()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.net.parameters(), lr=0.05), torch.optim.SGD(
+            self.head.parameters(), lr=1e-6
+        )
+
+
+def test_manual_optimization_is_keyed_per_optimizer(tmp_path):
+    monitor = ParameterUpdateMonitor(every_n_steps=2)
+    trainer = fit(_TwoOptimizers(), [monitor], root=tmp_path, max_steps=24)
+    assert [(f.check, f.where) for f in findings(trainer)] == [("update-ratio-too-low", "optimizer_1:head")]
+    assert sorted(state.steps_seen for state in monitor._optimizers.values()) == [
+        8,
+        16,
+    ]  # 8 batches: body 1 step, head 2 steps each
+
+
+def test_bf16_mixed_run_is_silent(tmp_path):
+    trainer = fit(
+        Classifier(),
+        [ParameterUpdateMonitor(every_n_steps=2)],
+        root=tmp_path,
+        max_steps=20,
+        precision="bf16-mixed",
+    )
+    assert findings(trainer) == []
+
+
+def test_resume_keeps_streaks_and_cadence(tmp_path):
+    monitor = ParameterUpdateMonitor(every_n_steps=2, patience=4)
+    trainer = fit(Classifier(lr=1e-6), [monitor], root=tmp_path, max_steps=4, enable_checkpointing=True)
+    assert findings(trainer) == []  # 2 of the 4 checks needed so far
+    path = tmp_path / "half.ckpt"
+    trainer.save_checkpoint(path)
+    resumed = ParameterUpdateMonitor(every_n_steps=2, patience=4)
+    trainer = fit(Classifier(lr=1e-6), [resumed], root=tmp_path, max_steps=8, ckpt_path=str(path))
+    (found,) = findings(trainer)
+    assert found.check == "update-ratio-too-low" and found.step == 7
+    assert next(iter(resumed._optimizers.values())).steps_seen == 8
