@@ -1,11 +1,16 @@
 """LossInputCheck: pure rules, each id on a real Trainer, the mode's lifetime, loop variants, the harness cases."""
 
 import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
 import torch
-from _models import Classifier, fit
+from _models import Classifier, classification_loader, fit
 from torch import nn
 
 from benchmarks.detection.cases import get_case
@@ -256,3 +261,57 @@ def test_a_loss_inside_a_compiled_function_is_still_seen(tmp_path):
         ("softmax-before-cross-entropy", "F.cross_entropy in _loss")
     ]
     assert _mode_depth() == 0
+
+
+# ---------------------------------------------------------------------- DDP (run as a script by the test below)
+class _SoftmaxOnRankOne(Classifier):
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x)
+        if self.global_rank == 1:
+            logits = torch.softmax(logits, dim=1)
+        return nn.functional.cross_entropy(logits, y)
+
+
+def _ddp_main(root: str) -> None:
+    from lightning_sentinel import SentinelError
+
+    pl.seed_everything(0, verbose=False)
+    trainer = pl.Trainer(
+        max_steps=20,
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        callbacks=[LossInputCheck(on_detect="raise", every_n_steps=5)],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=root,
+    )
+    outcome = "finished"
+    try:
+        trainer.fit(_SoftmaxOnRankOne(), classification_loader())
+    except SentinelError as error:
+        outcome = f"raised:{error.finding.check}"
+    print(f"RESULT rank={trainer.global_rank} outcome={outcome} step={trainer.global_step}")
+
+
+@pytest.mark.slow  # two processes: ~30 s on a busy machine (run with -m slow)
+def test_a_fault_on_one_ddp_rank_raises_on_both(tmp_path):
+    completed = subprocess.run(
+        [sys.executable, __file__, "ddp", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+    )
+    results = set(re.findall(r"RESULT rank=(\d) outcome=(\S+) step=(\d+)", completed.stdout))
+    assert results == {
+        ("0", "raised:softmax-before-cross-entropy", "1"),
+        ("1", "raised:softmax-before-cross-entropy", "1"),
+    }, completed.stdout + completed.stderr
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["ddp"]:
+    _ddp_main(sys.argv[2])
