@@ -7,6 +7,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from _models import Classifier, classification_loader, fit
+from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -171,7 +172,7 @@ def test_healthy_runs_are_silent(tmp_path):
         classification_loader(n=512),
         root=tmp_path,
         max_steps=60,
-        logger=True,
+        logger=CSVLogger(tmp_path),
         log_every_n_steps=1,
     )
     assert findings(trainer) == []

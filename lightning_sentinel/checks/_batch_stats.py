@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -42,75 +43,81 @@ def feature_axis(x: Tensor) -> str:
 
 
 class FeatureMoments:
-    """Per-feature count, mean and sum of squared deviations, merged batch by batch on the device
-    (Chan et al.'s parallel update, stable in float32). A batch holding NaN/Inf is left out."""
+    """Per-feature count, mean, std and max ``|x|``, accumulated batch by batch on the device.
+
+    Sums of ``x - shift`` and of its square are accumulated, ``shift`` being the first batch's mean
+    (which keeps float32 sums accurate for data far from zero). A batch holding NaN/Inf is left out.
+    """
+
+    _FIELDS = ("count", "shift", "sums", "absmax")
 
     def __init__(self) -> None:
-        self.count: Tensor | None = None
-        self.mean: Tensor | None = None
-        self.m2: Tensor | None = None
-        self.absmax: Tensor | None = None
+        self.count: Tensor | None = None  # a device scalar: samples merged per feature
+        self.shift: Tensor | None = None  # (F,)
+        self.sums: Tensor | None = None  # (2, F): sum of (x - shift), sum of (x - shift)^2
+        self.absmax: Tensor | None = None  # (F,)
 
     @property
     def features(self) -> int:
-        return 0 if self.mean is None else int(self.mean.numel())
+        return 0 if self.shift is None else int(self.shift.numel())
+
+    @property
+    def mean(self) -> Tensor | None:
+        if self.sums is None:
+            return None
+        assert self.count is not None and self.shift is not None
+        return self.shift + self.sums[0] / self.count.clamp_min(1.0)
 
     @property
     def std(self) -> Tensor:
-        assert self.m2 is not None and self.count is not None
-        return (self.m2 / self.count.clamp_min(1.0)).clamp_min(0.0).sqrt()
+        assert self.sums is not None and self.count is not None
+        n = self.count.clamp_min(1.0)
+        centred = self.sums[0] / n
+        return (self.sums[1] / n - centred.square()).clamp_min(0.0).sqrt()
 
     def update(self, x: Tensor) -> None:
         """Merge the batch ``x`` (reduced over :func:`feature_dims`)."""
-        dims = feature_dims(x)
         values = x.detach().float()
         if values.dim() == 1:
             values = values.unsqueeze(1)
-        var, mean = torch.var_mean(values, dim=dims, correction=0)
-        mean, var = mean.reshape(-1), var.reshape(-1)
-        absmax = values.abs().amax(dim=dims).reshape(-1)
-        n = float(values.numel() // max(mean.numel(), 1))
-        finite = torch.isfinite(mean).all() & torch.isfinite(var).all()
-        weight = finite.float() * n
-        self.to(mean.device)
-        if self.mean is None or self.mean.shape != mean.shape:
-            zero = torch.zeros_like(mean)
-            self.count = weight
-            self.mean = torch.where(finite, mean, zero)
-            self.m2 = torch.where(finite, var * n, zero)
-            self.absmax = torch.where(finite, absmax, zero)
-            return
-        assert self.count is not None and self.m2 is not None and self.absmax is not None
-        total = self.count + weight
-        delta = torch.where(finite, mean - self.mean, torch.zeros_like(mean))
-        share = weight / total.clamp_min(1.0)
-        self.m2 = (
-            self.m2
-            + torch.where(finite, var * n, torch.zeros_like(var))
-            + delta.square() * self.count * share
+        dims = feature_dims(values)
+        width = values.numel() // max(1, math.prod(values.shape[d] for d in dims))
+        self.to(values.device)
+        if self.shift is None or self.shift.numel() != width:
+            self.shift = torch.nan_to_num(values.mean(dim=dims).reshape(-1), nan=0.0, posinf=0.0, neginf=0.0)
+            self.count = torch.zeros((), device=values.device)
+            self.sums = torch.zeros(2, width, device=values.device)
+            self.absmax = torch.zeros(width, device=values.device)
+        assert self.count is not None and self.sums is not None and self.absmax is not None
+        shape = [1] * values.dim()
+        kept = [d for d in range(values.dim()) if d not in dims]
+        if kept:
+            shape[kept[0]] = width
+        centred = values - self.shift.view(shape)
+        batch = torch.stack([centred.sum(dim=dims).reshape(-1), centred.square().sum(dim=dims).reshape(-1)])
+        finite = torch.isfinite(batch).all()
+        self.sums += torch.where(finite, batch, 0.0)
+        self.count += finite.float() * float(values.numel() // width)
+        self.absmax = torch.where(
+            finite, torch.maximum(self.absmax, values.abs().amax(dim=dims).reshape(-1)), self.absmax
         )
-        self.mean = self.mean + delta * share
-        self.absmax = torch.where(finite, torch.maximum(self.absmax, absmax), self.absmax)
-        self.count = total
 
     def state(self) -> dict[str, Any]:
         """CPU copies for a checkpoint."""
-        if self.mean is None:
+        if self.shift is None:
             return {}
-        assert self.count is not None and self.m2 is not None and self.absmax is not None
-        return {name: getattr(self, name).detach().cpu() for name in ("count", "mean", "m2", "absmax")}
+        return {name: getattr(self, name).detach().cpu() for name in self._FIELDS}
 
     def load(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state` (tensors go to the device of the next batch as they merge)."""
+        """Restore :meth:`state` (moved to the device of the next batch as it merges)."""
         if state:
-            self.count, self.mean, self.m2, self.absmax = (
-                state[k] for k in ("count", "mean", "m2", "absmax")
-            )
+            for name in self._FIELDS:
+                setattr(self, name, state[name])
 
     def to(self, device: torch.device) -> None:
         """Move the accumulators to ``device`` (after a resume onto an accelerator)."""
-        if self.mean is not None and self.mean.device != device:
-            for name in ("count", "mean", "m2", "absmax"):
+        if self.shift is not None and self.shift.device != device:
+            for name in self._FIELDS:
                 setattr(self, name, getattr(self, name).to(device))
 
 

@@ -416,6 +416,8 @@ class BatchInspector(SentinelCallback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        if not self.active_checks:
+            return
         index = self._batches_seen
         self._batches_seen += 1
         if not self._is_due(index):
@@ -489,8 +491,7 @@ class BatchInspector(SentinelCallback):
                 self._moments.update(inputs)
                 self._train_samples += int(inputs.shape[0])
             if CONSTANT in active:
-                low, high = torch.aminmax(inputs.detach())
-                record.extremes = torch.stack([low, high]).float()
+                record.extremes = torch.cat(torch.aminmax(inputs.detach().reshape(-1, 1), dim=0))
         if usable and REPEATED in active:
             current = fingerprint(inputs)
             previous = self._previous_fingerprint
