@@ -250,10 +250,9 @@ class WithValidation(Classifier):
         return self.val_only(self(x)).sum()
 
 
-def test_validation_batches_are_not_counted(tmp_path):
-    detector = DeadReLUDetector(every_n_steps=1, window=4)
-    module = WithValidation()
-    val = classification_loader(n=64, seed=1)
+@pytest.mark.parametrize("sample_validation", [False, True])
+def test_validation_batches_are_counted_only_when_asked(tmp_path, sample_validation):
+    detector = DeadReLUDetector(every_n_steps=1, window=4, sample_validation=sample_validation)
     trainer = pl.Trainer(
         callbacks=[detector],
         max_steps=8,
@@ -266,9 +265,28 @@ def test_validation_batches_are_not_counted(tmp_path):
         num_sanity_val_steps=0,
         default_root_dir=str(tmp_path),
     )
-    trainer.fit(module, classification_loader(n=128), val)
-    assert _ours(trainer) == []
-    assert detector._batches_seen == 8
+    module = WithValidation()
+    trainer.fit(module, classification_loader(n=128), classification_loader(n=64, seed=1))
+    found = [(f.check, f.where) for f in _ours(trainer)]
+    assert found == ([(DEAD_RELU, "val_only.1")] if sample_validation else [])
+    assert _no_hooks_left(module)
+
+
+def test_resume_from_checkpoint_keeps_the_cadence_and_does_not_judge_init_again(tmp_path):
+    net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+    nn.init.constant_(net[0].weight, 0.1)
+    nn.init.zeros_(net[0].bias)
+    nn.init.constant_(net[2].weight, 0.1)
+    first = DeadReLUDetector()
+    fit(Classifier(net=net), [first], root=tmp_path, max_steps=3, enable_checkpointing=True)
+    assert [f.where for f in first._own_findings] == ["net.0"]
+    checkpoint_path = next(tmp_path.rglob("*.ckpt"))
+    resumed = DeadReLUDetector()
+    trainer = fit(Classifier(net=net), [resumed], root=tmp_path, max_steps=5, ckpt_path=str(checkpoint_path))
+    assert resumed._batches_seen == 5 and resumed._init_judged
+    assert [(f.check, f.where, f.step) for f in _ours(trainer)] == [
+        (POOR_INIT, "net.0", 0)
+    ]  # restored, not new
 
 
 def test_activation_checkpointing_is_not_counted_twice():

@@ -313,15 +313,16 @@ class ActivationProbe:
             values = output.detach()
             if values.dim() == 0:
                 return
+            if values.dim() == 1:
+                values = values.unsqueeze(1)
             channels_first = values.dim() >= 3 and (
                 values.shape == self._last_conv_shape or values.dim() in (4, 5)
             )
-            if values.dim() == 1:
-                values = values.unsqueeze(1)
-            elif channels_first:
-                values = values.movedim(1, -1)
-            units = values.shape[-1]
-            rows = values.reshape(-1, units)
+            unit_dim = 1 if channels_first else values.dim() - 1
+            units = values.shape[unit_dim]
+            # reduce over every other dimension in place: no transposed copy of the activation
+            other_dims = tuple(dim for dim in range(values.dim()) if dim != unit_dim)
+            samples = values.numel() // max(units, 1)
             name = self._site_name(label)
             site = self.sites.get(name)
             if site is None or site.units != units or site.kind != kind:
@@ -337,16 +338,17 @@ class ActivationProbe:
                 self._order += 1
                 self._created.append(site)
             if kind == RELU:
-                hits = (rows > 0).sum(0, dtype=torch.float32)
+                hits = (values > 0).sum(other_dims, dtype=torch.float32)
             elif kind == TANH:
-                hits = (rows.abs() > TANH_LIMIT).sum(0, dtype=torch.float32)
+                hits = (values.abs() > TANH_LIMIT).sum(other_dims, dtype=torch.float32)
             elif kind == SIGMOID:
-                hits = ((rows < SIGMOID_LIMIT) | (rows > 1.0 - SIGMOID_LIMIT)).sum(0, dtype=torch.float32)
+                saturated = (values < SIGMOID_LIMIT) | (values > 1.0 - SIGMOID_LIMIT)
+                hits = saturated.sum(other_dims, dtype=torch.float32)
             else:
                 hits = None
             if hits is not None:
                 site.counts = hits if site.counts is None else site.counts + hits.to(site.counts.device)
-            site.samples += rows.shape[0]
+            site.samples += samples
             site.batches += 1
             if self.measure_scale and site.scale is None and output.shape[0] > 1:
                 # the input-dependent signal: each element's spread over the batch (dimension 0), RMS over

@@ -178,7 +178,7 @@ class DeadReLUDetector(SentinelCallback):
     When: every ``every_n_steps``-th training batch (micro-batch) is sampled, starting with the first;
     the probe is attached at the batch start and removed when the forward is done (at the first
     backward under automatic optimization, at the batch end under manual optimization), on fit end
-    and on exception. Validation batches are never sampled. Forward calls replayed by activation
+    and on exception. Validation batches are not sampled unless ``sample_validation=True``. Forward calls replayed by activation
     checkpointing during backward are skipped. Every ``window`` sampled batches the counts, kept on
     the device, are read back once (summed over ranks under DDP) and judged.
 
@@ -219,6 +219,8 @@ class DeadReLUDetector(SentinelCallback):
         init_scale_low: depth scale ratio below which the activations collapse at init.
         init_scale_high: depth scale ratio above which the activations explode at init.
         max_leaky_slope: ``LeakyReLU`` slopes up to this count as ReLU family.
+        sample_validation: also sample every ``every_n_steps``-th validation batch into the current
+            window (eval mode: a unit active only on validation data is then not dead). Off by default.
 
     Example:
         >>> import lightning.pytorch as pl
@@ -240,6 +242,7 @@ class DeadReLUDetector(SentinelCallback):
         init_scale_low: float = 0.1,
         init_scale_high: float = 10.0,
         max_leaky_slope: float = 0.01,
+        sample_validation: bool = False,
     ) -> None:
         super().__init__(on_detect=on_detect, every_n_steps=every_n_steps)
         validate_positive_int("window", window)
@@ -270,6 +273,7 @@ class DeadReLUDetector(SentinelCallback):
         self.init_scale_low = init_scale_low
         self.init_scale_high = init_scale_high
         self.max_leaky_slope = max_leaky_slope
+        self.sample_validation = sample_validation
         self._batches_seen = 0
         self._init_judged = False
         self._reset_run_state()
@@ -361,6 +365,34 @@ class DeadReLUDetector(SentinelCallback):
             ran = True
         if ran:
             self._settle(trainer)
+
+    @override
+    def on_validation_batch_start(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if not self.sample_validation or trainer.sanity_checking or not self.active_checks:
+            return
+        if batch_idx % self.every_n_steps != 0 or self._probe is not None:
+            return
+        self._probe = ActivationProbe(pl_module, self._sites, max_leaky_slope=self.max_leaky_slope)
+        self._probe.attach()
+
+    @override
+    def on_validation_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._release(trainer)
 
     @override
     def _release(self, trainer: pl.Trainer) -> None:
