@@ -3,6 +3,9 @@
 import glob
 import math
 import os
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -17,6 +20,7 @@ from torch import nn
 from lightning_sentinel import findings
 from lightning_sentinel.checks.histograms import (
     HistogramLogger,
+    _device_summary,
     bucket_limits,
     histogram_summary,
     select_layers,
@@ -43,6 +47,13 @@ def test_histogram_summary_counts_finite_values_and_divides_the_scale():
     assert constant[:3] == [0.5, 0.5, 6.0] and constant[5] == 6.0 and sum(constant[5:]) == 6.0
     assert histogram_summary(torch.full((3,), float("nan")), bins=2).tolist()[:3] == [0.0, 0.0, 0.0]
     assert bucket_limits(-1.0, 1.0, 4) == [-0.5, 0.0, 0.5, 1.0] and bucket_limits(3.0, 3.0, 4) == [3.0]
+
+
+def test_the_device_path_agrees_with_the_cpu_fast_path():
+    values = torch.randn(10_000) * 3 + 1
+    fast, masked = histogram_summary(values, bins=32), _device_summary(values, bins=32)
+    assert torch.allclose(fast[:5], masked[:5], rtol=1e-4)
+    assert (fast[5:] - masked[5:]).abs().max() <= 2 and masked[5:].sum() == 10_000  # edges may round apart
 
 
 @pytest.mark.parametrize(
@@ -217,6 +228,19 @@ class FusedAdam(Classifier):
         return torch.optim.Adam(self.parameters(), lr=1e-3, fused=True)  # unscales inside its own step()
 
 
+def test_a_filter_that_matches_nothing_says_so(tmp_path):
+    trainer = fit(
+        Classifier(),
+        [HistogramLogger(every_n_steps=1, name_filter="encoder")],
+        root=tmp_path,
+        max_steps=2,
+        logger=_tensorboard(tmp_path),
+    )
+    (warning,) = trainer.sentinel_warnings
+    assert "'encoder' matches none of the model's layers (net.0, net.1, net.2)" in str(warning.message)
+    assert _events(tmp_path).Tags()["histograms"] == []
+
+
 @pytest.mark.parametrize("module_class", [Classifier, FusedAdam])
 def test_accumulation_and_16_bit_amp_log_unscaled_gradients_once_per_optimizer_step(tmp_path, module_class):
     probe = GradientProbe()
@@ -357,3 +381,35 @@ def test_resume_keeps_the_cadence_on_the_global_step(tmp_path):
     )
     # two event files in one directory (their order within a second is arbitrary)
     assert sorted(_steps(_events(tmp_path), "histograms")["sentinel/weights/net.0.weight"]) == [0, 3, 6]
+
+
+DDP_SCRIPT = """
+import sys
+import lightning.pytorch as pl
+from lightning.pytorch.loggers import TensorBoardLogger
+sys.path.insert(0, {tests!r})
+from _models import Classifier, classification_loader
+from lightning_sentinel.checks.histograms import HistogramLogger
+
+if __name__ == "__main__":
+    trainer = pl.Trainer(
+        max_steps=4, accelerator="cpu", devices=2, strategy="ddp", enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=False, default_root_dir={root!r},
+        callbacks=[HistogramLogger(every_n_steps=2)], logger=TensorBoardLogger({root!r}, name="tb", version=0),
+    )
+    module = Classifier()
+    trainer.fit(module, classification_loader())
+    hooks = sum(len(m._forward_hooks) for m in module.modules())
+    print(f"RESULT rank={{trainer.global_rank}} step={{trainer.global_step}} hooks={{hooks}}")
+"""
+
+
+@pytest.mark.slow  # two processes: ~15 s on an idle machine, much more on a loaded one
+def test_ddp_writes_on_rank_zero_only_without_collectives(tmp_path):
+    script = tmp_path / "ddp_histograms.py"
+    script.write_text(DDP_SCRIPT.format(tests=os.path.dirname(__file__), root=str(tmp_path)))
+    completed = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=240)
+    results = re.findall(r"RESULT rank=(\d) step=(\d+) hooks=(\d+)", completed.stdout)
+    assert sorted(results) == [("0", "4", "0"), ("1", "4", "0")], completed.stdout + completed.stderr
+    assert len(glob.glob(str(tmp_path / "tb" / "**" / "events.*"), recursive=True)) == 1
+    assert _steps(_events(tmp_path), "histograms")["sentinel/gradients/net.0.weight"] == [0, 2]

@@ -100,7 +100,11 @@ def histogram_summary(values: Tensor, bins: int, scale: Tensor | None = None) ->
                 counts[0] = x.numel()
             head = torch.stack([x.new_tensor(low_value), x.new_tensor(high_value), x.new_tensor(x.numel())])
             return torch.cat([head, x.sum().view(1), torch.dot(x, x).view(1), counts])
-    # on an accelerator (or with NaN/Inf): masked binning that never leaves the device
+    return _device_summary(x, bins)  # on an accelerator, or with NaN/Inf
+
+
+def _device_summary(x: Tensor, bins: int) -> Tensor:
+    """:func:`histogram_summary` of a flat float32 tensor by masked binning that never leaves the device."""
     finite = torch.isfinite(x)
     zero = torch.zeros((), dtype=torch.float32, device=x.device)
     clean = torch.where(finite, x, zero)
@@ -171,9 +175,12 @@ class HistogramLogger(SentinelCallback):
     uses no collectives. Without a :class:`~lightning.pytorch.loggers.TensorBoardLogger` among the
     trainer's loggers it emits one :class:`~lightning_sentinel.SentinelWarning` and does nothing.
 
-    Cost (``python -m benchmarks.histogram_cost``, CPU, one thread): a sampled step of an MLP or a
-    small CNN costs about 2-4 extra step times; at the default ``every_n_steps=200`` that is below
-    2% of the training time.
+    Cost (``python -m benchmarks.histogram_cost``: CPU, one thread, a 2-core machine shared with other
+    jobs): one sampled step adds about one training step (MLP 64-256-256-10: +12.8 ms, 0.7 step;
+    small CNN on 32x32 images: +196 ms, 0.75 step), so the default ``every_n_steps=200`` costs about
+    0.4% of training time (under 2% even at 4 steps per sample, the worst run measured). Steps
+    that are not sampled do no tensor work (a few attribute tests per hook). On a GPU, binning stays on the device and the
+    sampled step does one host read.
 
     Args:
         every_n_steps: log on every n-th training step (by ``trainer.global_step``).
@@ -285,6 +292,15 @@ class HistogramLogger(SentinelCallback):
                 candidates.append(name)
                 modules[name] = module
         self._layers = select_layers(candidates, self.name_filter, self.max_layers)
+        if not self._layers and candidates:
+            shown = ", ".join(candidates[:8]) + (", ..." if len(candidates) > 8 else "")
+            warnings.warn(
+                SentinelWarning(
+                    f"HistogramLogger: `name_filter` {self.name_filter!r} matches none of the model's layers "
+                    f"({shown}), so it logs no histogram."
+                ),
+                stacklevel=2,
+            )
         chosen = set(self._layers)
         self._layer_of_parameter = {}
         for name, parameter in pl_module.named_parameters():
