@@ -149,3 +149,16 @@ def test_hooks_are_removed_after_the_sampled_batch(tmp_path):
     trainer = fit(Classifier(net=_net()), [checker], root=tmp_path, max_steps=3)
     assert not checker._handles
     assert all(not m._forward_pre_hooks for m in trainer.lightning_module.modules())
+
+
+@pytest.mark.parametrize(
+    ("case_name", "where"),
+    [("eval-in-training-step-cnn", "net.features.1"), ("no-eval-in-validation-cnn", "net.features.1")],
+)
+def test_detection_harness_cases(case_name, where):
+    import benchmarks.detection.cases as cases
+    from benchmarks.detection.runner import run_case
+
+    result = run_case(cases.get_case(case_name))
+    mine = [f for f in result.findings if f.check in (EVAL_IN_TRAINING, TRAIN_IN_EVAL)]
+    assert mine and mine[0].check in result.expected and mine[0].where == where

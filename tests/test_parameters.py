@@ -194,3 +194,19 @@ def test_resume_keeps_streaks_and_cadence(tmp_path):
     (found,) = findings(trainer)
     assert found.check == "update-ratio-too-low" and found.step == 7
     assert next(iter(resumed._optimizers.values())).steps_seen == 8
+
+
+def test_detection_harness_head_only_optimizer():
+    import benchmarks.detection.cases as cases
+    from benchmarks.detection.runner import run_case
+
+    result = run_case(cases.get_case("head-only-optimizer-mlp"))
+    (found,) = [f for f in result.findings if f.check == "parameters-not-in-optimizer"]
+    assert found.where == "net.0" and "'net.0', 'net.2'" in found.message
+
+
+def test_low_ratio_hint_tells_a_slow_model_from_slow_layers():
+    from lightning_sentinel.checks.parameters import _low_ratio_hint
+
+    assert "raise the learning rate" in _low_ratio_hint([1e-8, 1e-8, 1e-9], [0, 1, 2], 1e-6)
+    assert "vanish" in _low_ratio_hint([1e-9, 1e-3, 2e-3], [0], 1e-6)
