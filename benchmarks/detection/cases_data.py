@@ -7,6 +7,7 @@ Example:
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from benchmarks.detection import zoo, zoo_data
@@ -42,6 +43,12 @@ def _wine_xy_dicts() -> Built:
     train, val = zoo_data.wine_xy_dict_loaders()
     module = zoo_data.XYModule(zoo.mlp([13, 32, 3]), nn.CrossEntropyLoss(), "adam", lr=3e-3)
     return module, train, val
+
+
+def _imbalanced_weighted() -> Built:
+    train, val = zoo_data.imbalanced_blobs_loaders(ratio=20)
+    loss = nn.CrossEntropyLoss(weight=torch.tensor([1.0, 20.0]))
+    return zoo.ZooModule(zoo.mlp([8, 32, 2]), loss, "adam", lr=3e-3), train, val
 
 
 # ====================================================================== faulty
@@ -116,6 +123,14 @@ CASES: tuple[Case, ...] = (
         "wine classifier on {'x', 'y'} dict batches of 16, validation standardized with the training statistics",
         {"max_steps": 80},
         fast=True,
+    ),
+    Case(
+        "data-imbalance-weighted-loss",
+        True,
+        frozenset(),
+        _imbalanced_weighted,
+        "20:1 imbalanced blobs with CrossEntropyLoss(weight=[1, 20]): the imbalance is handled (an info only)",
+        {"max_steps": 100},
     ),
     # ---------------------------------------------------------------- faulty
     Case(

@@ -490,7 +490,7 @@ class BatchInspector(SentinelCallback):
             if UNNORMALIZED in active or SHIFT in active:
                 self._moments.update(inputs)
                 self._train_samples += int(inputs.shape[0])
-            if CONSTANT in active:
+            if CONSTANT in active and inputs.numel() > 1:
                 record.extremes = torch.cat(torch.aminmax(inputs.detach().reshape(-1, 1), dim=0))
         if usable and REPEATED in active:
             current = fingerprint(inputs)
@@ -599,11 +599,7 @@ class BatchInspector(SentinelCallback):
                     self._report_non_finite(trainer, name, count, numel, record.batch_idx)
         # ---- constant
         extremes = [get(slot[1]) for slot in slots if slot[1] is not None]
-        constant = (
-            bool(extremes)
-            and len(extremes) >= min(2, len(window))
-            and all(low == high and math.isfinite(low) for low, high in extremes)
-        )
+        constant = len(extremes) >= 2 and all(low == high and math.isfinite(low) for low, high in extremes)
         if constant and len(extremes) == len(window):
             self._report_constant(trainer, extremes)
         # ---- unnormalized
