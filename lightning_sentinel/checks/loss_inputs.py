@@ -546,7 +546,7 @@ class LossInputCheck(SentinelCallback):
         self._release(trainer)  # a batch whose end hook never ran (an epoch cut short) leaves nothing behind
         index = self._batches_seen
         self._batches_seen += 1
-        if not self.active_checks or not self._is_due(index):
+        if not self._is_due(index) or not self.active_checks:
             return
         if self._module_names is None:
             self._module_names = {id(module): name for name, module in pl_module.named_modules() if name}
