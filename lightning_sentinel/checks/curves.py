@@ -231,13 +231,18 @@ class LearningCurveMonitor(SentinelCallback):
     - ``loss-divergence``: the smoothed loss (median of the last ``smoothing`` chunk means) is
       >= ``divergence_factor`` (2x) its best smoothed value and has climbed back >= 25% of its descent
       from the start, on 2 checks in a row.
-    - ``loss-oscillation``: the median swing (max - min of per-step losses inside a chunk) of the last
+    - ``loss-oscillation``: the median swing (max - min of the per-step losses around the chunk's
+      linear trend) of the last
       ``smoothing`` chunks is > ``oscillation_factor`` (0.8x) the loss scale (the first chunk's mean, or
       the smoothed level now if larger in magnitude). Minibatch noise of the healthy zoo stays at or below
       0.33x (LSTM, diabetes regression, batch-8 runs); BCE with SGD lr 0.5 momentum 0.9 reaches 1.1x.
     - ``overfitting``: the ``monitor`` validation loss is >= ``overfit_min_rise`` (20%) above its best
       for ``overfit_patience`` (3) validation runs while the smoothed training loss kept falling.
       ``evidence`` gives the train/val gap now and at the best validation run.
+
+    A warm-up that holds the learning rate near 0 for longer than ``patience_steps`` looks like a loss that
+    does not decrease: raise ``patience_steps`` (or ``warmup_steps``) to cover it. A loss that returns
+    nothing to the loop (manual optimization returning ``None``) is not watched.
 
     ``where`` is ``"loss"`` (the training loss) or the ``monitor`` key. Under gradient accumulation each
     optimizer step's loss is the mean of its micro-batches; under manual optimization a step ends at
@@ -252,7 +257,7 @@ class LearningCurveMonitor(SentinelCallback):
         patience_steps: optimizer steps before ``loss-not-decreasing`` is judged.
         min_improvement: relative drop of the smoothed loss below its start that counts as learning.
         divergence_factor: how far above its best smoothed value the smoothed loss may climb.
-        oscillation_factor: largest median in-chunk swing, in units of the starting loss.
+        oscillation_factor: largest median in-chunk swing, in units of the loss scale.
         overfit_patience: validation runs since the best validation loss before ``overfitting``.
         overfit_min_rise: relative rise of the validation loss above its best that counts.
 
