@@ -157,8 +157,16 @@ def test_histograms_and_ratios_at_exactly_the_sampled_steps(tmp_path):
     layout = layout_pb2.Layout.FromString(config.tensor_proto.string_val[0])
     (category,) = layout.category
     assert category.title == "sentinel"
-    regexes = {r for chart in category.chart for r in chart.multiline.tag}
-    assert {r"sentinel/grad_norm/.*", r"sentinel/update_ratio/.*", r"sentinel/dead_share/.*"} <= regexes
+    charts = {chart.title: list(chart.multiline.tag) for chart in category.chart}
+    for tag, title in [
+        ("sentinel/grad_norm/total", "gradient norms"),
+        ("sentinel/grad_norm/optimizer_1/total", "gradient norms"),
+        ("sentinel/update_ratio/net.0", "update/weight ratios"),
+        ("sentinel/dead_share/net.1", "dead and saturated units"),
+        ("sentinel/loss/smoothed", "loss"),
+        ("sentinel/lr/optimizer_0", "other sentinel scalars"),
+    ]:  # every sentinel scalar lands in exactly one chart
+        assert [t for t, regexes in charts.items() if any(re.fullmatch(r, tag) for r in regexes)] == [title]
 
 
 def test_update_ratio_is_the_relative_weight_change(tmp_path):

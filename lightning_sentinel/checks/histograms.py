@@ -36,10 +36,12 @@ SENTINEL_LAYOUT: dict[str, dict[str, list[Any]]] = {
     "sentinel": {
         "gradient norms": ["Multiline", [r"sentinel/grad_norm/.*"]],
         "update/weight ratios": ["Multiline", [r"sentinel/update_ratio/.*"]],
-        "dead unit shares": ["Multiline", [r"sentinel/dead_share/.*"]],
+        "dead and saturated units": ["Multiline", [r"sentinel/(dead_share|dead_relu|saturation)/.*"]],
+        "loss": ["Multiline", [r"sentinel/loss/.*"]],
+        "data": ["Multiline", [r"sentinel/data/.*"]],
         "other sentinel scalars": [
             "Multiline",
-            [r"sentinel/(?!grad_norm/|update_ratio/|dead_share/).*"],
+            [r"sentinel/(?!(grad_norm|update_ratio|dead_share|dead_relu|saturation|loss|data)/).*"],
         ],
     }
 }
