@@ -79,10 +79,15 @@ def default_action(spec: CheckSpec) -> str:
     """The default ``on_detect`` of the callback that owns ``spec``."""
     import inspect
 
-    import lightning_sentinel.checks as checks
+    from lightning_sentinel.base import SentinelCallback
 
-    callback = getattr(checks, spec.callback)
-    return str(inspect.signature(callback.__init__).parameters["on_detect"].default)
+    registered_checks()  # import every check module
+    pending, callbacks = list(SentinelCallback.__subclasses__()), {}
+    while pending:
+        callback = pending.pop()
+        callbacks.setdefault(callback.__name__, callback)
+        pending.extend(callback.__subclasses__())
+    return str(inspect.signature(callbacks[spec.callback].__init__).parameters["on_detect"].default)
 
 
 def validate_check_ids(argument: str, ids: list[str]) -> None:

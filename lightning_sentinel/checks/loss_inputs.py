@@ -764,9 +764,3 @@ class LossInputCheck(SentinelCallback):
 
 
 add_to_presets(LossInputCheck, ("fast", "full"), order=40)
-
-# ``catalog.default_action`` looks the owning callback up as an attribute of the checks package;
-# auto-imported modules are not re-exported there, so expose this one (see the report to the lead).
-_package = sys.modules.get(__name__.rpartition(".")[0])
-if _package is not None and not hasattr(_package, "LossInputCheck"):
-    _package.LossInputCheck = LossInputCheck  # type: ignore[attr-defined]
