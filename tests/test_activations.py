@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -345,6 +350,47 @@ def test_manual_optimization_and_raise(tmp_path):
     with pytest.raises(SentinelError) as raised:
         fit(Manual(), [detector], root=tmp_path, max_steps=4)
     assert raised.value.finding.check == POOR_INIT and raised.value.finding.where == "net.0"
+
+
+_DDP_SCRIPT = """
+import sys
+sys.path[:0] = [{tests!r}, {root!r}]
+import lightning.pytorch as pl, torch
+from torch import nn
+from _models import Classifier, classification_loader
+from lightning_sentinel import SentinelError, findings
+from lightning_sentinel.checks.activations import DeadReLUDetector
+
+torch.set_num_threads(1)
+pl.seed_everything(0, verbose=False)
+net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+nn.init.constant_(net[0].bias, -40.0)
+detector = DeadReLUDetector(on_detect="raise", every_n_steps=1, window=2)
+trainer = pl.Trainer(max_steps=6, accelerator="cpu", devices=2, strategy="ddp", logger=False,
+    enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    callbacks=[detector], default_root_dir={out!r})
+outcome = "finished"
+try:
+    trainer.fit(Classifier(net=net), classification_loader())
+except SentinelError as error:
+    outcome = error.finding.check + ":" + str(error.finding.where)
+samples = [f.evidence.get("window_samples") for f in findings(trainer)]
+print(f"RESULT rank={{trainer.global_rank}} outcome={{outcome}} step={{trainer.global_step}} samples={{samples}}", flush=True)
+"""
+
+
+@pytest.mark.slow  # two processes: ~15 s; run with -m slow
+def test_ddp_counts_are_summed_over_ranks_and_both_ranks_raise(tmp_path):
+    tests = Path(__file__).resolve().parent
+    script = tmp_path / "ddp_dead.py"
+    script.write_text(
+        textwrap.dedent(_DDP_SCRIPT.format(tests=str(tests), root=str(tests.parent), out=str(tmp_path)))
+    )
+    completed = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=240)
+    results = re.findall(r"RESULT rank=(\d) outcome=(\S+) step=(\d+) samples=(\[[^\]]*\])", completed.stdout)
+    assert sorted(rank for rank, *_ in results) == ["0", "1"], completed.stdout + completed.stderr
+    # both ranks stop at the same window with the same finding; 2 ranks x 2 batches x 32 samples
+    assert {tuple(result[1:]) for result in results} == {("dead-relu:net.1", "2", "[128.0]")}
 
 
 # ---------------------------------------------------------------------- detection harness

@@ -322,6 +322,7 @@ class DeadReLUDetector(SentinelCallback):
             return
         if self._window_batches == 0:
             self._window_start_step = trainer.global_step
+        self._release(trainer)  # defensive: never two probes at once
         self._probe_batch_judges_init = judge_init
         self._probe = ActivationProbe(
             pl_module,
