@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -842,8 +841,3 @@ class BatchInspector(SentinelCallback):
 
 
 add_to_presets(BatchInspector, ("fast", "full"), order=20)
-
-# ``catalog.default_action`` looks callbacks up on ``lightning_sentinel.checks``; expose this one there too.
-_checks_package = sys.modules.get("lightning_sentinel.checks")
-if _checks_package is not None and not hasattr(_checks_package, "BatchInspector"):
-    _checks_package.BatchInspector = BatchInspector  # type: ignore[attr-defined]
