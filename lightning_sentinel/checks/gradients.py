@@ -335,7 +335,10 @@ class GradientNormMonitor(SentinelCallback):
             judged, list(state.history), self.spike_factor, self.max_norm, self.min_history
         )
         if finite_now:
-            state.history.append(total_norm)
+            # like is compared with like: the history holds what was judged (the largest norm of each
+            # check interval), so the max of a few noisy small-batch steps is not held against a
+            # median of single steps
+            state.history.append(judged)
         if exploding:
             at_peak = judged != total_norm  # the spike happened between checks
             sizes = layer_peaks if at_peak else layer_grads
