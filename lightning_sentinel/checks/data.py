@@ -258,17 +258,19 @@ class BatchInspector(SentinelCallback):
     Rules (calibrated on the detection benchmark, see ``benchmarks/detection/cases_data.py``):
 
     - ``unnormalized-inputs`` (warning): over >= ``min_samples`` samples, a channel/feature has
-      ``|mean| > mean_bound`` (5) or ``std > std_bound`` (5), or varies by less than ``min_std``
-      (0.01) while staying within +-0.1. ``std_bound`` is 5, not the usual 20: digits pixels 0..16
-      as images have a channel std of 6.0, while standardized features stay below ~2.5 over 256
-      samples even with rare outliers.
-    - ``constant-inputs`` (error): every sampled batch of a window has min == max.
+      ``|mean| > mean_bound`` (5) or ``std > std_bound`` (5), or at least half of the varying
+      features vary by less than ``min_std`` (0.01) while staying within +-0.1 (pixels divided by
+      255 twice). ``std_bound`` is 5, not the usual 20: digits pixels 0..16 as images have a channel
+      std of 6.0, while standardized digits/breast-cancer/diabetes features stay below 1.9 over 256
+      samples even with rare outliers (and [0, 1] pixels below 0.5).
+    - ``constant-inputs`` (error): every sampled batch of a window (at least two) has min == max.
     - ``repeated-batch`` (warning): each sampled batch has the same content (in any order) as the batch
       just before it, for a whole window; skipped when an epoch has a single batch (full-batch training).
     - ``single-label-batch`` (warning): see :func:`single_label_verdict`.
     - ``class-imbalance``: max/min class count > ``imbalance_ratio`` (10) over >= 500 labels. A
       warning when no loss module of the LightningModule has class weights (``weight=``/``pos_weight=``),
-      else info (already handled). When label order looks sorted, judged only after a full epoch.
+      else info (already handled). Not judged once label order looked sorted (sampled counts of
+      sorted data alias with the order; fix the shuffling first).
     - ``train-val-shift`` (warning): see :func:`shifted_features`; reported when >= ``shift_fraction``
       of the features/channels are shifted (a preprocessing difference moves most of them; a few rare
       features move by chance).
