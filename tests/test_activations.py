@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from benchmarks.detection.cases import get_case
 from benchmarks.detection.runner import OK, alarms, run_case
-from lightning_sentinel import Sentinel, SentinelError, findings
+from lightning_sentinel import Sentinel, SentinelError, SentinelWarning, findings
 from lightning_sentinel.checks._activation_probe import RELU, ActivationProbe, activation_kind
 from lightning_sentinel.checks.activations import (
     DEAD_RELU,
@@ -271,7 +272,9 @@ def test_validation_batches_are_counted_only_when_asked(tmp_path, sample_validat
         default_root_dir=str(tmp_path),
     )
     module = WithValidation()
-    trainer.fit(module, classification_loader(n=128), classification_loader(n=64, seed=1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SentinelWarning)
+        trainer.fit(module, classification_loader(n=128), classification_loader(n=64, seed=1))
     found = [(f.check, f.where) for f in _ours(trainer)]
     assert found == ([(DEAD_RELU, "val_only.1")] if sample_validation else [])
     assert _no_hooks_left(module)
