@@ -162,3 +162,23 @@ def test_detection_harness_cases(case_name, where):
     result = run_case(cases.get_case(case_name))
     mine = [f for f in result.findings if f.check in (EVAL_IN_TRAINING, TRAIN_IN_EVAL)]
     assert mine and mine[0].check in result.expected and mine[0].where == where
+
+
+def test_accumulation_and_resume(tmp_path):
+    checker = TrainEvalModeChecker(every_n_steps=4)
+    trainer = fit(Classifier(net=_net()), [checker], root=tmp_path, max_steps=3, accumulate_grad_batches=2)
+    assert findings(trainer) == [] and checker._batches_seen == 6  # micro-batches
+    path = tmp_path / "modes.ckpt"
+    trainer.save_checkpoint(path)
+    resumed = TrainEvalModeChecker(every_n_steps=4)
+    trainer = fit(
+        _EvalInTrainingStep(net=_net()),
+        [resumed],
+        root=tmp_path,
+        max_steps=5,
+        accumulate_grad_batches=2,
+        ckpt_path=str(path),
+    )
+    assert resumed._batches_seen == 10
+    (found,) = findings(trainer)
+    assert found.check == EVAL_IN_TRAINING and found.where == "net.1"

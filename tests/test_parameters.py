@@ -210,3 +210,26 @@ def test_low_ratio_hint_tells_a_slow_model_from_slow_layers():
 
     assert "raise the learning rate" in _low_ratio_hint([1e-8, 1e-8, 1e-9], [0, 1, 2], 1e-6)
     assert "vanish" in _low_ratio_hint([1e-9, 1e-3, 2e-3], [0], 1e-6)
+
+
+class _Unfreezing(Classifier):
+    """Fine-tuning that unfreezes the body at step 6 and adds it to the optimizer as a new param group."""
+
+    def __init__(self):
+        super().__init__()
+        self.net[0].requires_grad_(False)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.net[2].parameters(), lr=0.05)
+
+    def on_train_batch_start(self, batch, batch_idx):
+        if self.global_step == 6:
+            self.net[0].requires_grad_(True)
+            self.optimizers().optimizer.add_param_group({"params": self.net[0].parameters(), "lr": 0.0})
+
+
+def test_a_param_group_added_later_is_watched(tmp_path):
+    monitor = ParameterUpdateMonitor(every_n_steps=2)
+    trainer = fit(_Unfreezing(), [monitor], root=tmp_path, max_steps=16)
+    found = [(f.check, f.where) for f in findings(trainer)]
+    assert found == [("frozen-parameters", "net.0")]  # the new group's lr is 0

@@ -227,6 +227,7 @@ class TrainEvalModeChecker(SentinelCallback):
         return self._modules
 
     def _start(self, pl_module: pl.LightningModule) -> None:
+        self._remove_hooks()  # a batch whose end hook never ran (skipped by on_train_batch_start) left some
         modules = self._watched(pl_module)
         self._seen = [(name, module.training) for name, module in modules]
         self._checking = True

@@ -360,6 +360,8 @@ class ParameterUpdateMonitor(SentinelCallback):
         state.steps_seen += 1
         if not self._is_due(step_index):
             return
+        if sum(len(group["params"]) for group in optimizer.param_groups) != len(state.view.parameters):
+            state.view = optimizer_view(trainer, pl_module, optimizer)  # add_param_group (e.g. unfreezing)
         if UNUSED in self.active_checks:
             self._run_unused_check(trainer, pl_module, state, step_index)
         if {FROZEN, RATIO_HIGH, RATIO_LOW} & set(self.active_checks):
