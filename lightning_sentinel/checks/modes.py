@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import inspect
 import re
-import sys
 from collections.abc import Iterable
 from typing import Any
 
@@ -437,9 +436,3 @@ class TrainEvalModeChecker(SentinelCallback):
 
 
 add_to_presets(TrainEvalModeChecker, ("fast", "full"), order=40)
-
-# ``catalog.default_action`` looks the owning callback up on ``lightning_sentinel.checks``, which does not
-# re-export auto-imported modules: expose this one there until the package does (shared fix requested).
-_checks_package = sys.modules.get(__name__.rpartition(".")[0])
-if _checks_package is not None and not hasattr(_checks_package, "TrainEvalModeChecker"):
-    _checks_package.TrainEvalModeChecker = TrainEvalModeChecker  # type: ignore[attr-defined]

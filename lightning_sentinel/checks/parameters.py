@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -660,9 +659,3 @@ class ParameterUpdateMonitor(SentinelCallback):
 
 
 add_to_presets(ParameterUpdateMonitor, ("fast", "full"), order=50)
-
-# ``catalog.default_action`` looks the owning callback up on ``lightning_sentinel.checks``, which does not
-# re-export auto-imported modules: expose this one there until the package does (shared fix requested).
-_checks_package = sys.modules.get(__name__.rpartition(".")[0])
-if _checks_package is not None and not hasattr(_checks_package, "ParameterUpdateMonitor"):
-    _checks_package.ParameterUpdateMonitor = ParameterUpdateMonitor  # type: ignore[attr-defined]
