@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import sys
 from typing import Any
 
 import lightning.pytorch as pl
@@ -576,9 +575,3 @@ class DeadReLUDetector(SentinelCallback):
 
 
 add_to_presets(DeadReLUDetector, ("fast", "full"), order=30)
-
-# ``catalog.default_action`` looks the owning callback up on ``lightning_sentinel.checks``, which does
-# not re-export auto-imported modules: expose this one there (the lead is asked for a shared fix).
-_checks_package = sys.modules.get(__name__.rpartition(".")[0])
-if _checks_package is not None and not hasattr(_checks_package, "DeadReLUDetector"):
-    _checks_package.DeadReLUDetector = DeadReLUDetector  # type: ignore[attr-defined]
