@@ -25,15 +25,20 @@ from lightning_sentinel import GradientNormMonitor, NonFiniteGuard, Sentinel
 
 
 class StepTimer(pl.Callback):
-    """Wall time of each training step (forward, backward, optimizer step, callbacks in between)."""
+    """Wall time of each training step, callbacks included: ``starter`` goes first in the callback
+    list (its ``on_train_batch_start`` runs before any other callback's), the timer itself last."""
 
     def __init__(self, skip: int = 10) -> None:
         self.skip = skip
         self.times: list[float] = []
         self._start = 0.0
+        timer = self
 
-    def on_train_batch_start(self, *args: Any) -> None:
-        self._start = time.perf_counter()
+        class _Starter(pl.Callback):
+            def on_train_batch_start(self, *args: Any) -> None:
+                timer._start = time.perf_counter()
+
+        self.starter = _Starter()
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
         if trainer.global_step > self.skip:
@@ -99,7 +104,7 @@ def time_variant(kind: str, name: str, steps: int) -> float:
     trainer = pl.Trainer(
         max_steps=steps,
         accelerator="cpu",
-        callbacks=[*make_callbacks(), timer],
+        callbacks=[timer.starter, *make_callbacks(), timer],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
