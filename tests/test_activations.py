@@ -297,13 +297,14 @@ def test_resume_from_checkpoint_keeps_the_cadence_and_does_not_judge_init_again(
     ]  # restored, not new
 
 
-def test_activation_checkpointing_is_not_counted_twice():
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_is_not_counted_twice(reentrant):
     block = nn.Sequential(nn.Linear(4, 6), nn.ReLU())
     sites: dict[str, Any] = {}
     probe = ActivationProbe(block, sites)
     probe.attach()
     inputs = torch.randn(5, 4, requires_grad=True)
-    checkpoint(block, inputs, use_reentrant=False).sum().backward()
+    checkpoint(block, inputs, use_reentrant=reentrant).sum().backward()
     probe.remove()
     assert list(sites) == ["1"] and sites["1"].samples == 5
     assert torch._C._len_torch_function_stack() == 0

@@ -181,6 +181,12 @@ class DeadReLUDetector(SentinelCallback):
     checkpointing during backward are skipped. Every ``window`` sampled batches the counts, kept on
     the device, are read back once (summed over ranks under DDP) and judged.
 
+    Cost: nothing on the batches in between (no hook, no mode, no device op). A sampled batch runs
+    every op of its forward through the function mode and folds each activation into per-unit
+    counts with one fused comparison and sum. Measured on CPU with tiny models (digits MLP and
+    BatchNorm CNN, 200 steps, defaults): 5-9% of the run, Lightning's own per-callback dispatch
+    included; raise ``every_n_steps`` to pay less.
+
     Rules (calibrated on the healthy and fault zoos of ``benchmarks/detection``):
 
     - ``dead-relu``: more than ``dead_threshold`` (50%) of a layer's units output <= 0 for every sample
