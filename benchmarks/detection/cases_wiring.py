@@ -211,7 +211,6 @@ CASES: tuple[Case, ...] = (
         _eval_in_step_cnn,
         "BatchNorm/Dropout CNN whose training_step calls self.eval(): dropout off, batch-norm on stale statistics",
         {"max_steps": 60},
-        fast=True,
     ),
     Case(
         "eval-in-training-step-transformer",
@@ -245,7 +244,6 @@ CASES: tuple[Case, ...] = (
         "CNN whose on_validation_model_eval override forgets self.eval(): validation with dropout on and "
         "batch-norm statistics updated from validation data",
         {"max_steps": 40},
-        fast=True,
     ),
     Case(
         "train-in-validation-step-mlp",
@@ -262,7 +260,6 @@ CASES: tuple[Case, ...] = (
         _head_only_mlp,
         "MLP whose optimizer gets only the last layer's parameters; the body is trainable but never updated",
         {"max_steps": 30},
-        fast=True,
     ),
     Case(
         "head-only-optimizer-cnn",
