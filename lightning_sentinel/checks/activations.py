@@ -202,17 +202,17 @@ class DeadReLUDetector(SentinelCallback):
       Healthy tanh MLPs have no unit saturated even on 50% of its samples; a N(0, 2^2)
       initialisation saturates each unit on ~87% of its samples, so a 99% rule would miss it
       (9-20% of units) while 80% sees 100% of them.
-    - ``poor-weight-init`` scale rule: the signal of an activation is the standard deviation over the
-      batch of each output element (RMS over elements: position patterns of zero padding are no
-      signal). Healthy zoo ratios last/first hidden: 0.18 (5-layer tanh MLP, default init) to 1.8
-      (ResNet); the faults give 1e-3 or less (deep sigmoid, small-init tanh) and 2e5 (N(0, 1) ReLU
-      MLP): 0.1 and 10 leave a 2x margin below the healthy tanh MLP.
-    - ``poor-weight-init`` (first training batch of a fresh run only): the per-unit standard
-      deviation of the last watched activation over the first one is < ``init_scale_low`` or
-      > ``init_scale_high``; or a ``Linear``/``Conv`` layer's rows (weights and bias) are identical and
-      the next layer in execution order reads its units with identical columns, so the units get
-      identical gradients forever. A layer that is last (a zero-initialised head) or whose consumer
-      treats its units differently is fine: gradient descent tells the units apart.
+    - ``poor-weight-init`` (first training batch of a fresh run only, weights as initialised):
+      (a) the signal of the last hidden watched activation over the first one's is below
+      ``init_scale_low`` (0.1) or above ``init_scale_high`` (10). The signal is the standard deviation
+      over the batch of each output element, RMS over the elements (position patterns that zero
+      padding adds are no signal); output activations are left out. Healthy zoo ratios: 0.18
+      (5-layer tanh MLP, default init) to 1.7 (ResNet); faults: 1e-3 or less (deep sigmoid stacks,
+      small-init tanh) and 2e5 (N(0, 1) ReLU MLP), so 0.1 and 10 leave a margin on both sides.
+      (b) a ``Linear``/``Conv`` layer's rows (weights and bias) are identical and the next weight layer
+      in execution order reads its units with identical columns: the units get identical gradients
+      forever. A last layer (a zero-initialised head) or one whose consumer treats its units
+      differently is fine: gradient descent tells the units apart.
 
     Args:
         on_detect: ``"warn"``, ``"stop"`` or ``"raise"`` (see :class:`~lightning_sentinel.base.SentinelCallback`).
