@@ -10,7 +10,17 @@ Example:
 
 from lightning_sentinel.base import SentinelCallback
 from lightning_sentinel.catalog import CheckSpec, registered_checks
-from lightning_sentinel.checks import GradientNormMonitor, NonFiniteGuard
+from lightning_sentinel.checks import (
+    BatchInspector,
+    DeadReLUDetector,
+    GradientNormMonitor,
+    HistogramLogger,
+    LearningCurveMonitor,
+    LossInputCheck,
+    NonFiniteGuard,
+    ParameterUpdateMonitor,
+    TrainEvalModeChecker,
+)
 from lightning_sentinel.findings import (
     Finding,
     SentinelError,
@@ -24,15 +34,22 @@ from lightning_sentinel.suite import Sentinel
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "BatchInspector",
     "CheckSpec",
+    "DeadReLUDetector",
     "Finding",
     "GradientNormMonitor",
+    "HistogramLogger",
+    "LearningCurveMonitor",
+    "LossInputCheck",
     "NonFiniteGuard",
+    "ParameterUpdateMonitor",
     "Sentinel",
     "SentinelCallback",
     "SentinelError",
     "SentinelWarning",
     "Severity",
+    "TrainEvalModeChecker",
     "__version__",
     "findings",
     "load_findings",

@@ -69,10 +69,12 @@ def preset_members(preset: str) -> list[type]:
 
 
 def registered_checks() -> dict[str, CheckSpec]:
-    """Every implemented check id and its spec, in registration order."""
+    """Every implemented check id and its spec, grouped by callback in the order ``Sentinel`` runs them."""
     import lightning_sentinel.checks  # noqa: F401  (importing the checks registers their ids)
 
-    return dict(_REGISTRY)
+    order = {callback.__name__: position for position, callback, _ in _PRESET_MEMBERS}
+    specs = sorted(_REGISTRY.values(), key=lambda spec: order.get(spec.callback, 1_000))  # stable
+    return {spec.check: spec for spec in specs}
 
 
 def default_action(spec: CheckSpec) -> str:

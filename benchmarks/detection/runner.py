@@ -46,8 +46,24 @@ WRONG_DIAGNOSIS = "WRONG-DIAGNOSIS"
 CRASHED = "CRASHED"
 
 # Checks whose findings name a place (a module, parameter or layer): their ``where`` must be set.
+# ids whose findings must name a place (a module, parameter, layer or batch)
 LOCATING_CHECKS = frozenset(
-    {"non-finite-activation", "non-finite-gradients", "exploding-gradients", "vanishing-gradients"}
+    {
+        "non-finite-activation",
+        "non-finite-gradients",
+        "non-finite-weights",
+        "exploding-gradients",
+        "vanishing-gradients",
+        "dead-relu",
+        "saturated-activation",
+        "module-in-eval-during-training",
+        "module-in-train-during-eval",
+        "parameters-not-in-optimizer",
+        "unused-parameters",
+        "frozen-parameters",
+        "update-ratio-too-high",
+        "update-ratio-too-low",
+    }
 )
 
 _LOSS_WINDOW = 5  # micro-batches averaged for the start and end loss
