@@ -487,6 +487,8 @@ _EXTENSIONS = (
     "cases_data",
     "cases_curves",
     "cases_preflight",
+    "cases_preflight_init",
+    "cases_mixing",
     "cases_histograms",
 )
 
