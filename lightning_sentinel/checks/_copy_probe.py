@@ -1,0 +1,99 @@
+"""Probing a throw-away copy of the LightningModule: the real model, its RNG streams and optimizer stay untouched.
+
+Used by :class:`~lightning_sentinel.checks.batch_mixing.BatchIndependenceCheck` and
+:class:`~lightning_sentinel.checks.target_leakage.TargetLeakageCheck`.
+
+Example:
+    >>> import torch
+    >>> before = torch.get_rng_state()
+    >>> with preserved_rng():
+    ...     _ = torch.rand(3)
+    >>> torch.equal(before, torch.get_rng_state())
+    True
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import random
+from collections.abc import Iterator
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch import nn
+
+from lightning_sentinel.base import SentinelCallback
+from lightning_sentinel.findings import Severity
+
+
+@contextlib.contextmanager
+def preserved_rng() -> Iterator[None]:
+    """Save the torch (CPU and CUDA), numpy and python RNG states, and restore them on exit."""
+    torch_state = torch.get_rng_state()
+    cuda_states = (
+        torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    )
+    numpy_state = np.random.get_state()
+    python_state = random.getstate()
+    try:
+        yield
+    finally:
+        torch.set_rng_state(torch_state)
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
+        np.random.set_state(numpy_state)
+        random.setstate(python_state)
+
+
+def _no_op(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+def eval_copy(pl_module: pl.LightningModule) -> pl.LightningModule:
+    """A deep copy of ``pl_module`` (without its trainer) in eval mode, with ``log``/``log_dict`` silenced.
+
+    The copy's parameters are detached copies: gradients computed on it never reach the real model.
+    """
+    module = pl_module
+    # a torch.compile'd or DDP-wrapped network is copied through its original module
+    duplicate = copy.deepcopy(module)
+    duplicate.eval()
+    for parameter in duplicate.parameters():
+        parameter.grad = None
+    duplicate.log = _no_op  # type: ignore[method-assign]
+    duplicate.log_dict = _no_op  # type: ignore[method-assign]
+    return duplicate
+
+
+def first_embedding(module: nn.Module) -> tuple[str, nn.Embedding] | None:
+    """The first ``nn.Embedding`` of ``module`` in registration order, with its qualified name.
+
+    Example:
+        >>> first_embedding(nn.Sequential(nn.Linear(2, 2), nn.Embedding(5, 3)))[0]
+        '1'
+    """
+    for name, child in module.named_modules():
+        if isinstance(child, nn.Embedding):
+            return name, child
+    return None
+
+
+def report_info(
+    callback: SentinelCallback,
+    trainer: pl.Trainer,
+    check: str,
+    severity: Severity,
+    message: str,
+    **kwargs: Any,
+) -> None:
+    """Report an informational finding (a skipped check) without arming the ``stop``/``raise`` policy.
+
+    The base class applies ``on_detect`` to every finding; a check that could not run is no reason
+    to stop or fail the user's training.
+    """
+    pending_stop, pending_raise = callback._pending_stop, callback._pending_raise
+    callback._report(trainer, check, severity, message, **kwargs)
+    callback._pending_stop, callback._pending_raise = pending_stop, pending_raise
