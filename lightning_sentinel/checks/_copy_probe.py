@@ -55,12 +55,26 @@ def _no_op(*args: Any, **kwargs: Any) -> None:
 def eval_copy(pl_module: pl.LightningModule) -> pl.LightningModule:
     """A deep copy of ``pl_module`` (without its trainer) in eval mode, with ``log``/``log_dict`` silenced.
 
+    Module hooks are removed from the copy: those of other callbacks must not record the probe's passes.
+
     The copy's parameters are detached copies: gradients computed on it never reach the real model.
     """
-    module = pl_module
-    # a torch.compile'd or DDP-wrapped network is copied through its original module
-    duplicate = copy.deepcopy(module)
+    duplicate = copy.deepcopy(pl_module)
     duplicate.eval()
+    for child in duplicate.modules():
+        # hooks other callbacks attached to the real modules were copied along: they must not see the probe
+        for hooks in (
+            "_forward_hooks",
+            "_forward_hooks_with_kwargs",
+            "_forward_hooks_always_called",
+            "_forward_pre_hooks",
+            "_forward_pre_hooks_with_kwargs",
+            "_backward_hooks",
+            "_backward_pre_hooks",
+        ):
+            registry = getattr(child, hooks, None)
+            if isinstance(registry, dict):
+                registry.clear()
     for parameter in duplicate.parameters():
         parameter.grad = None
     duplicate.log = _no_op  # type: ignore[method-assign]
