@@ -37,6 +37,11 @@ def test_perturbation_changes_exactly_one_valid_element_per_sample():
     floats = torch.randn(5, 3)
     assert ((perturb_one_per_sample(floats) != floats).sum(dim=1) == 1).all()
     assert perturb_one_per_sample(torch.tensor([True, False])).tolist() == [False, True]
+    probabilities = torch.rand(8, 4)
+    perturbed = perturb_one_per_sample(probabilities)  # BCE targets stay inside [0, 1]
+    assert (
+        ((perturbed != probabilities).sum(dim=1) == 1).all() and perturbed.min() >= 0 and perturbed.max() <= 1
+    )
 
 
 def test_scored_outputs_and_change():

@@ -207,7 +207,12 @@ class BatchIndependenceCheck(SentinelCallback):
             raise _Skip(f"the inputs {parts.input_name} have shape {tuple(inputs.shape)}: need 2+ samples")
         batch_size = int(inputs.shape[0])
         sample = batch_size - 1 if self.sample_index is None else self.sample_index % batch_size
-        duplicate = eval_copy(pl_module)
+        try:
+            duplicate = eval_copy(pl_module)
+        except Exception as error:  # e.g. a module holding something that cannot be deep-copied
+            raise _Skip(
+                f"the module cannot be deep-copied ({type(error).__name__}: {str(error)[:120]})"
+            ) from None
         leaves: list[Tensor] = []
         via = ""
         handle = None
@@ -251,7 +256,10 @@ class BatchIndependenceCheck(SentinelCallback):
                     raise _Skip(
                         f"no batch-first tensor to differentiate{via or ''} (batch size {batch_size})"
                     )
-                gradients = torch.autograd.grad(projected, usable, allow_unused=True)
+                try:
+                    gradients = torch.autograd.grad(projected, usable, allow_unused=True)
+                except RuntimeError as error:
+                    raise _Skip(f"backward through the copy failed ({str(error)[:120]})") from None
         finally:
             if handle is not None:
                 handle.remove()

@@ -61,8 +61,8 @@ def perturb_one_per_sample(targets: Tensor) -> Tensor:
     """A copy of ``targets`` (batch first) with one element per sample changed to another valid value.
 
     Integer labels move to the next label value present in the batch (so they stay in the
-    vocabulary); negative labels (``ignore_index``) are left alone; floats move by the targets' std
-    (or 1); booleans flip. The element changed in sample ``i`` is the ``(i * 7 + m // 2) % m``-th of
+    vocabulary); negative labels (``ignore_index``) are left alone; floats inside [0, 1] (binary labels,
+    probabilities) become ``1 - value``, other floats move by the targets' std (or 1); booleans flip. The element changed in sample ``i`` is the ``(i * 7 + m // 2) % m``-th of
     its ``m`` elements, so different samples probe different positions.
 
     Example:
@@ -70,6 +70,8 @@ def perturb_one_per_sample(targets: Tensor) -> Tensor:
         [[2, 4, 4], [4, 2, 4]]
         >>> perturb_one_per_sample(torch.tensor([0, 1, 1])).tolist()
         [1, 0, 0]
+        >>> perturb_one_per_sample(torch.tensor([[0.0], [1.0], [0.5]])).tolist()
+        [[1.0], [0.0], [0.0]]
     """
     flat = targets.reshape(targets.shape[0], -1).clone()
     samples, per_sample = flat.shape
@@ -79,9 +81,13 @@ def perturb_one_per_sample(targets: Tensor) -> Tensor:
     if flat.dtype == torch.bool:
         flat[rows, columns] = ~values
     elif flat.is_floating_point() or flat.is_complex():
-        spread = flat.float().std() if flat.numel() > 1 else torch.tensor(1.0)
-        step = torch.where(torch.isfinite(spread) & (spread > 0), spread, torch.ones_like(spread))
-        flat[rows, columns] = values + step.to(flat.dtype)
+        if bool(((flat >= 0) & (flat <= 1)).all()):  # probabilities / binary labels: stay inside [0, 1]
+            flipped = 1 - values
+            flat[rows, columns] = torch.where(flipped != values, flipped, torch.zeros_like(values))
+        else:
+            spread = flat.float().std() if flat.numel() > 1 else torch.tensor(1.0)
+            step = torch.where(torch.isfinite(spread) & (spread > 0), spread, torch.ones_like(spread))
+            flat[rows, columns] = values + step.to(flat.dtype)
     else:
         labels = torch.unique(flat[flat >= 0])
         if labels.numel() >= 2:
@@ -295,7 +301,12 @@ class TargetLeakageCheck(SentinelCallback):
             perturbed_batch = replace_targets(batch, perturb_one_per_sample(targets), self.target_key)
         except (TypeError, KeyError, IndexError, StopIteration, ValueError) as error:
             raise _Skip(f"cannot replace the targets {parts.target_name} ({error})") from None
-        duplicate = eval_copy(pl_module)
+        try:
+            duplicate = eval_copy(pl_module)
+        except Exception as error:  # e.g. a module holding something that cannot be deep-copied
+            raise _Skip(
+                f"the module cannot be deep-copied ({type(error).__name__}: {str(error)[:120]})"
+            ) from None
         runs = [
             self._losses(duplicate, batch, batch_idx),
             self._losses(duplicate, perturbed_batch, batch_idx),
