@@ -162,6 +162,24 @@ def test_the_real_run_is_exactly_as_without_the_checks(tmp_path):
         assert torch.equal(a, b), name
 
 
+def test_worker_loaders_and_bf16_stay_silent_and_untouched(tmp_path):
+    def run(callbacks):
+        pl.seed_everything(5, verbose=False)
+        x, y = _digits_like()
+        loader = DataLoader(
+            TensorDataset(x, y), batch_size=32, shuffle=True, num_workers=1, persistent_workers=True
+        )
+        module = _Net()
+        trainer = fit(module, callbacks, loader=loader, root=tmp_path, max_steps=6, precision="bf16-mixed")
+        return module, trainer
+
+    plain, _ = run([])
+    checked, trainer = run(_checks())
+    assert _mine(trainer) == []
+    for a, b in zip(plain.state_dict().values(), checked.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
 # ---------------------------------------------------------------------- detection
 def _digits_like(n: int = 256, features: int = 16, classes: int = 4, seed: int = 0) -> tuple[Tensor, Tensor]:
     generator = torch.Generator().manual_seed(seed)

@@ -30,6 +30,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import move_data_to_device
 from torch import Tensor
+from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_sentinel.checks._batch_split import INPUT_KEYS, TARGET_KEYS
 
@@ -98,6 +99,18 @@ def training_loaders(trainer: pl.Trainer) -> list[Any]:
     return [iterables]
 
 
+def _single_process_twin(loader: Any) -> Any:
+    """``loader`` itself, or for a multi-process ``DataLoader`` a single-process one over the same dataset,
+    batch sampler and collate function (no worker start-up; persistent workers are left alone)."""
+    if not isinstance(loader, DataLoader) or loader.num_workers == 0:
+        return loader
+    if isinstance(loader.dataset, IterableDataset):
+        if loader.persistent_workers:
+            raise TrialUnavailable("an iterable dataset with persistent workers cannot be read twice")
+        return loader
+    return DataLoader(loader.dataset, batch_sampler=loader.batch_sampler, collate_fn=loader.collate_fn)
+
+
 def take_batches(trainer: pl.Trainer, count: int) -> list[Any]:
     """Up to ``count`` batches from a fresh iterator over the first training dataloader.
 
@@ -107,7 +120,7 @@ def take_batches(trainer: pl.Trainer, count: int) -> list[Any]:
     if not loaders:
         raise TrialUnavailable("the trainer has no training dataloader")
     batches: list[Any] = []
-    iterator = iter(loaders[0])
+    iterator = iter(_single_process_twin(loaders[0]))
     try:
         for batch in iterator:
             batches.append(batch)
