@@ -251,6 +251,7 @@ class SentinelCallback(Callback):
         ``magnitude`` grows with how bad the finding is: a (check, where) already reported is reported
         again only when its severity rises or its magnitude is 10x the last one reported. Pass
         ``dedupe_as`` to de-duplicate on another key than ``where`` (e.g. one key for a whole model).
+        Info findings are recorded and warned but never trigger ``stop`` or ``raise``.
         """
         if check not in self.CHECKS:
             raise AssertionError(f"{type(self).__name__} reported {check!r}, which is not in its CHECKS")
@@ -285,6 +286,8 @@ class SentinelCallback(Callback):
                 SentinelWarning(finding.format() + (f" Hint: {hint}" if hint else "")), stacklevel=2
             )
             self._log_findings_text(trainer)
+        if severity is Severity.INFO:
+            return finding  # advice (or a check that could not run) never stops or fails a run
         if self.on_detect == "stop":
             self._pending_stop = True
         elif self.on_detect == "raise" and self._pending_raise is None:

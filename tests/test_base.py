@@ -149,3 +149,10 @@ def test_findings_go_to_tensorboard_text_and_scalars_to_the_logger(tmp_path):
     assert any(tag.startswith("sentinel/findings") for tag in tags["tensors"])
     assert (tmp_path / "tb" / "version_0" / "sentinel" / "findings.json").exists()
     assert trainer.global_step == 6
+
+
+def test_info_findings_never_stop_or_raise(tmp_path):
+    check = StepCheck(at_step=1, severities=[Severity.INFO], on_detect="raise")
+    trainer = fit(Classifier(), [check], root=tmp_path, max_steps=5)
+    assert trainer.global_step == 5
+    assert [f.severity for f in findings(trainer)] == [Severity.INFO]

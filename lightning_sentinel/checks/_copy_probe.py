@@ -103,11 +103,5 @@ def report_info(
     message: str,
     **kwargs: Any,
 ) -> None:
-    """Report an informational finding (a skipped check) without arming the ``stop``/``raise`` policy.
-
-    The base class applies ``on_detect`` to every finding; a check that could not run is no reason
-    to stop or fail the user's training.
-    """
-    pending_stop, pending_raise = callback._pending_stop, callback._pending_raise
+    """Report a finding that a check could not run (info findings never arm ``stop``/``raise``)."""
     callback._report(trainer, check, severity, message, **kwargs)
-    callback._pending_stop, callback._pending_raise = pending_stop, pending_raise
