@@ -11,14 +11,17 @@ Example:
 from lightning_sentinel.base import SentinelCallback
 from lightning_sentinel.catalog import CheckSpec, registered_checks
 from lightning_sentinel.checks import (
+    BatchIndependenceCheck,
     BatchInspector,
     DeadReLUDetector,
     GradientNormMonitor,
     HistogramLogger,
     LearningCurveMonitor,
+    LossAtInitCheck,
     LossInputCheck,
     NonFiniteGuard,
     ParameterUpdateMonitor,
+    TargetLeakageCheck,
     TrainEvalModeChecker,
 )
 from lightning_sentinel.findings import (
@@ -34,6 +37,7 @@ from lightning_sentinel.suite import Sentinel
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "BatchIndependenceCheck",
     "BatchInspector",
     "CheckSpec",
     "DeadReLUDetector",
@@ -41,6 +45,7 @@ __all__ = [
     "GradientNormMonitor",
     "HistogramLogger",
     "LearningCurveMonitor",
+    "LossAtInitCheck",
     "LossInputCheck",
     "NonFiniteGuard",
     "ParameterUpdateMonitor",
@@ -49,6 +54,7 @@ __all__ = [
     "SentinelError",
     "SentinelWarning",
     "Severity",
+    "TargetLeakageCheck",
     "TrainEvalModeChecker",
     "__version__",
     "findings",
