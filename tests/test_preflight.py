@@ -352,3 +352,19 @@ def test_harness_fast_cases(name):
     result = run_case(case)
     assert result.verdict == "ok", (result.verdict, result.reported, result.error)
     assert set(result.reported) & case.expected
+
+
+class _Uncopyable(Classifier):
+    def __init__(self) -> None:
+        import threading
+
+        super().__init__()
+        self.lock = threading.Lock()  # cannot be deep-copied
+
+
+def test_a_model_that_cannot_be_copied_gives_an_info(tmp_path):
+    trainer = fit(_Uncopyable(), _checks(), root=tmp_path, max_steps=2)
+    found = _mine(trainer)
+    assert {f.severity.value for f in found} == {"info"} and len(found) == 2
+    assert all("TypeError" in f.message for f in found)
+    assert trainer.global_step == 2

@@ -162,13 +162,23 @@ class _PreflightCheck(SentinelCallback):
             return
         self._done = True
         if not pl_module.automatic_optimization:
-            self._info(trainer, "skipped: the module uses manual optimization, which a trial cannot replay")
+            self._info(
+                trainer,
+                "skipped: the module uses manual optimization, which a trial cannot replay",
+                hint="check by hand that the model can overfit one small batch",
+            )
         else:
             try:
                 with forked_random_state(training_loaders(trainer)):
                     self._run_trial(trainer, pl_module)
             except TrialUnavailable as reason:
                 self._info(trainer, f"skipped: {reason}")
+            except Exception as error:  # the copy could not be made or trained: not the real run's business
+                self._info(
+                    trainer,
+                    f"skipped: the trial on a copy of the model failed ({type(error).__name__}: {error})",
+                    hint="the real training goes on; disable this check if the model cannot be deep-copied",
+                )
         self._settle(trainer)
 
     @staticmethod
@@ -180,14 +190,13 @@ class _PreflightCheck(SentinelCallback):
         for logger in trainer.loggers:
             logger.log_metrics(finite, step=trainer.global_step)
 
-    def _info(self, trainer: pl.Trainer, message: str) -> None:
-        self._report(
-            trainer,
-            self.CHECK,
-            Severity.INFO,
-            f"{type(self).__name__} {message}",
-            hint="pass `input_key`/`target_key` for another batch layout, or disable this check",
-        )
+    def _info(
+        self,
+        trainer: pl.Trainer,
+        message: str,
+        hint: str = "pass `input_key`/`target_key` for another batch layout, or disable this check",
+    ) -> None:
+        self._report(trainer, self.CHECK, Severity.INFO, f"{type(self).__name__} {message}", hint=hint)
 
     def _run_trial(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         raise NotImplementedError
@@ -213,7 +222,6 @@ class OverfitBatchCheck(_PreflightCheck):
 
     Example:
         >>> import lightning.pytorch as pl
-        >>> from lightning_sentinel import Sentinel
         >>> trainer = pl.Trainer(callbacks=[OverfitBatchCheck(max_steps=100)], logger=False)
     """
 
@@ -258,7 +266,11 @@ class OverfitBatchCheck(_PreflightCheck):
         self, trainer: pl.Trainer, run: TrialRun, start: float, final: float, size: int, seconds: float
     ) -> None:
         if not run.losses:
-            self._info(trainer, f"inconclusive: no trial step fitted in {self.max_seconds:g} s")
+            self._info(
+                trainer,
+                f"inconclusive: no trial step fitted in {self.max_seconds:g} s",
+                hint="raise `max_seconds` to let the trial run",
+            )
             return
         failed, fraction = overfit_verdict(start, final, self.max_fraction)
         self._log_measured(trainer, {"sentinel/overfit_batch/fraction": fraction})
