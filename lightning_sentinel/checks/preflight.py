@@ -351,7 +351,7 @@ class LabelShuffleCheck(_PreflightCheck):
         on_detect: OnDetect = "warn",
         batches: int = 4,
         max_steps: int = 60,
-        max_seconds: float = 3.0,
+        max_seconds: float = 2.5,
         margin: float = 0.05,
         input_key: Key | None = None,
         target_key: Key | None = None,
