@@ -18,8 +18,8 @@ PRESETS: tuple[str, ...] = ("fast", "full")
 def preset_checks(preset: str) -> list[SentinelCallback]:
     """Fresh instances of the callbacks a preset runs.
 
-    ``fast`` holds the cheap always-on monitors; ``full`` adds the preflight trials (which run on
-    a copy of the model before training starts) as they become available.
+    ``fast`` holds the cheap always-on monitors; ``full`` adds the preflight trials, which run
+    once, on copies of the model, before or at the first training step (a few seconds at most).
     """
     if preset not in PRESETS:
         raise ValueError(f"`preset` must be one of {list(PRESETS)}, got {preset!r}")
@@ -31,7 +31,11 @@ class Sentinel(Callback):
 
     Args:
         preset: ``"fast"`` (default): the cheap monitors that run during training (NaN/Inf guard,
-            gradient norms). ``"full"``: also the preflight trials, once available.
+            gradients, data, activations, loss inputs, train/eval modes, parameter updates, the
+            learning curve, the loss at init). ``"full"``: also the preflight trials on copies of
+            the model (can it overfit one batch, does it learn more from real labels than from
+            shuffled ones or zeroed inputs, are samples independent, do targets leak into inputs),
+            run once before or at the first step, within a few seconds.
         checks: the check callbacks to run instead of the preset's, e.g.
             ``[NonFiniteGuard(on_detect="raise"), GradientNormMonitor(every_n_steps=1)]``.
         disable: check ids to silence (see ``lightning-sentinel checks``); unknown ids raise ``ValueError``.

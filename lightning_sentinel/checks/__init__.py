@@ -16,6 +16,7 @@ from lightning_sentinel.checks.loss_inputs import LossInputCheck
 from lightning_sentinel.checks.modes import TrainEvalModeChecker
 from lightning_sentinel.checks.non_finite import NonFiniteGuard
 from lightning_sentinel.checks.parameters import ParameterUpdateMonitor
+from lightning_sentinel.checks.preflight import LabelShuffleCheck, OverfitBatchCheck
 from lightning_sentinel.checks.target_leakage import TargetLeakageCheck
 
 for _module in pkgutil.iter_modules(__path__):
@@ -28,10 +29,12 @@ __all__ = [
     "DeadReLUDetector",
     "GradientNormMonitor",
     "HistogramLogger",
+    "LabelShuffleCheck",
     "LearningCurveMonitor",
     "LossAtInitCheck",
     "LossInputCheck",
     "NonFiniteGuard",
+    "OverfitBatchCheck",
     "ParameterUpdateMonitor",
     "TargetLeakageCheck",
     "TrainEvalModeChecker",
