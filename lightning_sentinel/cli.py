@@ -46,13 +46,15 @@ def _command_checks(args: argparse.Namespace) -> int:
 @contextlib.contextmanager
 def _quiet_lightning() -> Iterator[None]:
     """Hide Lightning's INFO chatter (device banners, per-run reports) while the demo prints its own."""
-    logger = logging.getLogger("lightning.pytorch")
-    level = logger.level
-    logger.setLevel(logging.WARNING)
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
     try:
         yield
     finally:
-        logger.setLevel(level)
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 def _command_demo(args: argparse.Namespace) -> int:
@@ -68,6 +70,8 @@ def _command_demo(args: argparse.Namespace) -> int:
 
 
 def _command_doctor(args: argparse.Namespace) -> int:
+    if args.config is not None:
+        return _doctor_config(args.config, args.root_dir)
     print(f"lightning-sentinel {__version__} on Python {platform.python_version()} ({platform.platform()})")
     status = 0
     for package in ("torch", "lightning", "torchmetrics", "tensorboard"):
@@ -97,6 +101,20 @@ def _command_doctor(args: argparse.Namespace) -> int:
     return status
 
 
+def _doctor_config(config: str, root_dir: str) -> int:
+    from lightning_sentinel.doctor import diagnose_config, has_errors
+    from lightning_sentinel.report import format_report
+
+    print(f"lightning-sentinel doctor: preflight trials and first-batch checks of {config}")
+    with _quiet_lightning():
+        diagnosis = diagnose_config(config, root_dir)
+    print(format_report(diagnosis.findings, diagnosis.checks, diagnosis.path))
+    for finding in diagnosis.findings:
+        if finding.hint:
+            print(f"  {finding.check}: try {finding.hint}")
+    return 1 if has_errors(diagnosis.findings) else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``lightning-sentinel`` command."""
     parser = argparse.ArgumentParser(
@@ -108,9 +126,18 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "demo", help="train a healthy and two broken models and show what is found"
     ).set_defaults(handler=_command_demo)
-    commands.add_parser("doctor", help="report versions and run a quick self-check").set_defaults(
-        handler=_command_doctor
+    doctor = commands.add_parser(
+        "doctor",
+        help="report versions and run a quick self-check; with --config, run the preflight trials of a "
+        "LightningCLI config (exit 1 on an error finding)",
     )
+    doctor.add_argument(
+        "--config", metavar="YAML", help="a LightningCLI config with model and data (class_path)"
+    )
+    doctor.add_argument(
+        "--root-dir", default="sentinel_doctor", help="where findings.json is written (default: %(default)s)"
+    )
+    doctor.set_defaults(handler=_command_doctor)
     commands.add_parser("checks", help="list every check id with its callback and default rule").set_defaults(
         handler=_command_checks
     )

@@ -35,6 +35,34 @@ def make_data(n: int = 1024, batch_size: int = 64, seed: int = 0) -> DataLoader:
     )
 
 
+class DemoDataModule(pl.LightningDataModule):
+    """The demo's synthetic 3-class data as a DataModule (for LightningCLI configs).
+
+    Args:
+        n: number of samples.
+        batch_size: batch size.
+        permute_labels: a data bug: labels shuffled independently of the inputs.
+
+    Example:
+        >>> len(DemoDataModule(n=128, batch_size=32).train_dataloader())
+        4
+    """
+
+    def __init__(self, n: int = 1024, batch_size: int = 64, permute_labels: bool = False) -> None:
+        super().__init__()
+        self.n = n
+        self.batch_size = batch_size
+        self.permute_labels = permute_labels
+
+    def train_dataloader(self) -> DataLoader:
+        loader = make_data(n=self.n, batch_size=self.batch_size)
+        if not self.permute_labels:
+            return loader
+        features, labels = loader.dataset.tensors  # type: ignore[attr-defined]
+        shuffled = labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(1))]
+        return DataLoader(TensorDataset(features, shuffled), batch_size=self.batch_size, shuffle=True)
+
+
 class SafeLogNormalizer(nn.Module):
     """A layer meant to compress large activations with ``log``; it forgets that inputs can be negative."""
 

@@ -1,7 +1,9 @@
 """The lightning-sentinel command."""
 
+import json
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -44,3 +46,21 @@ def test_help_and_unknown_command():
 def test_console_script_is_installed():
     result = subprocess.run(["lightning-sentinel", "--version"], capture_output=True, text=True, check=True)
     assert result.stdout.startswith("lightning-sentinel ")
+
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def test_doctor_config_passes_a_healthy_config(tmp_path, capsys):
+    assert main(["doctor", "--config", str(EXAMPLES / "doctor.yaml"), "--root-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "checks passed" in out and "cannot-overfit-batch" in out  # the preflight trials ran
+    assert json.loads((tmp_path / "sentinel" / "findings.json").read_text()) == []
+
+
+def test_doctor_config_fails_on_permuted_labels(tmp_path, capsys):
+    config = EXAMPLES / "doctor_broken_labels.yaml"
+    assert main(["doctor", "--config", str(config), "--root-dir", str(tmp_path)]) == 1
+    assert "model-ignores-input" in capsys.readouterr().out
+    records = json.loads((tmp_path / "sentinel" / "findings.json").read_text())
+    assert [(r["check"], r["severity"]) for r in records] == [("model-ignores-input", "error")]
