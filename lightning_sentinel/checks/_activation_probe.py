@@ -35,6 +35,8 @@ from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
+from lightning_sentinel.checks._torch_function import remove_mode
+
 RELU = "relu"  # ReLU family: a unit is active where its output is > 0
 TANH = "tanh"  # saturated where |y| > 0.99
 SIGMOID = "sigmoid"  # saturated where y < 0.01 or y > 0.99
@@ -259,16 +261,8 @@ class ActivationProbe:
         self._handles = []
         self._stack = []
         mode, self._mode = self._mode, None
-        if mode is None:
-            return
-        above: list[Any] = []  # modes pushed after ours (popped, then put back in their order)
-        while torch._C._len_torch_function_stack() > 0:
-            top = torch._C._pop_torch_function_stack()
-            if top is mode:
-                break
-            above.append(top)
-        for other in reversed(above):
-            torch._C._push_on_torch_function_stack(other)
+        if mode is not None:
+            remove_mode(mode)
 
     # ------------------------------------------------------------------ module stack
     def _enter(self, module: nn.Module, args: Any) -> None:

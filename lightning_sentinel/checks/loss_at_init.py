@@ -19,8 +19,6 @@ at the end of that batch, and never looks again.
 from __future__ import annotations
 
 import math
-import os
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -28,13 +26,13 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from torch.overrides import TorchFunctionMode
 from typing_extensions import override
 
 from lightning_sentinel.base import OnDetect, SentinelCallback, validate_positive_float
 from lightning_sentinel.catalog import CheckSpec, add_to_presets, register
-from lightning_sentinel.checks.loss_inputs import _remove_mode
+from lightning_sentinel.checks._torch_function import loss_call_site, remove_mode
 from lightning_sentinel.findings import Severity
 
 LOSS_AT_INIT = "loss-at-init"
@@ -66,11 +64,6 @@ _INTERCEPTED: dict[Callable[..., Any], str] = {
 }
 # position of ``ignore_index`` in the signatures of cross_entropy and nll_loss
 _IGNORE_INDEX_POSITION = 4
-
-_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
-# frames of this package (this interceptor, other checks' interceptors below it on the mode stack) are skipped
-_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
-_LOSS_MODULES_FILE = os.path.join(_TORCH_DIR, "nn", "modules", "loss.py")
 
 
 # ---------------------------------------------------------------------- pure rules
@@ -215,33 +208,6 @@ class InitLossCall:
     stats: Tensor
 
 
-def _call_site(function: str, module_names: dict[int, str]) -> tuple[str, str]:
-    """``(where, call_site)`` of the loss call being intercepted, read from the Python stack."""
-    frame = sys._getframe(1)
-    loss_module: nn.Module | None = None
-    while frame is not None:
-        filename = frame.f_code.co_filename
-        if filename == _LOSS_MODULES_FILE and loss_module is None:
-            candidate = frame.f_locals.get("self")
-            if isinstance(candidate, nn.Module):
-                loss_module = candidate
-        elif (
-            not filename.startswith(_TORCH_DIR)
-            and not os.path.abspath(filename).startswith(_PACKAGE_DIR)
-            and frame.f_code.co_name != "__torch_function__"  # another library's mode passing the call on
-        ):
-            break
-        frame = frame.f_back
-    caller, site = "unknown", "unknown"
-    if frame is not None:
-        caller = frame.f_code.co_name
-        site = f"{caller} ({os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno})"
-    if loss_module is not None:
-        name = module_names.get(id(loss_module))
-        return (name or f"{type(loss_module).__name__} in {caller}"), site
-    return f"F.{function} in {caller}", site
-
-
 def _argument(args: tuple[Any, ...], kwargs: dict[str, Any], position: int, name: str, default: Any) -> Any:
     if name in kwargs:
         return kwargs[name]
@@ -294,7 +260,7 @@ class _InitLossInterceptor(TorchFunctionMode):
                 stats = regression_init_stats(scores, target)
             if isinstance(result, Tensor):
                 self.results.append(result.detach())
-        where, site = _call_site(function, self.module_names)
+        where, site = loss_call_site(function, self.module_names)
         self.calls.append(InitLossCall(function, where, site, stats))
 
 
@@ -425,7 +391,7 @@ class LossAtInitCheck(SentinelCallback):
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
         # the first batch's loss is computed: backward and the optimizer step are not intercepted
         if self._mode is not None:
-            _remove_mode(self._mode)
+            remove_mode(self._mode)
 
     @override
     def on_train_batch_end(
@@ -450,7 +416,7 @@ class LossAtInitCheck(SentinelCallback):
     def _release(self, trainer: pl.Trainer) -> None:
         if self._mode is not None:
             mode, self._mode = self._mode, None
-            _remove_mode(mode)
+            remove_mode(mode)
 
     # ------------------------------------------------------------------ the check
     def _run_loss_at_init_check(

@@ -12,8 +12,6 @@ rules below.
 from __future__ import annotations
 
 import math
-import os
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -21,12 +19,13 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from torch.overrides import TorchFunctionMode
 from typing_extensions import override
 
 from lightning_sentinel.base import OnDetect, SentinelCallback, validate_positive_float, validate_positive_int
 from lightning_sentinel.catalog import CheckSpec, add_to_presets, register
+from lightning_sentinel.checks._torch_function import loss_call_site, remove_mode
 from lightning_sentinel.findings import Severity
 
 SOFTMAX_BEFORE_CE = "softmax-before-cross-entropy"
@@ -91,9 +90,6 @@ _INTERCEPTED: dict[Callable[..., Any], str] = {
     F.huber_loss: _REGRESSION,
 }
 
-_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
-_THIS_FILE = os.path.abspath(__file__)
-_LOSS_MODULES_FILE = os.path.join(_TORCH_DIR, "nn", "modules", "loss.py")
 
 # the bounded ranges a final activation confines an output to: ReLU (and friends), sigmoid, tanh
 RANGE_NON_NEGATIVE = (0.0, math.inf)
@@ -329,36 +325,6 @@ class LossCall:
     stats: Tensor | None
 
 
-def _call_site(function: str, module_names: dict[int, str]) -> tuple[str, str]:
-    """``(where, call_site)`` of the loss call being intercepted, from the Python stack.
-
-    ``where`` is the loss module's name in the LightningModule when an ``nn.*Loss`` made the call,
-    otherwise ``F.<function> in <caller>``; ``call_site`` is the first frame outside torch.
-    """
-    frame = sys._getframe(2)
-    loss_module: nn.Module | None = None
-    while frame is not None:
-        filename = frame.f_code.co_filename
-        if filename == _LOSS_MODULES_FILE and loss_module is None:
-            candidate = frame.f_locals.get("self")
-            if isinstance(candidate, nn.Module):
-                loss_module = candidate
-        elif not filename.startswith(_TORCH_DIR) and os.path.abspath(filename) != _THIS_FILE:
-            break
-        frame = frame.f_back
-    site = "unknown"
-    caller = "unknown"
-    if frame is not None:
-        caller = frame.f_code.co_name
-        site = f"{caller} ({os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno})"
-    if loss_module is not None:
-        name = module_names.get(id(loss_module))
-        if name:
-            return name, site
-        return f"{type(loss_module).__name__} in {caller}", site
-    return f"F.{function} in {caller}", site
-
-
 class _LossInterceptor(TorchFunctionMode):
     """Records the arguments of the intercepted losses; every other call passes straight through."""
 
@@ -386,7 +352,7 @@ class _LossInterceptor(TorchFunctionMode):
         target = args[1] if len(args) > 1 else kwargs.get("target")
         if not isinstance(values, Tensor) or not values.is_floating_point() or values.numel() == 0:
             return
-        where, site = _call_site(function, self.module_names)
+        where, site = loss_call_site(function, self.module_names)
         target_shape = tuple(target.shape) if isinstance(target, Tensor) else None
         stats: Tensor | None = None
         with torch.no_grad():
@@ -402,24 +368,6 @@ class _LossInterceptor(TorchFunctionMode):
             ):
                 stats = regression_stats(values, target)
         self.calls.append(LossCall(function, kind, where, site, tuple(values.shape), target_shape, stats))
-
-
-def _remove_mode(mode: TorchFunctionMode) -> None:
-    """Take ``mode`` off the torch-function mode stack, wherever it sits, leaving the others in order."""
-    stack = torch.overrides._get_current_function_mode_stack()
-    if not any(entry is mode for entry in stack):
-        return
-    if stack[-1] is mode:
-        mode.__exit__(None, None, None)
-        return
-    above: list[Any] = []
-    while True:
-        top = torch._C._pop_torch_function_stack()
-        if top is mode:
-            break
-        above.append(top)
-    for entry in reversed(above):
-        torch._C._push_on_torch_function_stack(entry)
 
 
 # ---------------------------------------------------------------------- the callback
@@ -571,7 +519,7 @@ class LossInputCheck(SentinelCallback):
         # automatic optimization: the loss of this batch is computed; backward and the optimizer step
         # need not pay for the interception (the calls recorded so far are judged at batch end)
         if self._mode is not None and pl_module.automatic_optimization:
-            _remove_mode(self._mode)
+            remove_mode(self._mode)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -581,7 +529,7 @@ class LossInputCheck(SentinelCallback):
     def _release(self, trainer: pl.Trainer) -> None:
         if self._mode is not None:
             mode, self._mode = self._mode, None
-            _remove_mode(mode)
+            remove_mode(mode)
 
     # ------------------------------------------------------------------ the check
     def _run_loss_input_check(self, trainer: pl.Trainer, calls: list[LossCall], batch_idx: int) -> None:

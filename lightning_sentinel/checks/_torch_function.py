@@ -1,0 +1,74 @@
+"""Helpers for the checks that intercept calls with a ``TorchFunctionMode`` (loss inputs, loss at
+init, activations): taking a mode off the stack wherever it sits, and naming a loss call's origin.
+
+Example:
+    >>> from torch.overrides import TorchFunctionMode
+    >>> mode = TorchFunctionMode()
+    >>> _ = mode.__enter__()
+    >>> remove_mode(mode)
+    >>> remove_mode(mode)  # already gone: nothing to do
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
+_CHECKS_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_LOSS_MODULES_FILE = os.path.join(_TORCH_DIR, "nn", "modules", "loss.py")
+
+
+def remove_mode(mode: TorchFunctionMode) -> None:
+    """Take ``mode`` off the torch-function mode stack, wherever it sits, leaving the others in order."""
+    stack = torch.overrides._get_current_function_mode_stack()
+    if not any(entry is mode for entry in stack):
+        return
+    if stack[-1] is mode:
+        mode.__exit__(None, None, None)
+        return
+    above: list[Any] = []  # modes pushed after ours: popped, then put back in their order
+    while True:
+        top = torch._C._pop_torch_function_stack()
+        if top is mode:
+            break
+        above.append(top)
+    for entry in reversed(above):
+        torch._C._push_on_torch_function_stack(entry)
+
+
+def loss_call_site(function: str, module_names: dict[int, str]) -> tuple[str, str]:
+    """``(where, call_site)`` of the loss call being intercepted, read from the Python stack.
+
+    ``where`` is the loss module's name in the LightningModule when an ``nn.*Loss`` made the call,
+    otherwise ``F.<function> in <caller>``; ``call_site`` is the first frame outside torch, outside
+    these checks and outside any mode's ``__torch_function__`` (another mode passing the call on).
+    """
+    frame = sys._getframe(1)
+    loss_module: nn.Module | None = None
+    while frame is not None:
+        filename = frame.f_code.co_filename
+        if filename == _LOSS_MODULES_FILE and loss_module is None:
+            candidate = frame.f_locals.get("self")
+            if isinstance(candidate, nn.Module):
+                loss_module = candidate
+        elif (
+            not filename.startswith(_TORCH_DIR)
+            and not os.path.abspath(filename).startswith(_CHECKS_DIR)
+            and frame.f_code.co_name != "__torch_function__"
+        ):
+            break
+        frame = frame.f_back
+    caller, site = "unknown", "unknown"
+    if frame is not None:
+        caller = frame.f_code.co_name
+        site = f"{caller} ({os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno})"
+    if loss_module is not None:
+        name = module_names.get(id(loss_module))
+        return (name or f"{type(loss_module).__name__} in {caller}"), site
+    return f"F.{function} in {caller}", site
