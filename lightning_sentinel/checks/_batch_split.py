@@ -41,6 +41,12 @@ class BatchParts:
     reason: str = ""
 
 
+def validate_key(argument: str, value: Key | None) -> None:
+    """Raise ``ValueError`` naming ``argument`` unless ``value`` is a key name, an index or ``None``."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (str, int))):
+        raise ValueError(f"`{argument}` must be a string, an integer or None, got {value!r}")
+
+
 def _name(key: Key, attribute: bool = False) -> str:
     if attribute:
         return f"batch.{key}"

@@ -22,7 +22,7 @@ from typing_extensions import override
 
 from lightning_sentinel.base import OnDetect, SentinelCallback, validate_positive_float, validate_positive_int
 from lightning_sentinel.catalog import CheckSpec, add_to_presets, register
-from lightning_sentinel.checks._batch_split import Key, named_tensors, split_batch
+from lightning_sentinel.checks._batch_split import Key, named_tensors, split_batch, validate_key
 from lightning_sentinel.checks._copy_probe import eval_copy, first_embedding, preserved_rng, report_info
 from lightning_sentinel.findings import Severity
 
@@ -119,8 +119,7 @@ class BatchIndependenceCheck(SentinelCallback):
         tolerance: float = 1e-6,
     ) -> None:
         super().__init__(on_detect=on_detect)
-        if input_key is not None and (isinstance(input_key, bool) or not isinstance(input_key, (str, int))):
-            raise ValueError(f"`input_key` must be a string, an integer or None, got {input_key!r}")
+        validate_key("input_key", input_key)
         if sample_index is not None:
             validate_positive_int("sample_index", sample_index, minimum=0)
         validate_positive_float("tolerance", tolerance)

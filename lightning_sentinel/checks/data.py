@@ -18,7 +18,7 @@ from lightning_sentinel.base import (
     validate_positive_int,
 )
 from lightning_sentinel.catalog import CheckSpec, add_to_presets, register
-from lightning_sentinel.checks._batch_split import BatchParts, Key, named_tensors, split_batch
+from lightning_sentinel.checks._batch_split import BatchParts, Key, named_tensors, split_batch, validate_key
 from lightning_sentinel.checks._batch_stats import (
     FeatureMoments,
     feature_axis,
@@ -319,9 +319,8 @@ class BatchInspector(SentinelCallback):
     ) -> None:
         super().__init__(on_detect=on_detect, every_n_steps=every_n_steps)
         validate_positive_int("window_batches", window_batches)
-        for name, key in (("input_key", input_key), ("target_key", target_key)):
-            if key is not None and (isinstance(key, bool) or not isinstance(key, (str, int))):
-                raise ValueError(f"`{name}` must be a string, an integer or None, got {key!r}")
+        validate_key("input_key", input_key)
+        validate_key("target_key", target_key)
         for name, value in (
             ("mean_bound", mean_bound),
             ("std_bound", std_bound),

@@ -26,6 +26,7 @@ from typing_extensions import override
 
 from lightning_sentinel.base import OnDetect, SentinelCallback, validate_positive_float, validate_positive_int
 from lightning_sentinel.catalog import CheckSpec, add_to_presets, register
+from lightning_sentinel.checks._batch_split import Key, validate_key
 from lightning_sentinel.checks._trial import (
     Trial,
     TrialRun,
@@ -59,8 +60,6 @@ register(
         "eval-mode loss of 16 samples after 150 trial steps > 55% of its start",
     ),
 )
-
-Key = str | int
 
 
 # ---------------------------------------------------------------------- pure rules
@@ -108,11 +107,6 @@ def ignores_input_verdict(real: float, shuffled: float, zeroed: float, margin: f
     return False, ""
 
 
-def _validate_key(argument: str, value: Key | None) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, (str, int))):
-        raise ValueError(f"`{argument}` must be a key name (str), an index (int) or None, got {value!r}")
-
-
 def _validate_fraction(argument: str, value: float) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
         raise ValueError(f"`{argument}` must be a number in (0, 1), got {value!r}")
@@ -135,8 +129,8 @@ class _PreflightCheck(SentinelCallback):
         super().__init__(on_detect=on_detect)
         validate_positive_int("max_steps", max_steps)
         validate_positive_float("max_seconds", max_seconds)
-        _validate_key("input_key", input_key)
-        _validate_key("target_key", target_key)
+        validate_key("input_key", input_key)
+        validate_key("target_key", target_key)
         self.max_steps = max_steps
         self.max_seconds = float(max_seconds)
         self.input_key = input_key

@@ -25,7 +25,7 @@ from typing_extensions import override
 
 from lightning_sentinel.base import OnDetect, SentinelCallback, validate_positive_float
 from lightning_sentinel.catalog import CheckSpec, add_to_presets, register
-from lightning_sentinel.checks._batch_split import TARGET_KEYS, Key, split_batch
+from lightning_sentinel.checks._batch_split import TARGET_KEYS, Key, split_batch, validate_key
 from lightning_sentinel.checks._copy_probe import eval_copy, preserved_rng, report_info
 from lightning_sentinel.findings import Severity
 
@@ -226,10 +226,7 @@ class TargetLeakageCheck(SentinelCallback):
         self, on_detect: OnDetect = "warn", target_key: str | int | None = None, tolerance: float = 1e-4
     ) -> None:
         super().__init__(on_detect=on_detect)
-        if target_key is not None and (
-            isinstance(target_key, bool) or not isinstance(target_key, (str, int))
-        ):
-            raise ValueError(f"`target_key` must be a string, an integer or None, got {target_key!r}")
+        validate_key("target_key", target_key)
         validate_positive_float("tolerance", tolerance)
         self.target_key: Key | None = target_key
         self.tolerance = tolerance
