@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -52,7 +52,7 @@ class LayerGrouping:
     Attributes:
         layer_names: one name per layer, in parameter registration order.
         parameter_names: every parameter's full name.
-        layer_index: for each parameter, the index of its layer (a long tensor, built lazily per device).
+        parameter_layer: for each parameter, the index of its layer.
         is_weight_layer: per layer, whether it holds a parameter with two or more dimensions.
     """
 
@@ -60,6 +60,8 @@ class LayerGrouping:
     parameter_names: tuple[str, ...]
     parameter_layer: tuple[int, ...]
     is_weight_layer: tuple[bool, ...]
+    # ``parameter_layer`` as a long tensor per device, built on first use (one host-to-device copy)
+    _index: dict[torch.device, Tensor] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def from_named_parameters(cls, named: Iterable[tuple[str, Tensor]]) -> LayerGrouping:
@@ -84,7 +86,11 @@ class LayerGrouping:
 
     def layer_norms(self, parameter_norms: Tensor) -> Tensor:
         """Combine per-parameter 2-norms into per-layer 2-norms (sqrt of summed squares), on device."""
-        index = torch.tensor(self.parameter_layer, device=parameter_norms.device)
+        index = self._index.get(parameter_norms.device)
+        if index is None:
+            index = self._index[parameter_norms.device] = torch.tensor(
+                self.parameter_layer, device=parameter_norms.device
+            )
         squares = torch.zeros(
             len(self.layer_names), dtype=parameter_norms.dtype, device=parameter_norms.device
         )

@@ -117,6 +117,7 @@ class _OptimizerState:
     peak: Tensor | None = None  # largest finite total norm of the steps since the last check (device)
     peak_parameters: Tensor | None = None  # per-parameter largest finite norms since the last check (device)
     exploded: bool = False  # after an explosion, grad/weight ratios say nothing about vanishing
+    grouping: LayerGrouping | None = None  # rebuilt only when the set of parameters with gradients changes
 
 
 class GradientNormMonitor(SentinelCallback):
@@ -294,7 +295,10 @@ class GradientNormMonitor(SentinelCallback):
         ]
         if not present:
             return
-        grouping = LayerGrouping.from_named_parameters(present)
+        names = tuple(name for name, _ in present)
+        if state.grouping is None or state.grouping.parameter_names != names:
+            state.grouping = LayerGrouping.from_named_parameters(present)
+        grouping = state.grouping
         grad_norms = tensor_norms([p.grad for _, p in present])  # type: ignore[misc]
         weight_norms = tensor_norms([p for _, p in present], device=grad_norms.device)
         scale = gradient_scale(trainer, optimizer)
