@@ -24,9 +24,9 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from torch import nn
+from typing_extensions import override
 
-from lightning_sentinel.base import SentinelCallback
-from lightning_sentinel.findings import Severity
+from lightning_sentinel.base import OnDetect, SentinelCallback
 
 
 @contextlib.contextmanager
@@ -95,13 +95,37 @@ def first_embedding(module: nn.Module) -> tuple[str, nn.Embedding] | None:
     return None
 
 
-def report_info(
-    callback: SentinelCallback,
-    trainer: pl.Trainer,
-    check: str,
-    severity: Severity,
-    message: str,
-    **kwargs: Any,
-) -> None:
-    """Report a finding that a check could not run (info findings never arm ``stop``/``raise``)."""
-    callback._report(trainer, check, severity, message, **kwargs)
+class SkipCheck(Exception):
+    """The check cannot run on this model or batch (reported once as info)."""
+
+
+class FirstBatchCheck(SentinelCallback):
+    """A check that runs once, on the real first training batch (global step 0), never again after
+    a resume (the ``done`` flag is checkpointed). Subclasses implement ``_run_first_batch_check``."""
+
+    def __init__(self, on_detect: OnDetect = "warn") -> None:
+        super().__init__(on_detect=on_detect)
+        self._done = False
+
+    @override
+    def _extra_state(self) -> dict[str, Any]:
+        return {"done": self._done}
+
+    @override
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        self._done = bool(state.get("done", False))
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self._done or trainer.global_step != 0:
+            return
+        self._done = True
+        self._run_first_batch_check(trainer, pl_module, batch, batch_idx)
+        self._settle(trainer)
+
+    def _run_first_batch_check(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        raise NotImplementedError

@@ -20,10 +20,16 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_sentinel.base import OnDetect, SentinelCallback, validate_positive_float, validate_positive_int
+from lightning_sentinel.base import OnDetect, validate_positive_float, validate_positive_int
 from lightning_sentinel.catalog import CheckSpec, add_to_presets, register
 from lightning_sentinel.checks._batch_split import Key, named_tensors, split_batch, validate_key
-from lightning_sentinel.checks._copy_probe import eval_copy, first_embedding, preserved_rng, report_info
+from lightning_sentinel.checks._copy_probe import (
+    FirstBatchCheck,
+    SkipCheck,
+    eval_copy,
+    first_embedding,
+    preserved_rng,
+)
 from lightning_sentinel.findings import Severity
 
 BATCH_MIXING = "batch-mixing"
@@ -75,12 +81,8 @@ def per_sample_norms(gradients: list[Tensor]) -> Tensor:
     return squares.sqrt()
 
 
-class _Skip(Exception):
-    """The check cannot run on this model or batch (reported once as info)."""
-
-
 # ---------------------------------------------------------------------- the callback
-class BatchIndependenceCheck(SentinelCallback):
+class BatchIndependenceCheck(FirstBatchCheck):
     """Reports ``batch-mixing``: in eval mode, sample ``i``'s output depends on sample ``j``'s input.
 
     Once, on the first training batch, a deep copy of the module in eval mode runs ``forward`` on the
@@ -126,37 +128,20 @@ class BatchIndependenceCheck(SentinelCallback):
         self.input_key: Key | None = input_key
         self.sample_index: int | None = sample_index
         self.tolerance = tolerance
-        self._done = False
 
     @override
     def _state_key_settings(self) -> dict[str, Any]:
         return {**super()._state_key_settings(), "input_key": self.input_key, "tolerance": self.tolerance}
 
     @override
-    def _extra_state(self) -> dict[str, Any]:
-        return {"done": self._done}
-
-    @override
-    def _load_extra_state(self, state: dict[str, Any]) -> None:
-        self._done = bool(state.get("done", False))
-
-    @override
-    def on_train_batch_start(
+    def _run_first_batch_check(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if self._done or trainer.global_step != 0:
-            return
-        self._done = True
-        self._run_batch_mixing_check(trainer, pl_module, batch)
-        self._settle(trainer)
-
-    def _run_batch_mixing_check(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
         try:
             with preserved_rng():
                 result = self._probe(pl_module, batch)
-        except _Skip as skip:
-            report_info(
-                self,
+        except SkipCheck as skip:
+            self._report(
                 trainer,
                 BATCH_MIXING,
                 Severity.INFO,
@@ -200,16 +185,18 @@ class BatchIndependenceCheck(SentinelCallback):
     def _probe(self, pl_module: pl.LightningModule, batch: Any) -> tuple[str, str, list[float], int] | None:
         parts = split_batch(batch, input_key=self.input_key)
         if parts.inputs is None:
-            raise _Skip(f"no input tensor found ({parts.reason})")
+            raise SkipCheck(f"no input tensor found ({parts.reason})")
         inputs = parts.inputs
         if inputs.dim() == 0 or inputs.shape[0] < 2:
-            raise _Skip(f"the inputs {parts.input_name} have shape {tuple(inputs.shape)}: need 2+ samples")
+            raise SkipCheck(
+                f"the inputs {parts.input_name} have shape {tuple(inputs.shape)}: need 2+ samples"
+            )
         batch_size = int(inputs.shape[0])
         sample = batch_size - 1 if self.sample_index is None else self.sample_index % batch_size
         try:
             duplicate = eval_copy(pl_module)
         except Exception as error:  # e.g. a module holding something that cannot be deep-copied
-            raise _Skip(
+            raise SkipCheck(
                 f"the module cannot be deep-copied ({type(error).__name__}: {str(error)[:120]})"
             ) from None
         leaves: list[Tensor] = []
@@ -224,7 +211,7 @@ class BatchIndependenceCheck(SentinelCallback):
         else:
             found = first_embedding(duplicate)
             if found is None:
-                raise _Skip(
+                raise SkipCheck(
                     f"the inputs {parts.input_name} are {inputs.dtype} (not differentiable) and the model "
                     "has no nn.Embedding"
                 )
@@ -245,20 +232,20 @@ class BatchIndependenceCheck(SentinelCallback):
                 try:
                     output = duplicate(model_input)
                 except Exception as error:
-                    raise _Skip(
+                    raise SkipCheck(
                         f"calling the module's forward with {parts.input_name} alone failed "
                         f"({type(error).__name__}: {str(error)[:120]})"
                     ) from None
                 projected = self._projection(output, batch_size, sample)
                 usable = [leaf for leaf in leaves if leaf.dim() >= 1 and leaf.shape[0] == batch_size]
                 if not usable:
-                    raise _Skip(
+                    raise SkipCheck(
                         f"no batch-first tensor to differentiate{via or ''} (batch size {batch_size})"
                     )
                 try:
                     gradients = torch.autograd.grad(projected, usable, allow_unused=True)
                 except RuntimeError as error:
-                    raise _Skip(f"backward through the copy failed ({str(error)[:120]})") from None
+                    raise SkipCheck(f"backward through the copy failed ({str(error)[:120]})") from None
         finally:
             if handle is not None:
                 handle.remove()
@@ -279,7 +266,7 @@ class BatchIndependenceCheck(SentinelCallback):
                 generator = torch.Generator().manual_seed(1234)
                 weights = torch.randn(row.shape, generator=generator).to(row.device)
                 return (row * weights).sum()
-        raise _Skip(
+        raise SkipCheck(
             f"forward returned no differentiable float tensor with the batch dimension ({batch_size}) first"
         )
 

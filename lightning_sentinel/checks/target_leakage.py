@@ -23,10 +23,10 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 from typing_extensions import override
 
-from lightning_sentinel.base import OnDetect, SentinelCallback, validate_positive_float
+from lightning_sentinel.base import OnDetect, validate_positive_float
 from lightning_sentinel.catalog import CheckSpec, add_to_presets, register
 from lightning_sentinel.checks._batch_split import TARGET_KEYS, Key, split_batch, validate_key
-from lightning_sentinel.checks._copy_probe import eval_copy, preserved_rng, report_info
+from lightning_sentinel.checks._copy_probe import FirstBatchCheck, SkipCheck, eval_copy, preserved_rng
 from lightning_sentinel.findings import Severity
 
 TARGET_LEAKAGE = "target-leakage"
@@ -188,12 +188,8 @@ def replace_targets(batch: Any, targets: Tensor, target_key: Key | None = None) 
     raise TypeError(f"cannot put targets into a batch of type {type(batch).__name__}")
 
 
-class _Skip(Exception):
-    """The check cannot run on this model or batch (reported once as info)."""
-
-
 # ---------------------------------------------------------------------- the callback
-class TargetLeakageCheck(SentinelCallback):
+class TargetLeakageCheck(FirstBatchCheck):
     """Reports ``target-leakage``: an output moves when only the label it is scored against changes.
 
     Once, on the first training batch: a deep copy of the module in eval mode runs ``training_step``
@@ -230,39 +226,20 @@ class TargetLeakageCheck(SentinelCallback):
         validate_positive_float("tolerance", tolerance)
         self.target_key: Key | None = target_key
         self.tolerance = tolerance
-        self._done = False
 
     @override
     def _state_key_settings(self) -> dict[str, Any]:
         return {**super()._state_key_settings(), "target_key": self.target_key, "tolerance": self.tolerance}
 
     @override
-    def _extra_state(self) -> dict[str, Any]:
-        return {"done": self._done}
-
-    @override
-    def _load_extra_state(self, state: dict[str, Any]) -> None:
-        self._done = bool(state.get("done", False))
-
-    @override
-    def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        if self._done or trainer.global_step != 0:
-            return
-        self._done = True
-        self._run_target_leakage_check(trainer, pl_module, batch, batch_idx)
-        self._settle(trainer)
-
-    def _run_target_leakage_check(
+    def _run_first_batch_check(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         try:
             with preserved_rng():
                 verdicts = self._probe(pl_module, batch, batch_idx)
-        except _Skip as skip:
-            report_info(
-                self,
+        except SkipCheck as skip:
+            self._report(
                 trainer,
                 TARGET_LEAKAGE,
                 Severity.INFO,
@@ -289,19 +266,19 @@ class TargetLeakageCheck(SentinelCallback):
         self, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> list[tuple[str, str, dict[str, float]]]:
         if not pl_module.automatic_optimization:
-            raise _Skip("manual optimization: training_step would step the optimizers")
+            raise SkipCheck("manual optimization: training_step would step the optimizers")
         parts = split_batch(batch, target_key=self.target_key)
         if parts.targets is None or parts.targets.dim() == 0 or parts.targets.numel() == 0:
-            raise _Skip(f"no target tensor found in the batch ({parts.reason or 'no targets'})")
+            raise SkipCheck(f"no target tensor found in the batch ({parts.reason or 'no targets'})")
         targets = parts.targets
         try:
             perturbed_batch = replace_targets(batch, perturb_one_per_sample(targets), self.target_key)
         except (TypeError, KeyError, IndexError, StopIteration, ValueError) as error:
-            raise _Skip(f"cannot replace the targets {parts.target_name} ({error})") from None
+            raise SkipCheck(f"cannot replace the targets {parts.target_name} ({error})") from None
         try:
             duplicate = eval_copy(pl_module)
         except Exception as error:  # e.g. a module holding something that cannot be deep-copied
-            raise _Skip(
+            raise SkipCheck(
                 f"the module cannot be deep-copied ({type(error).__name__}: {str(error)[:120]})"
             ) from None
         runs = [
@@ -310,9 +287,11 @@ class TargetLeakageCheck(SentinelCallback):
         ]
         original, perturbed = runs
         if not original:
-            raise _Skip("training_step called none of the intercepted loss functions")
+            raise SkipCheck("training_step called none of the intercepted loss functions")
         if len(original) != len(perturbed):
-            raise _Skip("training_step made a different number of loss calls when only the targets changed")
+            raise SkipCheck(
+                "training_step made a different number of loss calls when only the targets changed"
+            )
         verdicts = []
         judged = False
         for index, (first, second) in enumerate(zip(original, perturbed, strict=True)):
@@ -357,7 +336,7 @@ class TargetLeakageCheck(SentinelCallback):
             }
             verdicts.append((where, message, evidence))
         if not judged:
-            raise _Skip("no loss call pairs its outputs element by element with the changed targets")
+            raise SkipCheck("no loss call pairs its outputs element by element with the changed targets")
         return verdicts
 
     @staticmethod
@@ -368,7 +347,7 @@ class TargetLeakageCheck(SentinelCallback):
             with torch.no_grad(), recorder:
                 duplicate.training_step(batch, batch_idx)
         except Exception as error:
-            raise _Skip(
+            raise SkipCheck(
                 f"training_step failed on the eval-mode copy ({type(error).__name__}: {str(error)[:120]})"
             ) from None
         return recorder.records
