@@ -11,6 +11,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +19,31 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
+
+
+def _no_op(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+def silence_logging(module: nn.Module) -> None:
+    """Make ``module.log``/``log_dict`` no-ops (instance attributes shadowing the LightningModule's).
+
+    A check that runs ``training_step`` itself (a replay, a trial on a copy) must not feed the user's
+    ``self.log`` calls into the run's metrics, nor fail because the current hook is not a step.
+    """
+    module.log = _no_op  # type: ignore[method-assign,assignment]
+    module.log_dict = _no_op  # type: ignore[method-assign,assignment]
+
+
+@contextlib.contextmanager
+def logging_silenced(module: nn.Module) -> Iterator[None]:
+    """:func:`silence_logging` for the body only, on the real module."""
+    silence_logging(module)
+    try:
+        yield
+    finally:
+        del module.log
+        del module.log_dict
 
 
 def _tensors(value: Any) -> Iterator[Tensor]:

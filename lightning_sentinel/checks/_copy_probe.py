@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from typing_extensions import override
 
+from lightning_sentinel._hooks import silence_logging
 from lightning_sentinel.base import OnDetect, SentinelCallback
 
 
@@ -46,10 +47,6 @@ def preserved_rng() -> Iterator[None]:
             torch.cuda.set_rng_state_all(cuda_states)
         np.random.set_state(numpy_state)
         random.setstate(python_state)
-
-
-def _no_op(*args: Any, **kwargs: Any) -> None:
-    return None
 
 
 def eval_copy(pl_module: pl.LightningModule) -> pl.LightningModule:
@@ -77,8 +74,7 @@ def eval_copy(pl_module: pl.LightningModule) -> pl.LightningModule:
                 registry.clear()
     for parameter in duplicate.parameters():
         parameter.grad = None
-    duplicate.log = _no_op  # type: ignore[method-assign]
-    duplicate.log_dict = _no_op  # type: ignore[method-assign]
+    silence_logging(duplicate)
     return duplicate
 
 

@@ -32,6 +32,7 @@ from lightning.pytorch.utilities import move_data_to_device
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
+from lightning_sentinel._hooks import silence_logging
 from lightning_sentinel.checks._batch_split import INPUT_KEYS, TARGET_KEYS
 
 Key = str | int
@@ -233,10 +234,6 @@ def slice_batch(batch: Any, start: int, stop: int, leading: int) -> Any:
 
 
 # ---------------------------------------------------------------------- the module copy
-def _no_op(*args: Any, **kwargs: Any) -> None:
-    return None
-
-
 def trial_copy(pl_module: pl.LightningModule, trainer: pl.Trainer) -> pl.LightningModule:
     """A deep copy of ``pl_module`` with ``log``/``log_dict`` silenced and no trainer attached.
 
@@ -247,8 +244,7 @@ def trial_copy(pl_module: pl.LightningModule, trainer: pl.Trainer) -> pl.Lightni
         memo[id(callback)] = callback
     clone = copy.deepcopy(pl_module, memo)
     clone._trainer = None  # type: ignore[assignment]
-    clone.log = _no_op  # type: ignore[method-assign]
-    clone.log_dict = _no_op  # type: ignore[method-assign]
+    silence_logging(clone)
     clone.train()
     for parameter in clone.parameters():
         parameter.grad = None

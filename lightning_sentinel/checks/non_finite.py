@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_sentinel._hooks import FiniteProbe, ModuleFailure
+from lightning_sentinel._hooks import FiniteProbe, ModuleFailure, logging_silenced
 from lightning_sentinel._stats import tensor_norms
 from lightning_sentinel.base import OnDetect, SentinelCallback, validate_positive_float
 from lightning_sentinel.catalog import CheckSpec, add_to_presets, register
@@ -53,10 +53,6 @@ _LOSS_HINT = (
     "look for log/sqrt/division of values that can reach 0 or below, exp overflow, fp16 overflow (try bf16 or "
     "a lower learning rate), and NaN in the data; Trainer(detect_anomaly=True) traces the backward op"
 )
-
-
-def _noop(*args: Any, **kwargs: Any) -> None:
-    return None
 
 
 class NonFiniteGuard(SentinelCallback):
@@ -283,13 +279,9 @@ class NonFiniteGuard(SentinelCallback):
         buffers = {name: buffer.detach().clone() for name, buffer in pl_module.named_buffers()}
         probe = FiniteProbe(pl_module)
         try:
-            pl_module.log = _noop  # type: ignore[method-assign]
-            pl_module.log_dict = _noop  # type: ignore[method-assign]
-            with torch.random.fork_rng(devices=[]), torch.no_grad(), probe:
+            with logging_silenced(pl_module), torch.random.fork_rng(devices=[]), torch.no_grad(), probe:
                 output = pl_module.training_step(self._batch, self._batch_idx)
         finally:
-            del pl_module.log
-            del pl_module.log_dict
             with torch.no_grad():
                 for name, buffer in pl_module.named_buffers():
                     if name in buffers:
