@@ -1,56 +1,195 @@
-"""End-of-run summary of findings: a console table and a markdown table for TensorBoard.
+"""End-of-run summary of findings: a console report and a markdown table for TensorBoard.
+
+The console report shows each (check, where) once, worst first, with the message and the remedy
+in full. When `rich <https://github.com/Textualize/rich>`_ is importable it is drawn as a rich
+table; otherwise as plain wrapped text. A run without findings gets one line.
 
 Example:
     >>> from lightning_sentinel.report import format_report
     >>> print(format_report([], ["non-finite-loss", "exploding-gradients"], None))
     lightning-sentinel: all 2 checks passed (exploding-gradients, non-finite-loss).
+    >>> from lightning_sentinel.findings import Finding, Severity
+    >>> nan = Finding("non-finite-loss", Severity.ERROR, "loss is nan", 12, 0, hint="lower the lr")
+    >>> print(format_report([nan], ["non-finite-loss"], None, use_rich=False, width=60))
+    lightning-sentinel: 1 finding from 1 check (1 error)
+    <BLANKLINE>
+      ERROR    non-finite-loss (step 12)
+               loss is nan
+               try: lower the lr
 """
 
 from __future__ import annotations
 
+import io
+import shutil
+import textwrap
 from collections.abc import Sequence
 
 from lightning_sentinel.findings import Finding
 
-_COLUMNS = ("severity", "check", "where", "step", "message", "hint")
-_MAX_CELL = 90
+_COLUMNS = ("severity", "check", "where", "step", "message", "what to try")
 
 
-def _cell(text: str) -> str:
-    text = " ".join(str(text).split())
-    return text if len(text) <= _MAX_CELL else text[: _MAX_CELL - 3] + "..."
+def rich_available() -> bool:
+    """Whether the optional ``rich`` package can be imported (the console report then uses it)."""
+    try:
+        import rich.console
+        import rich.table  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
-def _rows(findings: Sequence[Finding]) -> list[tuple[str, ...]]:
-    return [
-        (f.severity.value, f.check, f.where or "-", str(f.step), _cell(f.message), _cell(f.hint or "-"))
-        for f in findings
-    ]
+def summarize(findings: Sequence[Finding]) -> list[tuple[Finding, int]]:
+    """Each (check, where) once, as (its worst and latest finding, how often it was reported).
+
+    Sorted by severity (errors first), then by the step of the first report.
+
+    Example:
+        >>> from lightning_sentinel.findings import Finding, Severity
+        >>> a = Finding("dead-relu", Severity.WARNING, "60% dead", 10, 0, where="net.1")
+        >>> b = Finding("dead-relu", Severity.ERROR, "100% dead", 40, 0, where="net.1")
+        >>> [(f.message, n) for f, n in summarize([a, b])]
+        [('100% dead', 2)]
+    """
+    groups: dict[tuple[str, str | None], list[Finding]] = {}
+    for finding in findings:
+        groups.setdefault((finding.check, finding.where), []).append(finding)
+    summary = []
+    for group in groups.values():
+        worst = max(group, key=lambda f: (f.severity.rank, f.step))
+        summary.append((worst, len(group), min(f.step for f in group)))
+    summary.sort(key=lambda item: (-item[0].severity.rank, item[2]))
+    return [(finding, count) for finding, count, _ in summary]
 
 
-def format_report(findings: Sequence[Finding], checks_run: Sequence[str], path: str | None) -> str:
-    """A plain-text report: one line when nothing was found, else a table of every finding."""
+def _headline(findings: Sequence[tuple[Finding, int]], n_checks: int) -> str:
+    counts: dict[str, int] = {}
+    for finding, _ in findings:
+        counts[finding.severity.value] = counts.get(finding.severity.value, 0) + 1
+    by_severity = ", ".join(
+        f"{count} {name}{'s' if count > 1 else ''}"
+        for name in ("error", "warning", "info")
+        if (count := counts.get(name, 0))
+    )
+    plural = "s" if len(findings) > 1 else ""
+    checks = f"{n_checks} check{'s' if n_checks != 1 else ''}"
+    return f"lightning-sentinel: {len(findings)} finding{plural} from {checks} ({by_severity})"
+
+
+def _place(finding: Finding, count: int) -> str:
+    where = f" at {finding.where}" if finding.where else ""
+    repeats = f", reported {count} times" if count > 1 else ""
+    return f"{finding.check}{where} (step {finding.step}{repeats})"
+
+
+def _plain(summary: Sequence[tuple[Finding, int]], width: int) -> list[str]:
+    indent = " " * 11
+    lines: list[str] = []
+    for finding, count in summary:
+        lines.append(f"  {finding.severity.value.upper():<8} {_place(finding, count)}")
+        lines += textwrap.wrap(
+            " ".join(finding.message.split()), width, initial_indent=indent, subsequent_indent=indent
+        )
+        if finding.hint:
+            lines += textwrap.wrap(
+                "try: " + " ".join(finding.hint.split()),
+                width,
+                initial_indent=indent,
+                subsequent_indent=indent + "     ",
+            )
+    return lines
+
+
+def _rich(summary: Sequence[tuple[Finding, int]], width: int) -> list[str]:
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(show_lines=True, expand=True)
+    table.add_column("severity", no_wrap=True)
+    table.add_column(
+        "check / where / step", width=max(22, *(len(f.check) for f, _ in summary)), overflow="fold"
+    )
+    table.add_column("what was seen, and what to try", ratio=1)
+    styles = {"error": "bold red", "warning": "yellow", "info": "cyan"}
+    for finding, count in summary:
+        details = Text(" ".join(finding.message.split()))
+        if finding.hint:
+            details.append("\ntry: ", style="bold")
+            details.append(" ".join(finding.hint.split()))
+        table.add_row(
+            Text(finding.severity.value, style=styles[finding.severity.value]),
+            "\n".join(
+                [finding.check]
+                + ([f"at {finding.where}"] if finding.where else [])
+                + [f"step {finding.step}" + (f", reported {count} times" if count > 1 else "")]
+            ),
+            details,
+        )
+    buffer = io.StringIO()
+    Console(file=buffer, width=width, force_terminal=False, color_system=None).print(table)
+    return buffer.getvalue().rstrip("\n").splitlines()
+
+
+def format_report(
+    findings: Sequence[Finding],
+    checks_run: Sequence[str],
+    path: str | None,
+    *,
+    use_rich: bool | None = None,
+    width: int | None = None,
+) -> str:
+    """The end-of-fit console report.
+
+    Args:
+        findings: every finding of the run, in the order reported.
+        checks_run: the check ids that ran.
+        path: where ``findings.json`` was written (named at the end), if known.
+        use_rich: draw a ``rich`` table; default: when ``rich`` is importable.
+        width: text width; default: the terminal's, between 80 and 160 columns.
+
+    One line (``all N checks passed``) when nothing was found; otherwise each (check, where) once,
+    errors first, with its message and remedy.
+    """
     checks = sorted(set(checks_run))
     if not findings:
         return f"lightning-sentinel: all {len(checks)} checks passed ({', '.join(checks)})."
-    rows = [_COLUMNS, *_rows(findings)]
-    widths = [max(len(row[column]) for row in rows) for column in range(len(_COLUMNS))]
-    lines = [f"lightning-sentinel: {len(findings)} finding(s) from {len(checks)} checks"]
-    for index, row in enumerate(rows):
-        lines.append("  ".join(value.ljust(width) for value, width in zip(row, widths, strict=True)).rstrip())
-        if index == 0:
-            lines.append("  ".join("-" * width for width in widths))
+    if width is None:
+        width = min(max(shutil.get_terminal_size((100, 24)).columns, 80), 160)
+    if use_rich is None:
+        use_rich = rich_available()
+    summary = summarize(findings)
+    lines = [_headline(summary, len(checks)), ""]
+    lines += _rich(summary, width) if use_rich else _plain(summary, width)
     if path:
-        lines.append(f"findings written to {path}")
+        lines += ["", f"findings written to {path}"]
     return "\n".join(lines)
 
 
 def findings_markdown(findings: Sequence[Finding]) -> str:
-    """The findings as a markdown table (rendered by TensorBoard's text dashboard)."""
+    """The findings as a markdown table, each (check, where) once, errors first (TensorBoard's Text tab).
+
+    Example:
+        >>> from lightning_sentinel.findings import Finding, Severity
+        >>> print(findings_markdown([Finding("dead-relu", Severity.WARNING, "60% dead", 10, 0, where="net.1")]))
+        | severity | check | where | step | message | what to try |
+        |---|---|---|---|---|---|
+        | warning | dead-relu | net.1 | 10 | 60% dead | - |
+    """
     if not findings:
         return "No findings."
     header = "| " + " | ".join(_COLUMNS) + " |\n|" + "---|" * len(_COLUMNS) + "\n"
-    body = "\n".join(
-        "| " + " | ".join(value.replace("|", "\\|") for value in row) + " |" for row in _rows(findings)
-    )
-    return header + body
+    rows = []
+    for finding, count in summarize(findings):
+        step = str(finding.step) + (f" ({count} reports)" if count > 1 else "")
+        cells = [
+            finding.severity.value,
+            finding.check,
+            finding.where or "-",
+            step,
+            finding.message,
+            finding.hint or "-",
+        ]
+        rows.append("| " + " | ".join(" ".join(c.split()).replace("|", "\\|") for c in cells) + " |")
+    return header + "\n".join(rows)
