@@ -33,7 +33,11 @@ class DigitsData(pl.LightningDataModule):
     """
 
     def __init__(
-        self, batch_size: int = 64, standardize: bool = True, val_fraction: float = 0.2, limit: int | None = None
+        self,
+        batch_size: int = 64,
+        standardize: bool = True,
+        val_fraction: float = 0.2,
+        limit: int | None = None,
     ) -> None:
         super().__init__()
         self.batch_size = batch_size
