@@ -15,7 +15,21 @@ def test_checks_lists_every_registered_id(capsys):
     assert main(["checks"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split()[:4] == ["check", "id", "callback", "severity"]
-    assert [line.split()[0] for line in lines[1:]] == list(registered_checks())
+    rows = [line.split() for line in lines[1:] if not line.startswith(" ")]  # wrapped lines are indented
+    assert [row[0] for row in rows] == list(registered_checks())
+    assert rows[0][:4] == ["non-finite-loss", "NonFiniteGuard", "error", "stop"]
+    assert sum("rule: " in line for line in lines) == len(registered_checks())
+
+
+def test_checks_json_has_every_field_of_every_id(capsys):
+    assert main(["checks", "--json"]) == 0
+    records = json.loads(capsys.readouterr().out)
+    assert [record["check"] for record in records] == list(registered_checks())
+    by_id = {record["check"]: record for record in records}
+    assert by_id["exploding-gradients"]["callback"] == "GradientNormMonitor"
+    assert by_id["exploding-gradients"]["default_action"] == "warn"
+    assert by_id["non-finite-loss"]["default_action"] == "stop"
+    assert all(record["meaning"] and record["default_rule"] and record["severity"] for record in records)
 
 
 def test_demo_is_quiet_on_the_healthy_model_and_catches_both_broken_ones(capsys):
@@ -33,13 +47,28 @@ def test_doctor_self_check_passes(capsys):
     assert "lightning" in out and "self-check" in out and " ok " in out
 
 
-def test_help_and_unknown_command():
+@pytest.mark.parametrize("command", [[], ["demo"], ["doctor"], ["checks"]])
+def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as exited:
-        main(["--help"])
+        main([*command, "--help"])
     assert exited.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: lightning-sentinel {' '.join(command)}".rstrip()) and "exit status" in out
+
+
+@pytest.mark.parametrize("argv", [[], ["frobnicate"], ["checks", "--bogus"], ["doctor", "--config"]])
+def test_usage_errors_exit_2_on_stderr(argv, capsys):
     with pytest.raises(SystemExit) as exited:
-        main(["frobnicate"])
+        main(argv)
     assert exited.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "error:" in captured.err
+
+
+def test_doctor_missing_config_is_a_usage_error(tmp_path, capsys):
+    assert main(["doctor", "--config", str(tmp_path / "missing.yaml")]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "no such config file" in captured.err
 
 
 @pytest.mark.skipif(shutil.which("lightning-sentinel") is None, reason="console script not installed")
