@@ -27,8 +27,6 @@ from collections.abc import Sequence
 
 from lightning_sentinel.findings import Finding
 
-_COLUMNS = ("severity", "check", "where", "step", "message", "what to try")
-
 
 def rich_available() -> bool:
     """Whether the optional ``rich`` package can be imported (the console report then uses it)."""
@@ -173,23 +171,16 @@ def findings_markdown(findings: Sequence[Finding]) -> str:
     Example:
         >>> from lightning_sentinel.findings import Finding, Severity
         >>> print(findings_markdown([Finding("dead-relu", Severity.WARNING, "60% dead", 10, 0, where="net.1")]))
-        | severity | check | where | step | message | what to try |
-        |---|---|---|---|---|---|
-        | warning | dead-relu | net.1 | 10 | 60% dead | - |
+        | severity | check | message | what to try |
+        |---|---|---|---|
+        | warning | **dead-relu** at net.1, step 10 | 60% dead | - |
     """
     if not findings:
         return "No findings."
-    header = "| " + " | ".join(_COLUMNS) + " |\n|" + "---|" * len(_COLUMNS) + "\n"
-    rows = []
+    rows = ["| severity | check | message | what to try |", "|---|---|---|---|"]
     for finding, count in summarize(findings):
-        step = str(finding.step) + (f" ({count} reports)" if count > 1 else "")
-        cells = [
-            finding.severity.value,
-            finding.check,
-            finding.where or "-",
-            step,
-            finding.message,
-            finding.hint or "-",
-        ]
+        place = f"**{finding.check}**" + (f" at {finding.where}" if finding.where else "")
+        place += f", step {finding.step}" + (f" ({count} reports)" if count > 1 else "")
+        cells = [finding.severity.value, place, finding.message, finding.hint or "-"]
         rows.append("| " + " | ".join(" ".join(c.split()).replace("|", "\\|") for c in cells) + " |")
-    return header + "\n".join(rows)
+    return "\n".join(rows)

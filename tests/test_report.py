@@ -87,9 +87,9 @@ def test_rich_table_when_rich_is_importable():
 def test_markdown_table_has_each_finding_once_with_its_remedy():
     markdown = findings_markdown([*FINDINGS, _finding("repeated-batch", message="a | b")])
     rows = markdown.splitlines()
-    assert rows[0] == "| severity | check | where | step | message | what to try |"
+    assert rows[0] == "| severity | check | message | what to try |"
     assert len(rows) == 2 + 4
-    assert rows[2].startswith("| error | dead-relu | net.1 | 40 (2 reports) | 100% dead | lower the")
+    assert rows[2].startswith("| error | **dead-relu** at net.1, step 40 (2 reports) | 100% dead | lower the")
     assert "a \\| b" in markdown
     assert findings_markdown([]) == "No findings."
 

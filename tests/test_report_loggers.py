@@ -51,7 +51,7 @@ def test_tensorboard_gets_scalars_under_sentinel_and_the_findings_text(tmp_path)
     assert all(tag.startswith("sentinel/") for tag in scalars if "norm" in tag or "ratio" in tag)
     text = events.Tensors("sentinel/findings/text_summary")
     table = text[-1].tensor_proto.string_val[0].decode()
-    assert "| non-finite-loss |" in table and table.startswith("| severity | check |")
+    assert "| **non-finite-loss**" in table and table.startswith("| severity | check |")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="wandb is not installed")
