@@ -40,7 +40,40 @@ def test_ci_runs_exactly_the_readme_test_command():
     assert any("lightning-sentinel demo" in command for command in commands)
 
 
-def test_readme_yaml_snippet_is_the_tested_one():
-    snippet = re.search(r"```yaml\n(.*?)```", README, flags=re.S).group(1)
-    tested = (ROOT / "tests" / "test_suite.py").read_text()
-    assert snippet.strip() in tested
+def test_readme_yaml_snippets_are_tested_ones():
+    """Each YAML block is a piece of a config that a test parses (a test file or an example it runs)."""
+    snippets = re.findall(r"```yaml\n(.*?)```", README, flags=re.S)
+    assert len(snippets) >= 2
+    tested = [(ROOT / "tests" / name).read_text() for name in ("test_suite.py", "test_lightning_cli.py")]
+    tested += [path.read_text() for path in sorted((ROOT / "examples").glob("*.yaml"))]
+    for snippet in snippets:
+        assert any(snippet.rstrip() in source for source in tested), snippet
+
+
+def test_readme_images_exist_and_stay_small():
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", README)
+    assert len(images) >= 4
+    for image in images:
+        path = ROOT / image
+        assert path.is_file() and path.stat().st_size < 200_000, image
+
+
+def test_readme_counts_the_registered_checks():
+    assert f"{len(registered_checks())} checks, each with a stable id" in README
+
+
+def test_readme_has_the_sections_a_user_looks_for():
+    headings = re.findall(r"^## (.+)$", README, flags=re.M)
+    for heading in (
+        "Try it",
+        "What it catches",
+        "Add it to your training",
+        "Configure it",
+        "Read it",
+        "The command line",
+        "Checks",
+        "Supported setups",
+        "Cost",
+        "Detection results",
+    ):
+        assert heading in headings, heading  # fmt: skip
