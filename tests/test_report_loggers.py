@@ -6,7 +6,7 @@ import csv
 import importlib.util
 
 import pytest
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 
 from lightning_sentinel import Sentinel, findings
 from tests._models import Classifier, fit
@@ -32,6 +32,39 @@ def test_no_logger_still_reports_and_writes_findings(tmp_path):
     trainer = fit(_nan_after(3), [Sentinel()], root=tmp_path, max_steps=10, logger=False)
     assert [f.check for f in findings(trainer)][:1] == ["non-finite-loss"]
     assert (tmp_path / "sentinel" / "findings.json").is_file()
+
+
+class RecordingLogger(Logger):
+    """A logger that only takes scalars through ``log_metrics``, as wandb's and MLflow's do."""
+
+    def __init__(self):
+        super().__init__()
+        self.metrics = []
+
+    @property
+    def name(self):
+        return "recording"
+
+    @property
+    def version(self):
+        return 0
+
+    def log_metrics(self, metrics, step=None):
+        self.metrics.append((step, dict(metrics)))
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
+
+
+def test_a_log_metrics_only_logger_gets_the_scalars(tmp_path):
+    logger = RecordingLogger()
+    trainer = fit(
+        _nan_after(25), [Sentinel()], root=tmp_path, max_steps=30, logger=logger, log_every_n_steps=1
+    )
+    assert [f.check for f in findings(trainer)][:1] == ["non-finite-loss"]
+    logged = {name for _, metrics in logger.metrics for name in metrics}
+    assert "sentinel/grad_norm/total" in logged
+    assert all(isinstance(value, (int, float)) for _, metrics in logger.metrics for value in metrics.values())
 
 
 def _tensorboard_tags(directory):
