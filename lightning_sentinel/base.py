@@ -36,7 +36,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from lightning_sentinel.findings import Finding, SentinelError, SentinelWarning, Severity, finding_log
-from lightning_sentinel.report import findings_markdown, format_report
+from lightning_sentinel.report import findings_markdown, format_report, write_scalar_layout
 
 OnDetect = Literal["warn", "stop", "raise"]
 ON_DETECT_CHOICES: tuple[str, ...] = ("warn", "stop", "raise")
@@ -189,6 +189,8 @@ class SentinelCallback(Callback):
         if log.directory is None:
             log.directory = trainer.log_dir or trainer.default_root_dir
         log.checks_run.update(self.active_checks)
+        if stage == "fit":
+            write_scalar_layout(trainer)  # the "sentinel" Custom Scalars section, once per trainer
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -23,7 +23,11 @@ from __future__ import annotations
 import io
 import shutil
 import textwrap
+import weakref
 from collections.abc import Sequence
+
+import lightning.pytorch as pl
+from lightning.pytorch.loggers import TensorBoardLogger
 
 from lightning_sentinel.findings import Finding
 
@@ -184,3 +188,27 @@ def findings_markdown(findings: Sequence[Finding]) -> str:
         cells = [finding.severity.value, place, finding.message, finding.hint or "-"]
         rows.append("| " + " | ".join(" ".join(c.split()).replace("|", "\\|") for c in cells) + " |")
     return "\n".join(rows)
+
+
+_LAYOUT_WRITTEN: weakref.WeakSet[pl.Trainer] = weakref.WeakSet()
+
+
+def write_scalar_layout(trainer: pl.Trainer) -> None:
+    """Give each TensorBoard logger of ``trainer`` the "sentinel" Custom Scalars layout, once (rank zero).
+
+    It groups every ``sentinel/...`` scalar in one section: gradient norms, update/weight ratios,
+    dead and saturated units, loss, data. Other loggers are left alone. A ``HistogramLogger`` on the
+    trainer writes the layout itself (its ``custom_scalar_layout`` argument decides).
+    """
+    if trainer.global_rank != 0 or trainer in _LAYOUT_WRITTEN:
+        return
+    _LAYOUT_WRITTEN.add(trainer)
+    from lightning_sentinel.checks.histograms import SENTINEL_LAYOUT, HistogramLogger
+
+    callbacks = [*trainer.callbacks, *(c for cb in trainer.callbacks for c in getattr(cb, "checks", []))]
+    if any(isinstance(callback, HistogramLogger) for callback in callbacks):
+        return
+
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            logger.experiment.add_custom_scalars(SENTINEL_LAYOUT)

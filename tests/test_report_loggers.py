@@ -85,6 +85,8 @@ def test_tensorboard_gets_scalars_under_sentinel_and_the_findings_text(tmp_path)
     text = events.Tensors("sentinel/findings/text_summary")
     table = text[-1].tensor_proto.string_val[0].decode()
     assert "| **non-finite-loss**" in table and table.startswith("| severity | check |")
+    (layout,) = events.Tensors("custom_scalars__config__")  # written once, without HistogramLogger
+    assert b"sentinel/grad_norm" in layout.tensor_proto.string_val[0]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="wandb is not installed")
