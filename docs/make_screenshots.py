@@ -37,7 +37,7 @@ VIEWS: dict[str, tuple[str, str]] = {
         "histograms&tagFilter=sentinel%2F(activations%7Cgradients)%2Fnet.0",
         "1280,700",
     ),
-    "tensorboard_text.png": ("text&runSelectionState={only_broken}", "1280,620"),
+    "tensorboard_text.png": ("text&runSelectionState={only_broken}", "1440,640"),
 }
 
 
