@@ -118,7 +118,10 @@ def require_number(
     allowed = _or_none(_interval(above, at_least, below, at_most), allow_none)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise _wrong_type(argument, allowed, value)
-    number = float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond the float range
+        raise _out_of_range(argument, allowed, value) from None
     if (
         not math.isfinite(number)
         or (above is not None and not number > above)

@@ -74,7 +74,8 @@ ARGUMENTS = [
 ANY_VALUE = st.one_of(
     st.none(),
     st.booleans(),
-    st.integers(min_value=-(10**30), max_value=10**30),
+    st.integers(),
+    st.integers(min_value=-(10**400), max_value=10**400),  # beyond the float range too
     st.floats(allow_nan=True, allow_infinity=True),
     st.text(max_size=6),
     st.sampled_from(["warn", "stop", "raise", "fast", "full", "val_loss", "x", "(", "dead-relu"]),

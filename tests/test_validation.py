@@ -280,5 +280,7 @@ def test_interval_message_names_the_bounds():
         require_number("slope", -0.5, at_least=0, below=1)
     with pytest.raises(ValueError, match=r"`scale` must be a finite number >= 2, got inf"):
         require_number("scale", INF, at_least=2)
+    with pytest.raises(ValueError, match=r"`scale` must be a finite number >= 2, got 1000"):
+        require_number("scale", 10**400, at_least=2)  # beyond the float range
     with pytest.raises(TypeError, match=r"`scale` must be a finite number or None, got '1' \(type str\)"):
         require_number("scale", "1", allow_none=True)
