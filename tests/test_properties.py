@@ -3,7 +3,7 @@
 - Settings: any value for any argument of any exported callback either constructs or raises the
   documented error (``ValueError``, or ``TypeError`` for a wrong type) naming the argument.
 - Batches: nested tuples/lists/dicts/dataclasses/namedtuples, batch size 1, empty and integer
-  tensors, huge values, NaN and Inf. With every check running on every step, no check fails
+  tensors, float64/float16 inputs, huge and tiny values, NaN and Inf. With every check running on every step, no check fails
   (a failing check would disable itself with a warning), nothing but a ``SentinelWarning`` escapes,
   and the batches the model receives in ``training_step`` are identical, value for value, to those
   of the same run without the callbacks.
@@ -117,7 +117,7 @@ Pair = namedtuple("Pair", "x y")
 
 LAYOUTS = ("tensor", "tuple", "list", "dict", "nested", "dataclass", "namedtuple")
 EXTRAS = ("none", "empty", "int", "string", "nested", "nothing")
-VALUES = ("normal", "huge", "tiny", "constant", "nan", "inf", "integer", "zeros_row")
+VALUES = ("normal", "huge", "tiny", "constant", "nan", "inf", "integer", "zeros_row", "float64", "half")
 TARGETS = ("classes", "one_class", "regression", "binary")
 
 
@@ -149,6 +149,10 @@ def _inputs(layout: Layout, generator: torch.Generator, seed: int) -> Tensor:
         x = torch.randint(0, 255, (n, f), generator=generator)
     elif layout.values == "zeros_row":
         x[0] = 0.0
+    elif layout.values == "float64":
+        x = x.double()
+    elif layout.values == "half":
+        x = x.half()
     return x
 
 
