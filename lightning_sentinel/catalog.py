@@ -98,5 +98,5 @@ def validate_check_ids(argument: str, ids: list[str]) -> None:
     unknown = [check for check in ids if check not in known]
     if unknown:
         raise ValueError(
-            f"`{argument}` must hold registered check ids, got unknown ids {unknown}; known ids are {sorted(known)}"
+            f"`{argument}` must hold registered check ids, got unknown check ids {unknown}; known ids are {sorted(known)}"
         )
