@@ -35,6 +35,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
+from lightning_sentinel._validate import require_choice, require_int, require_number
 from lightning_sentinel.findings import Finding, SentinelError, SentinelWarning, Severity, finding_log
 from lightning_sentinel.report import findings_markdown, format_report, write_scalar_layout
 
@@ -67,22 +68,17 @@ def _guard_hook(name: str, hook: Callable[..., Any]) -> Callable[..., Any]:
 
 def validate_on_detect(on_detect: str | None, allow_none: bool = False) -> None:
     """Raise ``ValueError`` unless ``on_detect`` is one of ``warn``, ``stop``, ``raise``."""
-    if on_detect is None and allow_none:
-        return
-    if on_detect not in ON_DETECT_CHOICES:
-        raise ValueError(f"`on_detect` must be one of {list(ON_DETECT_CHOICES)}, got {on_detect!r}")
+    require_choice("on_detect", on_detect, ON_DETECT_CHOICES, allow_none=allow_none)
 
 
 def validate_positive_int(argument: str, value: int, minimum: int = 1) -> None:
-    """Raise ``ValueError`` naming ``argument`` unless ``value`` is an int >= ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"`{argument}` must be an integer >= {minimum}, got {value!r}")
+    """Raise ``ValueError`` naming ``argument`` unless ``value`` is an int >= ``minimum`` (``TypeError`` too for a non-integer)."""
+    require_int(argument, value, minimum=minimum)
 
 
 def validate_positive_float(argument: str, value: float) -> None:
-    """Raise ``ValueError`` naming ``argument`` unless ``value`` is a finite number > 0."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value < math.inf):
-        raise ValueError(f"`{argument}` must be a finite number > 0, got {value!r}")
+    """Raise ``ValueError`` naming ``argument`` unless ``value`` is a finite number > 0 (``TypeError`` too for a non-number)."""
+    require_number(argument, value, above=0)
 
 
 class SentinelCallback(Callback):
@@ -92,8 +88,12 @@ class SentinelCallback(Callback):
         on_detect: what to do with a finding: ``"warn"`` emits a :class:`SentinelWarning` on rank
             zero; ``"stop"`` also stops the run on every rank together (``trainer.should_stop``);
             ``"raise"`` raises :class:`SentinelError` on every rank, after the ranks agreed.
-        every_n_steps: run the check on every n-th optimizer step this callback observes.
-        warmup_steps: do not judge (but may measure) during the first optimizer steps.
+        every_n_steps: run the check on every n-th optimizer step this callback observes (an integer >= 1).
+        warmup_steps: do not judge (but may measure) during the first optimizer steps (an integer >= 0).
+
+    Every setting of every check is validated here, at construction: a value of the wrong type raises
+    ``TypeError`` (:class:`~lightning_sentinel._validate.ArgumentTypeError`, also a ``ValueError``), a
+    value out of range ``ValueError``; both name the argument, the value and what is allowed.
 
     Subclasses list their check ids in ``CHECKS`` and put every setting that tells two instances
     apart into :meth:`_state_key_settings`. Settings are fixed once the callback is in use.
@@ -116,12 +116,9 @@ class SentinelCallback(Callback):
                 setattr(cls, name, guarded)
 
     def __init__(self, on_detect: OnDetect = "warn", every_n_steps: int = 1, warmup_steps: int = 0) -> None:
-        validate_on_detect(on_detect)
-        validate_positive_int("every_n_steps", every_n_steps)
-        validate_positive_int("warmup_steps", warmup_steps, minimum=0)
-        self.on_detect: str = on_detect
-        self.every_n_steps = every_n_steps
-        self.warmup_steps = warmup_steps
+        self.on_detect: str = require_choice("on_detect", on_detect, ON_DETECT_CHOICES)
+        self.every_n_steps = require_int("every_n_steps", every_n_steps)
+        self.warmup_steps = require_int("warmup_steps", warmup_steps, minimum=0)
         self.disabled_checks: set[str] = set()
         self._failed = False
         self._reported: dict[tuple[str, str | None], tuple[int, float]] = {}

@@ -97,4 +97,6 @@ def validate_check_ids(argument: str, ids: list[str]) -> None:
     known = registered_checks()
     unknown = [check for check in ids if check not in known]
     if unknown:
-        raise ValueError(f"`{argument}` holds unknown check ids {unknown}; known ids are {sorted(known)}")
+        raise ValueError(
+            f"`{argument}` must hold registered check ids, got unknown check ids {unknown}; known ids are {sorted(known)}"
+        )

@@ -8,7 +8,8 @@ from typing import Any, Literal
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from lightning_sentinel.base import OnDetect, SentinelCallback, validate_on_detect
+from lightning_sentinel._validate import require_choice, require_list
+from lightning_sentinel.base import ON_DETECT_CHOICES, OnDetect, SentinelCallback
 from lightning_sentinel.catalog import preset_members, validate_check_ids
 
 Preset = Literal["fast", "full"]
@@ -21,8 +22,7 @@ def preset_checks(preset: str) -> list[SentinelCallback]:
     ``fast`` holds the cheap always-on monitors; ``full`` adds the preflight trials, which run
     once, on copies of the model, before or at the first training step (a few seconds at most).
     """
-    if preset not in PRESETS:
-        raise ValueError(f"`preset` must be one of {list(PRESETS)}, got {preset!r}")
+    require_choice("preset", preset, PRESETS)
     return [callback() for callback in preset_members(preset)]
 
 
@@ -36,9 +36,11 @@ class Sentinel(Callback):
             the model (can it overfit one batch, does it learn more from real labels than from
             shuffled ones or zeroed inputs, are samples independent, do targets leak into inputs),
             run once before or at the first step, within a few seconds.
-        checks: the check callbacks to run instead of the preset's, e.g.
+        checks: the check callbacks to run instead of the preset's (a list of lightning-sentinel check
+            callbacks, no two with the same settings), e.g.
             ``[NonFiniteGuard(on_detect="raise"), GradientNormMonitor(every_n_steps=1)]``.
-        disable: check ids to silence (see ``lightning-sentinel checks``); unknown ids raise ``ValueError``.
+        disable: check ids to silence, a list of strings (see ``lightning-sentinel checks``); unknown
+            ids raise ``ValueError``.
         on_detect: if given, overrides every check's own ``on_detect`` (``"warn"``, ``"stop"``, ``"raise"``).
 
     Example:
@@ -57,17 +59,12 @@ class Sentinel(Callback):
         disable: list[str] | None = None,
         on_detect: OnDetect | None = None,
     ) -> None:
-        if preset not in PRESETS:
-            raise ValueError(f"`preset` must be one of {list(PRESETS)}, got {preset!r}")
-        validate_on_detect(on_detect, allow_none=True)
-        disabled = list(disable or [])
+        require_choice("preset", preset, PRESETS)
+        require_choice("on_detect", on_detect, ON_DETECT_CHOICES, allow_none=True)
+        disabled = require_list("disable", disable, str, "check ids (strings)")
         validate_check_ids("disable", disabled)
         if checks is not None:
-            for check in checks:
-                if not isinstance(check, SentinelCallback):
-                    raise ValueError(
-                        f"`checks` must hold lightning-sentinel check callbacks, got {type(check).__name__}"
-                    )
+            checks = require_list("checks", checks, SentinelCallback, "lightning-sentinel check callbacks")
         self.preset = preset
         self.disable = disabled
         self.on_detect = on_detect
@@ -78,7 +75,7 @@ class Sentinel(Callback):
                 check.on_detect = on_detect
         keys = [check.state_key for check in self.checks]
         if len(set(keys)) != len(keys):
-            raise ValueError(f"`checks` holds two callbacks with the same settings: {keys}")
+            raise ValueError(f"`checks` must not hold two callbacks with the same settings, got {keys}")
         self._state_key = self._generate_state_key(preset=self.preset, checks=keys)
         # per hook, only the checks that implement it (Lightning calls every hook of every callback)
         self._implementers: dict[str, list[SentinelCallback]] = {

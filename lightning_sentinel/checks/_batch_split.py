@@ -24,6 +24,8 @@ from typing import Any
 
 from torch import Tensor
 
+from lightning_sentinel._validate import require_key
+
 INPUT_KEYS: tuple[str, ...] = ("x", "input", "inputs", "features", "image", "images")
 TARGET_KEYS: tuple[str, ...] = ("y", "target", "targets", "label", "labels")
 
@@ -43,8 +45,7 @@ class BatchParts:
 
 def validate_key(argument: str, value: Key | None) -> None:
     """Raise ``ValueError`` naming ``argument`` unless ``value`` is a key name, an index or ``None``."""
-    if value is not None and (isinstance(value, bool) or not isinstance(value, (str, int))):
-        raise ValueError(f"`{argument}` must be a string, an integer or None, got {value!r}")
+    require_key(argument, value)
 
 
 def _name(key: Key, attribute: bool = False) -> str:

@@ -18,7 +18,8 @@ import torch
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_sentinel.base import OnDetect, SentinelCallback, validate_positive_float, validate_positive_int
+from lightning_sentinel._validate import require_bool, require_int, require_number, require_order
+from lightning_sentinel.base import OnDetect, SentinelCallback
 from lightning_sentinel.catalog import CheckSpec, add_to_presets, register
 from lightning_sentinel.checks._activation_probe import RELU, SIGMOID, TANH, ActivationProbe, Site
 from lightning_sentinel.findings import Severity
@@ -216,14 +217,15 @@ class DeadReLUDetector(SentinelCallback):
 
     Args:
         on_detect: ``"warn"``, ``"stop"`` or ``"raise"`` (see :class:`~lightning_sentinel.base.SentinelCallback`).
-        every_n_steps: sample every n-th training batch.
-        window: sampled batches per verdict (one host read per window).
-        dead_threshold: share of dead units above which a layer is reported.
-        saturated_threshold: share of saturated units above which a layer is reported.
-        saturated_sample_fraction: share of its samples a unit must be saturated on to count.
-        init_scale_low: depth scale ratio below which the activations collapse at init.
-        init_scale_high: depth scale ratio above which the activations explode at init.
-        max_leaky_slope: ``LeakyReLU`` slopes up to this count as ReLU family.
+        every_n_steps: sample every n-th training batch; an integer >= 1.
+        window: sampled batches per verdict (one host read per window); an integer >= 1.
+        dead_threshold: share of dead units above which a layer is reported; in (0, 1].
+        saturated_threshold: share of saturated units above which a layer is reported; in (0, 1].
+        saturated_sample_fraction: share of its samples a unit must be saturated on to count; in (0, 1].
+        init_scale_low: depth scale ratio below which the activations collapse at init; a finite
+            number > 0, below ``init_scale_high``.
+        init_scale_high: depth scale ratio above which the activations explode at init; a finite number.
+        max_leaky_slope: ``LeakyReLU`` slopes up to this count as ReLU family; in [0, 1).
         sample_validation: also sample every ``every_n_steps``-th validation batch into the current
             window (eval mode: a unit active only on validation data is then not dead). Off by default.
 
@@ -250,35 +252,19 @@ class DeadReLUDetector(SentinelCallback):
         sample_validation: bool = False,
     ) -> None:
         super().__init__(on_detect=on_detect, every_n_steps=every_n_steps)
-        validate_positive_int("window", window)
-        for argument, value in (
-            ("dead_threshold", dead_threshold),
-            ("saturated_threshold", saturated_threshold),
-            ("saturated_sample_fraction", saturated_sample_fraction),
-        ):
-            validate_positive_float(argument, value)
-            if value > 1:
-                raise ValueError(f"`{argument}` must be a share in (0, 1], got {value!r}")
-        validate_positive_float("init_scale_low", init_scale_low)
-        validate_positive_float("init_scale_high", init_scale_high)
-        if init_scale_low >= init_scale_high:
-            raise ValueError(
-                f"`init_scale_low` ({init_scale_low}) must be below `init_scale_high` ({init_scale_high})"
-            )
-        if (
-            isinstance(max_leaky_slope, bool)
-            or not isinstance(max_leaky_slope, (int, float))
-            or not (0 <= max_leaky_slope < 1)
-        ):
-            raise ValueError(f"`max_leaky_slope` must be a number in [0, 1), got {max_leaky_slope!r}")
-        self.window = window
-        self.dead_threshold = dead_threshold
-        self.saturated_threshold = saturated_threshold
-        self.saturated_sample_fraction = saturated_sample_fraction
-        self.init_scale_low = init_scale_low
-        self.init_scale_high = init_scale_high
-        self.max_leaky_slope = max_leaky_slope
-        self.sample_validation = sample_validation
+        self.window = require_int("window", window)
+        self.dead_threshold = require_number("dead_threshold", dead_threshold, above=0, at_most=1)
+        self.saturated_threshold = require_number(
+            "saturated_threshold", saturated_threshold, above=0, at_most=1
+        )
+        self.saturated_sample_fraction = require_number(
+            "saturated_sample_fraction", saturated_sample_fraction, above=0, at_most=1
+        )
+        self.init_scale_low = require_number("init_scale_low", init_scale_low, above=0)
+        self.init_scale_high = require_number("init_scale_high", init_scale_high, above=0)
+        require_order("init_scale_low", self.init_scale_low, "init_scale_high", self.init_scale_high)
+        self.max_leaky_slope = require_number("max_leaky_slope", max_leaky_slope, at_least=0, below=1)
+        self.sample_validation = require_bool("sample_validation", sample_validation)
         self._batches_seen = 0
         self._init_judged = False
         self._reset_run_state()

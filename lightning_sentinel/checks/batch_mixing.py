@@ -20,9 +20,10 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_sentinel.base import OnDetect, validate_positive_float, validate_positive_int
+from lightning_sentinel._validate import require_int, require_key, require_number
+from lightning_sentinel.base import OnDetect
 from lightning_sentinel.catalog import CheckSpec, add_to_presets, register
-from lightning_sentinel.checks._batch_split import Key, named_tensors, split_batch, validate_key
+from lightning_sentinel.checks._batch_split import Key, named_tensors, split_batch
 from lightning_sentinel.checks._copy_probe import (
     FirstBatchCheck,
     SkipCheck,
@@ -97,13 +98,13 @@ class BatchIndependenceCheck(FirstBatchCheck):
 
     Args:
         on_detect: ``"warn"``, ``"stop"`` or ``"raise"`` (see :class:`~lightning_sentinel.base.SentinelCallback`).
-        input_key: where the inputs are in the batch (mapping key, tuple index or attribute), if not the
-            convention's.
-        sample_index: the sample whose output is backpropagated (taken modulo the batch size); by default
-            the last one, which also catches mixing that only flows forward along the batch (a
-            recurrent layer with ``batch_first=False`` fed ``(N, T, F)`` batches).
-        tolerance: a gradient norm above ``tolerance`` x the largest one counts as a leak (healthy
-            models give exactly 0: the default 1e-6 only absorbs rounding).
+        input_key: where the inputs are in the batch (mapping key or attribute name: a string; tuple
+            index: an integer), if not the convention's.
+        sample_index: the sample whose output is backpropagated (an integer >= 0, taken modulo the batch
+            size); by default the last one, which also catches mixing that only flows forward along
+            the batch (a recurrent layer with ``batch_first=False`` fed ``(N, T, F)`` batches).
+        tolerance: a gradient norm above ``tolerance`` x the largest one counts as a leak (a finite
+            number > 0; healthy models give exactly 0: the default 1e-6 only absorbs rounding).
 
     Example:
         >>> import lightning.pytorch as pl
@@ -121,13 +122,9 @@ class BatchIndependenceCheck(FirstBatchCheck):
         tolerance: float = 1e-6,
     ) -> None:
         super().__init__(on_detect=on_detect)
-        validate_key("input_key", input_key)
-        if sample_index is not None:
-            validate_positive_int("sample_index", sample_index, minimum=0)
-        validate_positive_float("tolerance", tolerance)
-        self.input_key: Key | None = input_key
-        self.sample_index: int | None = sample_index
-        self.tolerance = tolerance
+        self.input_key: Key | None = require_key("input_key", input_key)
+        self.sample_index: int | None = require_int("sample_index", sample_index, minimum=0, allow_none=True)
+        self.tolerance = require_number("tolerance", tolerance, above=0)
 
     @override
     def _state_key_settings(self) -> dict[str, Any]:

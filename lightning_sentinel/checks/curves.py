@@ -21,7 +21,8 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_sentinel.base import OnDetect, SentinelCallback, validate_positive_float, validate_positive_int
+from lightning_sentinel._validate import require_int, require_number, require_text
+from lightning_sentinel.base import OnDetect, SentinelCallback
 from lightning_sentinel.catalog import CheckSpec, add_to_presets, register
 from lightning_sentinel.findings import Severity
 
@@ -250,16 +251,19 @@ class LearningCurveMonitor(SentinelCallback):
 
     Args:
         on_detect: ``"warn"`` (default), ``"stop"`` or ``"raise"``.
-        every_n_steps: optimizer steps per chunk (one host read per chunk).
-        warmup_steps: optimizer steps measured but not judged (a warm-up that is meant to be erratic).
-        monitor: the validation loss key in ``trainer.callback_metrics`` (``self.log("val_loss", ...)``).
-        smoothing: chunks in the median that smooths the loss curve.
-        patience_steps: optimizer steps before ``loss-not-decreasing`` is judged.
-        min_improvement: relative drop of the smoothed loss below its start that counts as learning.
-        divergence_factor: how far above its best smoothed value the smoothed loss may climb.
-        oscillation_factor: largest median in-chunk swing, in units of the loss scale.
-        overfit_patience: validation runs since the best validation loss before ``overfitting``.
-        overfit_min_rise: relative rise of the validation loss above its best that counts.
+        every_n_steps: optimizer steps per chunk (one host read per chunk); an integer >= 1.
+        warmup_steps: optimizer steps measured but not judged (a warm-up that is meant to be erratic);
+            an integer >= 0.
+        monitor: the validation loss key in ``trainer.callback_metrics`` (``self.log("val_loss", ...)``);
+            a non-empty string.
+        smoothing: chunks in the median that smooths the loss curve; an integer >= 1.
+        patience_steps: optimizer steps before ``loss-not-decreasing`` is judged; an integer >= 1.
+        min_improvement: relative drop of the smoothed loss below its start that counts as learning;
+            in (0, 1).
+        divergence_factor: how far above its best smoothed value the smoothed loss may climb; > 1.
+        oscillation_factor: largest median in-chunk swing, in units of the loss scale; > 0.
+        overfit_patience: validation runs since the best validation loss before ``overfitting``; >= 1.
+        overfit_min_rise: relative rise of the validation loss above its best that counts; > 0.
 
     Example:
         >>> import lightning.pytorch as pl
@@ -285,27 +289,14 @@ class LearningCurveMonitor(SentinelCallback):
         overfit_min_rise: float = 0.2,
     ) -> None:
         super().__init__(on_detect=on_detect, every_n_steps=every_n_steps, warmup_steps=warmup_steps)
-        if not isinstance(monitor, str) or not monitor:
-            raise ValueError(f"`monitor` must be a non-empty metric name, got {monitor!r}")
-        validate_positive_int("smoothing", smoothing)
-        validate_positive_int("patience_steps", patience_steps)
-        validate_positive_float("min_improvement", min_improvement)
-        validate_positive_float("divergence_factor", divergence_factor)
-        if divergence_factor <= 1.0:
-            raise ValueError(f"`divergence_factor` must be > 1, got {divergence_factor!r}")
-        validate_positive_float("oscillation_factor", oscillation_factor)
-        validate_positive_int("overfit_patience", overfit_patience)
-        validate_positive_float("overfit_min_rise", overfit_min_rise)
-        if min_improvement >= 1.0:
-            raise ValueError(f"`min_improvement` must be < 1, got {min_improvement!r}")
-        self.monitor = monitor
-        self.smoothing = smoothing
-        self.patience_steps = patience_steps
-        self.min_improvement = min_improvement
-        self.divergence_factor = divergence_factor
-        self.oscillation_factor = oscillation_factor
-        self.overfit_patience = overfit_patience
-        self.overfit_min_rise = overfit_min_rise
+        self.monitor = require_text("monitor", monitor)
+        self.smoothing = require_int("smoothing", smoothing)
+        self.patience_steps = require_int("patience_steps", patience_steps)
+        self.min_improvement = require_number("min_improvement", min_improvement, above=0, below=1)
+        self.divergence_factor = require_number("divergence_factor", divergence_factor, above=1)
+        self.oscillation_factor = require_number("oscillation_factor", oscillation_factor, above=0)
+        self.overfit_patience = require_int("overfit_patience", overfit_patience)
+        self.overfit_min_rise = require_number("overfit_min_rise", overfit_min_rise, above=0)
         self.rise_fraction = 0.25
         self.divergence_patience = 2
         self._reset_run_state()

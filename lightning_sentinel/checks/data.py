@@ -11,14 +11,10 @@ import torch
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_sentinel.base import (
-    OnDetect,
-    SentinelCallback,
-    validate_positive_float,
-    validate_positive_int,
-)
+from lightning_sentinel._validate import require_int, require_key, require_number
+from lightning_sentinel.base import OnDetect, SentinelCallback
 from lightning_sentinel.catalog import CheckSpec, add_to_presets, register
-from lightning_sentinel.checks._batch_split import BatchParts, Key, named_tensors, split_batch, validate_key
+from lightning_sentinel.checks._batch_split import BatchParts, Key, named_tensors, split_batch
 from lightning_sentinel.checks._batch_stats import (
     FeatureMoments,
     feature_axis,
@@ -277,19 +273,19 @@ class BatchInspector(SentinelCallback):
 
     Args:
         on_detect: ``"warn"`` (default), ``"stop"`` or ``"raise"``.
-        every_n_steps: inspect every n-th training batch (micro-batch).
-        window_batches: sampled batches per host read and verdict.
-        input_key: key, index or attribute of the inputs in a batch (``None``: the convention).
-        target_key: key, index or attribute of the targets (``None``: the convention).
-        mean_bound: largest normal ``|mean|`` of a feature/channel.
-        std_bound: largest normal std of a feature/channel.
-        min_std: smallest normal std of a feature that varies.
-        min_samples: samples seen before the scale of the inputs is judged.
-        single_label_batches: single-class batches in a window needed for ``single-label-batch``.
-        imbalance_ratio: max/min class count above which labels count as imbalanced.
-        imbalance_min_samples: labels seen before the imbalance is judged.
-        shift_std: ``train-val-shift`` threshold in training standard deviations (and std ratio).
-        shift_fraction: share of features/channels that must be shifted.
+        every_n_steps: inspect every n-th training batch (micro-batch); an integer >= 1.
+        window_batches: sampled batches per host read and verdict; an integer >= 1.
+        input_key: key (string), index or attribute of the inputs in a batch (``None``: the convention).
+        target_key: key (string), index or attribute of the targets (``None``: the convention).
+        mean_bound: largest normal ``|mean|`` of a feature/channel; a finite number > 0.
+        std_bound: largest normal std of a feature/channel; a finite number > 0.
+        min_std: smallest normal std of a feature that varies; a finite number > 0.
+        min_samples: samples seen before the scale of the inputs is judged; an integer >= 1.
+        single_label_batches: single-class batches in a window needed for ``single-label-batch``; >= 1.
+        imbalance_ratio: max/min class count above which labels count as imbalanced; a finite number > 1.
+        imbalance_min_samples: labels seen before the imbalance is judged; an integer >= 1.
+        shift_std: ``train-val-shift`` threshold in training standard deviations (and std ratio); > 1.
+        shift_fraction: share of features/channels that must be shifted; in (0, 1].
 
     Example:
         >>> import lightning.pytorch as pl
@@ -318,42 +314,18 @@ class BatchInspector(SentinelCallback):
         shift_fraction: float = 0.25,
     ) -> None:
         super().__init__(on_detect=on_detect, every_n_steps=every_n_steps)
-        validate_positive_int("window_batches", window_batches)
-        validate_key("input_key", input_key)
-        validate_key("target_key", target_key)
-        for name, value in (
-            ("mean_bound", mean_bound),
-            ("std_bound", std_bound),
-            ("min_std", min_std),
-            ("imbalance_ratio", imbalance_ratio),
-            ("shift_std", shift_std),
-        ):
-            validate_positive_float(name, value)
-        if imbalance_ratio <= 1:
-            raise ValueError(f"`imbalance_ratio` must be > 1, got {imbalance_ratio!r}")
-        if shift_std <= 1:
-            raise ValueError(f"`shift_std` must be > 1, got {shift_std!r}")
-        validate_positive_int("min_samples", min_samples)
-        validate_positive_int("single_label_batches", single_label_batches)
-        validate_positive_int("imbalance_min_samples", imbalance_min_samples)
-        if (
-            isinstance(shift_fraction, bool)
-            or not isinstance(shift_fraction, (int, float))
-            or not 0 < shift_fraction <= 1
-        ):
-            raise ValueError(f"`shift_fraction` must be a number in (0, 1], got {shift_fraction!r}")
-        self.window_batches = window_batches
-        self.input_key: Key | None = input_key
-        self.target_key: Key | None = target_key
-        self.mean_bound = float(mean_bound)
-        self.std_bound = float(std_bound)
-        self.min_std = float(min_std)
-        self.min_samples = min_samples
-        self.single_label_batches = single_label_batches
-        self.imbalance_ratio = float(imbalance_ratio)
-        self.imbalance_min_samples = imbalance_min_samples
-        self.shift_std = float(shift_std)
-        self.shift_fraction = float(shift_fraction)
+        self.window_batches = require_int("window_batches", window_batches)
+        self.input_key: Key | None = require_key("input_key", input_key)
+        self.target_key: Key | None = require_key("target_key", target_key)
+        self.mean_bound = require_number("mean_bound", mean_bound, above=0)
+        self.std_bound = require_number("std_bound", std_bound, above=0)
+        self.min_std = require_number("min_std", min_std, above=0)
+        self.min_samples = require_int("min_samples", min_samples)
+        self.single_label_batches = require_int("single_label_batches", single_label_batches)
+        self.imbalance_ratio = require_number("imbalance_ratio", imbalance_ratio, above=1)
+        self.imbalance_min_samples = require_int("imbalance_min_samples", imbalance_min_samples)
+        self.shift_std = require_number("shift_std", shift_std, above=1)
+        self.shift_fraction = require_number("shift_fraction", shift_fraction, above=0, at_most=1)
         self._reset_statistics()
         self._reset_run_state()
 

@@ -17,7 +17,8 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_sentinel._stats import LayerGrouping, median, tensor_norms
-from lightning_sentinel.base import OnDetect, SentinelCallback, validate_positive_float, validate_positive_int
+from lightning_sentinel._validate import require_bool, require_int, require_number, require_order
+from lightning_sentinel.base import OnDetect, SentinelCallback
 from lightning_sentinel.catalog import CheckSpec, add_to_presets, register
 from lightning_sentinel.checks._optimizers import OptimizerView, gradient_scale, optimizer_view
 from lightning_sentinel.findings import Severity
@@ -140,17 +141,18 @@ class GradientNormMonitor(SentinelCallback):
 
     Args:
         on_detect: ``"warn"``, ``"stop"`` or ``"raise"`` (see :class:`~lightning_sentinel.base.SentinelCallback`).
-        every_n_steps: check every n-th optimizer step (one host read per check).
-        warmup_steps: optimizer steps to skip before the first check.
-        spike_factor: how far above its running median the total norm may go.
-        max_norm: absolute bound on the total gradient norm.
-        window: number of earlier checks in the running median.
-        min_history: checks needed before the spike rule applies.
-        vanishing_ratio: per-layer grad/weight ratio below which a layer's gradient has vanished.
+        every_n_steps: check every n-th optimizer step (one host read per check); an integer >= 1.
+        warmup_steps: optimizer steps to skip before the first check; an integer >= 0.
+        spike_factor: how far above its running median the total norm may go; a finite number > 1.
+        max_norm: absolute bound on the total gradient norm; a finite number > 0.
+        window: number of earlier checks in the running median; an integer >= 1.
+        min_history: checks needed before the spike rule applies; an integer in [1, ``window``].
+        vanishing_ratio: per-layer grad/weight ratio below which a layer's gradient has vanished; > 0.
         depth_ratio_threshold: first-layer/last-layer relative gradient ratio below which gradients
-            vanish with depth.
-        patience: consecutive checks a vanishing condition must hold.
-        converged_fraction: no vanishing finding once the loss is below this fraction of its first value.
+            vanish with depth; > 0.
+        patience: consecutive checks a vanishing condition must hold; an integer >= 1.
+        converged_fraction: no vanishing finding once the loss is below this fraction of its first
+            value; a number in (0, 1].
         log_per_layer: also log each layer's gradient norm (off by default: no per-layer clutter).
         track_peak: on the steps between checks, fold the total norm into a device-side running peak
             (one fused norm per step, no host read), so a one-step spike is judged at the next check.
@@ -181,26 +183,17 @@ class GradientNormMonitor(SentinelCallback):
         track_peak: bool = True,
     ) -> None:
         super().__init__(on_detect=on_detect, every_n_steps=every_n_steps, warmup_steps=warmup_steps)
-        validate_positive_float("spike_factor", spike_factor)
-        validate_positive_float("max_norm", max_norm)
-        validate_positive_int("window", window)
-        validate_positive_int("min_history", min_history)
-        validate_positive_float("vanishing_ratio", vanishing_ratio)
-        validate_positive_float("depth_ratio_threshold", depth_ratio_threshold)
-        validate_positive_int("patience", patience)
-        validate_positive_float("converged_fraction", converged_fraction)
-        if min_history > window:
-            raise ValueError(f"`min_history` ({min_history}) must not exceed `window` ({window})")
-        self.spike_factor = spike_factor
-        self.max_norm = max_norm
-        self.window = window
-        self.min_history = min_history
-        self.vanishing_ratio = vanishing_ratio
-        self.depth_ratio_threshold = depth_ratio_threshold
-        self.patience = patience
-        self.converged_fraction = converged_fraction
-        self.log_per_layer = log_per_layer
-        self.track_peak = track_peak
+        self.spike_factor = require_number("spike_factor", spike_factor, above=1)
+        self.max_norm = require_number("max_norm", max_norm, above=0)
+        self.window = require_int("window", window)
+        self.min_history = require_int("min_history", min_history)
+        require_order("min_history", self.min_history, "window", self.window, or_equal=True)
+        self.vanishing_ratio = require_number("vanishing_ratio", vanishing_ratio, above=0)
+        self.depth_ratio_threshold = require_number("depth_ratio_threshold", depth_ratio_threshold, above=0)
+        self.patience = require_int("patience", patience)
+        self.converged_fraction = require_number("converged_fraction", converged_fraction, above=0, at_most=1)
+        self.log_per_layer = require_bool("log_per_layer", log_per_layer)
+        self.track_peak = require_bool("track_peak", track_peak)
         self._optimizers: dict[int, _OptimizerState] = {}
         self._saved_history: dict[str, list[float]] = {}
         self._first_loss: Tensor | None = None

@@ -25,7 +25,8 @@ from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from lightning_sentinel._stats import LayerGrouping, tensor_norms
-from lightning_sentinel.base import SentinelCallback, validate_positive_int
+from lightning_sentinel._validate import require_bool, require_int, require_regex
+from lightning_sentinel.base import SentinelCallback
 from lightning_sentinel.checks._optimizers import gradient_scale
 from lightning_sentinel.findings import SentinelWarning
 
@@ -185,11 +186,12 @@ class HistogramLogger(SentinelCallback):
     sampled step does one host read.
 
     Args:
-        every_n_steps: log on every n-th training step (by ``trainer.global_step``).
+        every_n_steps: log on every n-th training step (by ``trainer.global_step``); an integer >= 1.
         name_filter: regular expression searched (``re.search``) in layer names, e.g. ``"encoder"``;
             ``None`` keeps every layer. A layer is a module that owns parameters or has no children.
-        max_layers: at most this many layers are logged, spread evenly over depth (first and last kept).
-        bins: number of equal-width buckets of each histogram.
+        max_layers: at most this many layers are logged, spread evenly over depth (first and last
+            kept); an integer >= 1.
+        bins: number of equal-width buckets of each histogram; an integer >= 1.
         log_weights: log weight histograms.
         log_gradients: log gradient histograms.
         log_activations: log activation histograms.
@@ -219,23 +221,14 @@ class HistogramLogger(SentinelCallback):
         custom_scalar_layout: bool = True,
     ) -> None:
         super().__init__(on_detect="warn", every_n_steps=every_n_steps)
-        validate_positive_int("max_layers", max_layers)
-        validate_positive_int("bins", bins)
-        if name_filter is not None:
-            try:
-                re.compile(name_filter)
-            except (re.error, TypeError) as error:
-                raise ValueError(
-                    f"`name_filter` must be a valid regular expression, got {name_filter!r}: {error}"
-                ) from error
-        self.name_filter = name_filter
-        self.max_layers = max_layers
-        self.bins = bins
-        self.log_weights = log_weights
-        self.log_gradients = log_gradients
-        self.log_activations = log_activations
-        self.log_update_ratio = log_update_ratio
-        self.custom_scalar_layout = custom_scalar_layout
+        self.name_filter = require_regex("name_filter", name_filter, allow_none=True)
+        self.max_layers = require_int("max_layers", max_layers)
+        self.bins = require_int("bins", bins)
+        self.log_weights = require_bool("log_weights", log_weights)
+        self.log_gradients = require_bool("log_gradients", log_gradients)
+        self.log_activations = require_bool("log_activations", log_activations)
+        self.log_update_ratio = require_bool("log_update_ratio", log_update_ratio)
+        self.custom_scalar_layout = require_bool("custom_scalar_layout", custom_scalar_layout)
         self._said_no_tensorboard = False
         self._tensorboard: TensorBoardLogger | None = None
         self._layers: list[str] = []

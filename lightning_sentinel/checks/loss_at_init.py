@@ -30,7 +30,8 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 from typing_extensions import override
 
-from lightning_sentinel.base import OnDetect, SentinelCallback, validate_positive_float
+from lightning_sentinel._validate import require_number
+from lightning_sentinel.base import OnDetect, SentinelCallback
 from lightning_sentinel.catalog import CheckSpec, add_to_presets, register
 from lightning_sentinel.checks._torch_function import loss_call_site, remove_mode
 from lightning_sentinel.findings import Severity
@@ -309,9 +310,12 @@ class LossAtInitCheck(SentinelCallback):
 
     Args:
         on_detect: ``"warn"``, ``"stop"`` or ``"raise"`` (see :class:`~lightning_sentinel.base.SentinelCallback`).
-        expected_loss: the loss you expect at init; compared with the training step's own loss.
-        max_ratio: how many times the expected value the first loss may reach (> 1).
-        max_excess: how many nats above ``ln C`` (or ``expected_loss``) the first loss may reach.
+        expected_loss: the loss you expect at init (a finite number >= 0, or ``None`` to derive it from
+            the loss function); compared with the training step's own loss.
+        max_ratio: how many times the expected value the first loss may reach; a finite number > 1.
+        max_excess: how many nats above ``ln C`` (or ``expected_loss``) the first loss may reach; > 0.
+        max_regression_ratio: how many times the batch's target variance the first MSE loss may reach;
+            a finite number > 1.
 
     Example:
         >>> import lightning.pytorch as pl
@@ -331,26 +335,10 @@ class LossAtInitCheck(SentinelCallback):
         max_regression_ratio: float = 3.0,
     ) -> None:
         super().__init__(on_detect=on_detect)
-        if expected_loss is not None:
-            if isinstance(expected_loss, bool) or not isinstance(expected_loss, (int, float)):
-                raise ValueError(
-                    f"`expected_loss` must be a finite number >= 0 or None, got {expected_loss!r}"
-                )
-            if not (0 <= expected_loss < math.inf):
-                raise ValueError(
-                    f"`expected_loss` must be a finite number >= 0 or None, got {expected_loss!r}"
-                )
-        validate_positive_float("max_ratio", max_ratio)
-        if max_ratio <= 1:
-            raise ValueError(f"`max_ratio` must be a number > 1, got {max_ratio!r}")
-        validate_positive_float("max_excess", max_excess)
-        validate_positive_float("max_regression_ratio", max_regression_ratio)
-        if max_regression_ratio <= 1:
-            raise ValueError(f"`max_regression_ratio` must be a number > 1, got {max_regression_ratio!r}")
-        self.expected_loss = None if expected_loss is None else float(expected_loss)
-        self.max_ratio = float(max_ratio)
-        self.max_excess = float(max_excess)
-        self.max_regression_ratio = float(max_regression_ratio)
+        self.expected_loss = require_number("expected_loss", expected_loss, at_least=0, allow_none=True)
+        self.max_ratio = require_number("max_ratio", max_ratio, above=1)
+        self.max_excess = require_number("max_excess", max_excess, above=0)
+        self.max_regression_ratio = require_number("max_regression_ratio", max_regression_ratio, above=1)
         self._done = False
         self._mode: _InitLossInterceptor | None = None
 

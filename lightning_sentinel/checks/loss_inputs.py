@@ -23,7 +23,8 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 from typing_extensions import override
 
-from lightning_sentinel.base import OnDetect, SentinelCallback, validate_positive_float, validate_positive_int
+from lightning_sentinel._validate import require_int, require_number
+from lightning_sentinel.base import OnDetect, SentinelCallback
 from lightning_sentinel.catalog import CheckSpec, add_to_presets, register
 from lightning_sentinel.checks._torch_function import loss_call_site, remove_mode
 from lightning_sentinel.findings import Severity
@@ -419,12 +420,12 @@ class LossInputCheck(SentinelCallback):
 
     Args:
         on_detect: ``"warn"``, ``"stop"`` or ``"raise"`` (see :class:`~lightning_sentinel.base.SentinelCallback`).
-        every_n_steps: sample every n-th training batch (micro-batch).
-        warmup_steps: training batches to skip before the first sample.
-        tolerance: slack of the probability and log-probability rules (covers bf16 rounding).
-        patience: consecutive sampled steps the sigmoid and clipped-output conditions must hold.
-        min_target_share: share of targets outside the output's range for ``clipped-output``.
-        min_pinned_share: share of outputs at the range's bound for ``clipped-output``.
+        every_n_steps: sample every n-th training batch (micro-batch); an integer >= 1.
+        warmup_steps: training batches to skip before the first sample; an integer >= 0.
+        tolerance: slack of the probability and log-probability rules (covers bf16 rounding); > 0.
+        patience: consecutive sampled steps the sigmoid and clipped-output conditions must hold; >= 1.
+        min_target_share: share of targets outside the output's range for ``clipped-output``; in (0, 1].
+        min_pinned_share: share of outputs at the range's bound for ``clipped-output``; in (0, 1].
 
     Example:
         >>> import lightning.pytorch as pl
@@ -446,18 +447,10 @@ class LossInputCheck(SentinelCallback):
         min_pinned_share: float = 0.01,
     ) -> None:
         super().__init__(on_detect=on_detect, every_n_steps=every_n_steps, warmup_steps=warmup_steps)
-        validate_positive_float("tolerance", tolerance)
-        validate_positive_int("patience", patience)
-        for argument, value in (
-            ("min_target_share", min_target_share),
-            ("min_pinned_share", min_pinned_share),
-        ):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-                raise ValueError(f"`{argument}` must be a number in (0, 1], got {value!r}")
-        self.tolerance = tolerance
-        self.patience = patience
-        self.min_target_share = min_target_share
-        self.min_pinned_share = min_pinned_share
+        self.tolerance = require_number("tolerance", tolerance, above=0)
+        self.patience = require_int("patience", patience)
+        self.min_target_share = require_number("min_target_share", min_target_share, above=0, at_most=1)
+        self.min_pinned_share = require_number("min_pinned_share", min_pinned_share, above=0, at_most=1)
         self._batches_seen = 0
         self._streaks: dict[str, int] = {}
         self._unseen_reported = False

@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
+from lightning_sentinel._validate import require_bool, require_list, require_regex
 from lightning_sentinel.base import OnDetect, SentinelCallback
 from lightning_sentinel.catalog import CheckSpec, add_to_presets, register
 from lightning_sentinel.findings import Severity
@@ -159,8 +160,8 @@ class TrainEvalModeChecker(SentinelCallback):
 
     Args:
         on_detect: ``"warn"``, ``"stop"`` or ``"raise"`` (see :class:`~lightning_sentinel.base.SentinelCallback`).
-        every_n_steps: check every n-th training batch (the first one always).
-        allow: regular expressions of module names never to report.
+        every_n_steps: check every n-th training batch (the first one always); an integer >= 1.
+        allow: regular expressions of module names never to report (a list of strings, not one string).
         use_hooks: attach forward pre-hooks on checked batches to see each module's mode when it runs
             (turn off for ``torch.compile``d models; the batch start/end checks remain).
 
@@ -181,18 +182,11 @@ class TrainEvalModeChecker(SentinelCallback):
         use_hooks: bool = True,
     ) -> None:
         super().__init__(on_detect=on_detect, every_n_steps=every_n_steps)
-        patterns = list(allow or [])
-        for pattern in patterns:
-            if not isinstance(pattern, str):
-                raise ValueError(f"`allow` must be a list of regular expressions, got {pattern!r}")
-            try:
-                re.compile(pattern)
-            except re.error as error:
-                raise ValueError(
-                    f"`allow` holds an invalid regular expression {pattern!r}: {error}"
-                ) from None
+        patterns = [
+            require_regex("allow", pattern) for pattern in require_list("allow", allow, str, "strings")
+        ]
         self.allow = patterns
-        self.use_hooks = use_hooks
+        self.use_hooks = require_bool("use_hooks", use_hooks)
         self._allow = [re.compile(pattern) for pattern in patterns]
         self._modules: list[tuple[str, nn.Module]] | None = None
         self._root: nn.Module | None = None

@@ -12,7 +12,8 @@ from typing_extensions import override
 
 from lightning_sentinel._hooks import FiniteProbe, ModuleFailure, logging_silenced
 from lightning_sentinel._stats import tensor_norms
-from lightning_sentinel.base import OnDetect, SentinelCallback, validate_positive_float
+from lightning_sentinel._validate import require_bool, require_number
+from lightning_sentinel.base import OnDetect, SentinelCallback
 from lightning_sentinel.catalog import CheckSpec, add_to_presets, register
 from lightning_sentinel.checks._optimizers import OptimizerView, optimizer_view, scaler_of
 from lightning_sentinel.findings import Finding, Severity
@@ -81,8 +82,9 @@ class NonFiniteGuard(SentinelCallback):
 
     Args:
         on_detect: ``"stop"`` (default: a non-finite run is worthless), ``"warn"`` or ``"raise"``.
-        every_n_steps: check gradients and weights every n-th optimizer step.
-        scaler_min_scale: under a GradScaler, non-finite gradients are reported once its scale is below this.
+        every_n_steps: check gradients and weights every n-th optimizer step; an integer >= 1.
+        scaler_min_scale: under a GradScaler, non-finite gradients are reported once its scale is below
+            this; a finite number > 0.
         localize: replay or hook the forward pass to name the module that produced the first NaN/Inf.
 
     Example:
@@ -101,9 +103,8 @@ class NonFiniteGuard(SentinelCallback):
         localize: bool = True,
     ) -> None:
         super().__init__(on_detect=on_detect, every_n_steps=every_n_steps)
-        validate_positive_float("scaler_min_scale", scaler_min_scale)
-        self.scaler_min_scale = scaler_min_scale
-        self.localize = localize
+        self.scaler_min_scale = require_number("scaler_min_scale", scaler_min_scale, above=0)
+        self.localize = require_bool("localize", localize)
         self._reset_run_state()
 
     def _reset_run_state(self) -> None:

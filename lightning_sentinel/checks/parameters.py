@@ -21,7 +21,8 @@ from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from lightning_sentinel._stats import LayerGrouping, tensor_norms
-from lightning_sentinel.base import OnDetect, SentinelCallback, validate_positive_float, validate_positive_int
+from lightning_sentinel._validate import require_bool, require_int, require_number, require_order
+from lightning_sentinel.base import OnDetect, SentinelCallback
 from lightning_sentinel.catalog import CheckSpec, add_to_presets, register
 from lightning_sentinel.checks._optimizers import OptimizerView, optimizer_view, scaler_of
 from lightning_sentinel.findings import Severity
@@ -230,13 +231,17 @@ class ParameterUpdateMonitor(SentinelCallback):
 
     Args:
         on_detect: ``"warn"``, ``"stop"`` or ``"raise"`` (see :class:`~lightning_sentinel.base.SentinelCallback`).
-        every_n_steps: check every n-th optimizer step (per optimizer).
-        warmup_steps: optimizer steps before the first check.
-        unused_patience: optimizer steps without any gradient before a parameter is reported unused.
-        patience: consecutive checks a frozen parameter or an out-of-band ratio must persist.
-        high_ratio: per-layer update/weight norm ratio above which the update is too large.
-        low_ratio: per-layer update/weight norm ratio below which the update is too small.
-        decayed_fraction: a low ratio is not judged once the lr fell below this fraction of its peak.
+        every_n_steps: check every n-th optimizer step (per optimizer); an integer >= 1.
+        warmup_steps: optimizer steps before the first check; an integer >= 0.
+        unused_patience: optimizer steps without any gradient before a parameter is reported unused;
+            an integer >= 1.
+        patience: consecutive checks a frozen parameter or an out-of-band ratio must persist; >= 1.
+        high_ratio: per-layer update/weight norm ratio above which the update is too large; a finite
+            number > 0.
+        low_ratio: per-layer update/weight norm ratio below which the update is too small; a finite
+            number > 0, below ``high_ratio``.
+        decayed_fraction: a low ratio is not judged once the lr fell below this fraction of its peak;
+            in (0, 1].
         log_ratios: log the largest and smallest layer ratio of each check under ``sentinel/update_ratio/``.
 
     Example:
@@ -261,21 +266,13 @@ class ParameterUpdateMonitor(SentinelCallback):
         log_ratios: bool = True,
     ) -> None:
         super().__init__(on_detect=on_detect, every_n_steps=every_n_steps, warmup_steps=warmup_steps)
-        validate_positive_int("unused_patience", unused_patience)
-        validate_positive_int("patience", patience)
-        validate_positive_float("high_ratio", high_ratio)
-        validate_positive_float("low_ratio", low_ratio)
-        validate_positive_float("decayed_fraction", decayed_fraction)
-        if low_ratio >= high_ratio:
-            raise ValueError(f"`low_ratio` ({low_ratio}) must be below `high_ratio` ({high_ratio})")
-        if decayed_fraction > 1:
-            raise ValueError(f"`decayed_fraction` must be in (0, 1], got {decayed_fraction}")
-        self.unused_patience = unused_patience
-        self.patience = patience
-        self.high_ratio = high_ratio
-        self.low_ratio = low_ratio
-        self.decayed_fraction = decayed_fraction
-        self.log_ratios = log_ratios
+        self.unused_patience = require_int("unused_patience", unused_patience)
+        self.patience = require_int("patience", patience)
+        self.high_ratio = require_number("high_ratio", high_ratio, above=0)
+        self.low_ratio = require_number("low_ratio", low_ratio, above=0)
+        require_order("low_ratio", self.low_ratio, "high_ratio", self.high_ratio)
+        self.decayed_fraction = require_number("decayed_fraction", decayed_fraction, above=0, at_most=1)
+        self.log_ratios = require_bool("log_ratios", log_ratios)
         self._optimizers: dict[int, _OptimizerState] = {}
         self._candidates: dict[int, _Candidate] = {}
         self._reported_unused: set[str] = set()

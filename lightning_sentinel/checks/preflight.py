@@ -24,9 +24,10 @@ import lightning.pytorch as pl
 import torch
 from typing_extensions import override
 
-from lightning_sentinel.base import OnDetect, SentinelCallback, validate_positive_float, validate_positive_int
+from lightning_sentinel._validate import require_int, require_key, require_number
+from lightning_sentinel.base import OnDetect, SentinelCallback
 from lightning_sentinel.catalog import CheckSpec, add_to_presets, register
-from lightning_sentinel.checks._batch_split import Key, validate_key
+from lightning_sentinel.checks._batch_split import Key
 from lightning_sentinel.checks._trial import (
     Trial,
     TrialRun,
@@ -107,11 +108,6 @@ def ignores_input_verdict(real: float, shuffled: float, zeroed: float, margin: f
     return False, ""
 
 
-def _validate_fraction(argument: str, value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
-        raise ValueError(f"`{argument}` must be a number in (0, 1), got {value!r}")
-
-
 # ---------------------------------------------------------------------- shared adapter
 class _PreflightCheck(SentinelCallback):
     """What both preflight checks share: run once in ``on_train_start``, skip what cannot be tried."""
@@ -127,14 +123,10 @@ class _PreflightCheck(SentinelCallback):
         target_key: Key | None,
     ) -> None:
         super().__init__(on_detect=on_detect)
-        validate_positive_int("max_steps", max_steps)
-        validate_positive_float("max_seconds", max_seconds)
-        validate_key("input_key", input_key)
-        validate_key("target_key", target_key)
-        self.max_steps = max_steps
-        self.max_seconds = float(max_seconds)
-        self.input_key = input_key
-        self.target_key = target_key
+        self.max_steps = require_int("max_steps", max_steps)
+        self.max_seconds = require_number("max_seconds", max_seconds, above=0)
+        self.input_key = require_key("input_key", input_key)
+        self.target_key = require_key("target_key", target_key)
         self._done = False
 
     @override
@@ -206,13 +198,14 @@ class OverfitBatchCheck(_PreflightCheck):
 
     Args:
         on_detect: ``"warn"``, ``"stop"`` or ``"raise"`` (see :class:`SentinelCallback`).
-        batch_size: samples kept from the first training batch.
-        max_steps: optimizer steps of the trial.
-        max_seconds: wall-clock budget of the trial; a trial cut short by it that has not reached the
-            threshold yet is reported as an ``info`` (inconclusive), never as a warning.
-        max_fraction: the loss after the trial must be at most this fraction of its first value.
-        input_key: key/index of the inputs in a batch (default: ``(x, y)`` tuples, ``x``/``inputs``... keys).
-        target_key: key/index of the targets in a batch.
+        batch_size: samples kept from the first training batch; an integer >= 1.
+        max_steps: optimizer steps of the trial; an integer >= 1.
+        max_seconds: wall-clock budget of the trial (a finite number > 0); a trial cut short by it that
+            has not reached the threshold yet is reported as an ``info`` (inconclusive), never as a warning.
+        max_fraction: the loss after the trial must be at most this fraction of its first value; in (0, 1).
+        input_key: key (string) or index (integer) of the inputs in a batch (default: ``(x, y)`` tuples,
+            ``x``/``inputs``... keys).
+        target_key: key (string) or index (integer) of the targets in a batch.
 
     Example:
         >>> import lightning.pytorch as pl
@@ -233,10 +226,8 @@ class OverfitBatchCheck(_PreflightCheck):
         target_key: Key | None = None,
     ) -> None:
         super().__init__(on_detect, max_steps, max_seconds, input_key, target_key)
-        validate_positive_int("batch_size", batch_size)
-        _validate_fraction("max_fraction", max_fraction)
-        self.batch_size = batch_size
-        self.max_fraction = float(max_fraction)
+        self.batch_size = require_int("batch_size", batch_size)
+        self.max_fraction = require_number("max_fraction", max_fraction, above=0, below=1)
 
     @override
     def _run_trial(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -324,13 +315,14 @@ class LabelShuffleCheck(_PreflightCheck):
 
     Args:
         on_detect: ``"warn"``, ``"stop"`` or ``"raise"`` (see :class:`SentinelCallback`).
-        batches: batches taken from the training dataloader (the first is held out for evaluation).
-        max_steps: optimizer steps of each of the three trials.
-        max_seconds: wall-clock budget of the three trials together; a trial cut short is reported as
-            an ``info`` (inconclusive).
-        margin: the real loss must be below each baseline by this fraction of the baseline.
-        input_key: key/index of the inputs in a batch.
-        target_key: key/index of the targets in a batch.
+        batches: batches taken from the training dataloader (the first is held out for evaluation); an
+            integer >= 2.
+        max_steps: optimizer steps of each of the three trials; an integer >= 1.
+        max_seconds: wall-clock budget of the three trials together (a finite number > 0); a trial cut
+            short is reported as an ``info`` (inconclusive).
+        margin: the real loss must be below each baseline by this fraction of the baseline; in (0, 1).
+        input_key: key (string) or index (integer) of the inputs in a batch.
+        target_key: key (string) or index (integer) of the targets in a batch.
 
     Example:
         >>> import lightning.pytorch as pl
@@ -351,10 +343,8 @@ class LabelShuffleCheck(_PreflightCheck):
         target_key: Key | None = None,
     ) -> None:
         super().__init__(on_detect, max_steps, max_seconds, input_key, target_key)
-        validate_positive_int("batches", batches, minimum=2)
-        _validate_fraction("margin", margin)
-        self.batches = batches
-        self.margin = float(margin)
+        self.batches = require_int("batches", batches, minimum=2)
+        self.margin = require_number("margin", margin, above=0, below=1)
 
     @override
     def _run_trial(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -23,9 +23,10 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 from typing_extensions import override
 
-from lightning_sentinel.base import OnDetect, validate_positive_float
+from lightning_sentinel._validate import require_key, require_number
+from lightning_sentinel.base import OnDetect
 from lightning_sentinel.catalog import CheckSpec, add_to_presets, register
-from lightning_sentinel.checks._batch_split import TARGET_KEYS, Key, split_batch, validate_key
+from lightning_sentinel.checks._batch_split import TARGET_KEYS, Key, split_batch
 from lightning_sentinel.checks._copy_probe import FirstBatchCheck, SkipCheck, eval_copy, preserved_rng
 from lightning_sentinel.findings import Severity
 
@@ -205,9 +206,10 @@ class TargetLeakageCheck(FirstBatchCheck):
 
     Args:
         on_detect: ``"warn"``, ``"stop"`` or ``"raise"`` (see :class:`~lightning_sentinel.base.SentinelCallback`).
-        target_key: where the targets are in the batch (mapping key or tuple index), if not the convention's.
-        tolerance: relative change of an output, against the largest output, that counts as a leak (the
-            two runs are identical computations: healthy models give exactly 0; 1e-4 absorbs
+        target_key: where the targets are in the batch (mapping key: a string, or tuple index: an
+            integer), if not the convention's.
+        tolerance: relative change of an output, against the largest output, that counts as a leak (a
+            finite number > 0; the two runs are identical computations: healthy models give exactly 0; 1e-4 absorbs
             non-deterministic accelerator kernels).
 
     Example:
@@ -222,10 +224,8 @@ class TargetLeakageCheck(FirstBatchCheck):
         self, on_detect: OnDetect = "warn", target_key: str | int | None = None, tolerance: float = 1e-4
     ) -> None:
         super().__init__(on_detect=on_detect)
-        validate_key("target_key", target_key)
-        validate_positive_float("tolerance", tolerance)
-        self.target_key: Key | None = target_key
-        self.tolerance = tolerance
+        self.target_key: Key | None = require_key("target_key", target_key)
+        self.tolerance = require_number("tolerance", tolerance, above=0)
 
     @override
     def _state_key_settings(self) -> dict[str, Any]:
