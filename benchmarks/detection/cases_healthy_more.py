@@ -78,5 +78,6 @@ CASES: tuple[Case, ...] = (
         "manual optimization with two optimizers (AdamW body, SGD momentum head), both zeroed and stepped, "
         "validation every epoch",
         {"max_steps": 150},
+        fast=True,
     ),
 )

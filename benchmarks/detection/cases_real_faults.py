@@ -86,6 +86,7 @@ CASES: tuple[Case, ...] = (
         "binary classifier with one output unit passed through softmax(dim=1) into BCELoss: every output is 1, "
         "no gradient flows",
         {"max_steps": 60},
+        fast=True,
     ),
     Case(
         "sigmoid-unscaled-regression",
@@ -112,6 +113,7 @@ CASES: tuple[Case, ...] = (
         "classifier ending in log_softmax(dim=0) into NLLLoss: each class normalised over the batch, "
         "not each row over the classes",
         {"max_steps": 60},
+        fast=True,
     ),
     Case(
         "manual-optimization-no-zero-grad",

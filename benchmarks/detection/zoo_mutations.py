@@ -697,6 +697,7 @@ def train_without_sentinel(program: Program, seed: int) -> float:
     return held_out_error(module, program)
 
 
+SEEDS = (0, 1, 2)  # seeds of the twin comparison
 # A mutant is "faulty" when its mean held-out error is worse than its twin's by more than all of:
 RELATIVE_MARGIN = 0.10  # 10% of the twin's error,
 ABSOLUTE_MARGIN = 0.02  # 2 points of error (accuracy points; 0.02 of the target variance),
@@ -744,7 +745,7 @@ def compare_twins(
     mutation: Mutation,
     twin: Program,
     mutant: Program,
-    seeds: Sequence[int] = (0, 1, 2),
+    seeds: Sequence[int] = SEEDS,
     twin_errors: Sequence[float] | None = None,
 ) -> TwinComparison:
     """Train twin (unless ``twin_errors`` is given) and mutant without the sentinel over ``seeds``."""
