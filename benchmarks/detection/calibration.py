@@ -231,16 +231,18 @@ PROBES: tuple[Probe, ...] = (
         lambda a, r: a[0] if math.isfinite(a[0]) and a[0] > 0 else None,
         _default("parameters", "ParameterUpdateMonitor", "low_ratio"),
         upper=False,
+        guard="not judged while the lr warms up or has decayed below half its peak",
     ),
     Probe(
         "loss-not-decreasing",
-        "best relative improvement of the run",
+        "optimizer steps until the smoothed loss is 5% below its start",
         "curves",
         "not_decreasing_verdict",
         lambda a, r: _finite(r[1]),
-        _default("curves", "LearningCurveMonitor", "min_improvement"),
-        upper=False,
-        per_case="best",
+        _default("curves", "LearningCurveMonitor", "patience_steps"),
+        per_case="steps",
+        pass_level=_default("curves", "LearningCurveMonitor", "min_improvement"),
+        cadence=_default("curves", "LearningCurveMonitor", "every_n_steps"),
     ),
     Probe(
         "loss-divergence",
@@ -326,19 +328,19 @@ PROBES: tuple[Probe, ...] = (
     ),
     Probe(
         "loss-at-init",
-        "first loss / chance loss (classification)",
+        "first loss / max(1.5 ln C, ln C + 1) (classification)",
         "loss_at_init",
         "too_high",
         _init_ratio(False),
-        _default("loss_at_init", "LossAtInitCheck", "max_ratio"),
+        lambda: 1.0,
     ),
     Probe(
         "loss-at-init",
-        "first loss / target variance (regression)",
+        "first loss / (3 x target variance) (regression)",
         "loss_at_init",
         "too_high",
         _init_ratio(True),
-        _default("loss_at_init", "LossAtInitCheck", "max_regression_ratio"),
+        lambda: 1.0,
     ),
 )
 
@@ -463,6 +465,10 @@ def margins(recorder: Recorder) -> list[MarginRow]:
     return rows
 
 
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
 def format_margins(rows: list[MarginRow]) -> list[str]:
     """Markdown table lines of :func:`margins`."""
     lines = [
@@ -473,7 +479,9 @@ def format_margins(rows: list[MarginRow]) -> list[str]:
         bound = f"{'>' if row.upper else '<'} {row.threshold:g}"
         nearest = "-" if row.nearest is None else f"{row.nearest:.3g}"
         margin = "-" if row.margin is None else ("inf" if math.isinf(row.margin) else f"{row.margin:.3g}x")
+        if row.guard and row.margin is not None and row.margin < 1:
+            margin += f" (quiet: {row.guard})"
         lines.append(
-            f"| `{row.check}` | {row.statistic} | {bound} | {nearest} | {row.case or '-'} | {margin} |"
+            f"| `{row.check}` | {_cell(row.statistic)} | {bound} | {nearest} | {row.case or '-'} | {margin} |"
         )
     return lines
