@@ -72,25 +72,23 @@ _SLOWER = (
 # reasonably see: they are reported in the twin table with this reason and left out of recall.
 _FEWER_EXAMPLES = "a clean but 10x smaller training set: fewer examples, no pathology in the run"
 _NOISE = "noise of the inputs' own scale on the training inputs: a strong augmentation, not a bug signature"
+_LABELS = "30% wrong labels: the model still learns the right label; training looks normal"
+_RELU_LOGITS = (
+    "a ReLU on the logits of a 10-class cross-entropy: the logits can still rank the classes and nothing "
+    "in the run departs from a healthy one, it only converges slower"
+)
+_DECAY = "weight decay 10 on scale-invariant batch-normalised convolutions: " + _SLOWER
 OUT_OF_REACH: dict[tuple[str, str], str] = {
-    (
-        "tcl-30",
-        "digits-cnn",
-    ): "30% wrong labels: the model still learns the right label; training looks normal",
+    ("tcl-30", "digits-cnn"): _LABELS,
     ("trd-90", "digits-mlp"): _FEWER_EXAMPLES,
     ("trd-90", "digits-cnn"): _FEWER_EXAMPLES,
     ("tan-1", "digits-cnn"): _NOISE,
     ("hbs-2", "digits-mlp"): "batch 2 for the same number of steps: 32x fewer examples seen; " + _SLOWER,
     ("hne-half", "digits-mlp"): "half the steps: " + _SLOWER,
-    (
-        "aal-relu",
-        "digits-mlp",
-    ): "a ReLU on the logits of a 10-class cross-entropy: the logits can still rank the "
-    "classes, nothing in the run departs from a healthy one; " + _SLOWER,
+    ("aal-relu", "digits-mlp"): _RELU_LOGITS,
     ("ach-sigmoid", "digits-mlp"): "a shallow sigmoid MLP: " + _SLOWER,
     ("ach-sigmoid", "digits-cnn"): "sigmoid after batch-norm: " + _SLOWER,
-    ("rcw-x1000", "digits-cnn"): "weight decay 10 on scale-invariant batch-normalised convolutions: "
-    + _SLOWER,
+    ("rcw-x1000", "digits-cnn"): _DECAY,
     ("rcd-90", "digits-cnn"): "dropout 0.9 before the head only: " + _SLOWER,
     ("och-sgd", "digits-cnn"): "plain SGD at Adam's 2e-3 on a batch-norm CNN: " + _SLOWER,
 }

@@ -275,7 +275,7 @@ def write_results(
         "## Mutations: healthy twin vs mutant",
         "",
         "Twin and mutant trained without any callback for the same steps and seeds "
-        f"({zoo_mutations.SEEDS}); error on the program's held-out 25%: 1 - accuracy for classifiers, "
+        f"(seeds {', '.join(map(str, zoo_mutations.SEEDS))}); error on the program's held-out 25%: 1 - accuracy for classifiers, "
         "MSE / target variance for regression. `needed`: how much worse the mutant must be to count as "
         f"faulty: max({zoo_mutations.RELATIVE_MARGIN:.0%} of the twin's error, {zoo_mutations.ABSOLUTE_MARGIN}, "
         f"{zoo_mutations.NOISE_FACTOR:g} x the twin's seed std). Only `faulty` mutants are cases of the zoo.",
@@ -322,8 +322,9 @@ NOTES = (
     "healthy programs (benchmarks/detection/zoo_mutations.py). A mutant is a fault only if it measurably "
     "ends worse than its healthy twin; harmless mutants are listed above and are never scored.",
     "Out-of-reach mutants (below) are measurably worse but their runs are healthy-looking by construction: "
-    "fewer examples or steps, mild label or input noise, a slower but working configuration. No runtime "
-    "check can call them faults without knowing the better configuration, so they are reported here and "
-    "left out of recall rather than hidden behind a weaker strength. The same operators at stronger settings "
+    "fewer examples or steps, mild label or input noise, a slower but working configuration. We found no "
+    "signal in the loss, gradients, activations, updates or data that a runtime check could call a fault "
+    "without knowing the better configuration, so they are reported here and left out of recall (rather "
+    "than hidden behind a weaker strength). The same operators at stronger settings "
     "(tcl-100, tan-30, hlr-x1e-4, raw-1, ...) are cases and are caught.",
 )
