@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from benchmarks.detection.__main__ import main
 from benchmarks.detection.cases import CASES, select_cases
@@ -29,6 +30,7 @@ from benchmarks.detection.runner import (
     summary_line,
 )
 from lightning_sentinel import Finding, Severity
+from lightning_sentinel.catalog import registered_checks
 
 FAST_CASES = select_cases(fast=True)
 SUMMARY = re.compile(r"^recall (\d+)/(\d+), false alarms (\d+)/(\d+)$")
@@ -141,3 +143,114 @@ def test_command_line_prints_table_and_writes_json(
 def test_command_line_rejects_unknown_case(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--case", "no-such-case"]) == 2
     assert "unknown case" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------- mutations, twins, results
+DEEPCRIME_OPERATORS = {
+    "TCL", "TRD", "TUD", "TAN", "TCO", "HBS", "HLR", "HNE", "HDB", "ACH", "ARM", "AAL",
+    "RAW", "RCW", "RRW", "RCD", "WCI", "WAB", "WRB", "LCH", "OCH", "OCG",
+}  # fmt: skip
+
+
+def test_every_deepcrime_operator_has_a_mutation_on_a_healthy_program() -> None:
+    from benchmarks.detection import zoo_mutations
+
+    assert {mutation.operator for mutation in zoo_mutations.MUTATIONS.values()} == DEEPCRIME_OPERATORS
+    for mutation in zoo_mutations.MUTATIONS.values():
+        assert set(mutation.programs) <= set(zoo_mutations.PROGRAMS), mutation.name
+        assert set(mutation.expected) <= set(registered_checks()), mutation.name
+
+
+def test_mutation_registry_verdicts_name_real_mutants() -> None:
+    from benchmarks.detection import cases_mutations, zoo_mutations
+
+    pairs = {(mutation.name, twin.name) for mutation, twin, _ in zoo_mutations.mutants()}
+    assert pairs >= cases_mutations.HARMLESS
+    assert set(cases_mutations.OUT_OF_REACH) <= pairs
+    assert not cases_mutations.HARMLESS & set(cases_mutations.OUT_OF_REACH)
+    names = {case.name for case in cases_mutations.CASES}
+    assert len(names) == len(pairs) - len(cases_mutations.HARMLESS) - len(cases_mutations.OUT_OF_REACH)
+
+
+def test_data_mutations_touch_the_training_split_only() -> None:
+    from benchmarks.detection import zoo_mutations
+
+    program = zoo_mutations.PROGRAMS["digits-mlp"]
+    (train_x, train_y), (val_x, val_y) = zoo_mutations.splits(program)
+    (wrong_x, wrong_y), (same_x, same_y) = zoo_mutations.splits(
+        zoo_mutations.MUTATIONS["tcl-100"].apply(program)
+    )
+    assert torch.equal(same_x, val_x) and torch.equal(same_y, val_y)
+    assert torch.equal(wrong_x, train_x) and bool((wrong_y != train_y).all())
+    (_, fewer_y), _ = zoo_mutations.splits(zoo_mutations.MUTATIONS["trd-90"].apply(program))
+    assert len(fewer_y) == round(0.1 * len(train_y))
+    (_, skewed_y), _ = zoo_mutations.splits(zoo_mutations.MUTATIONS["tud-95"].apply(program))
+    counts = torch.bincount(skewed_y, minlength=10).float()
+    assert counts.max() / counts.min() > 10
+
+
+def test_model_and_hyperparameter_mutations() -> None:
+    from benchmarks.detection import zoo_mutations
+
+    program = zoo_mutations.PROGRAMS["digits-cnn"]
+    mutant = zoo_mutations.MUTATIONS["hlr-x1e-4"].apply(program)
+    assert mutant.lr == pytest.approx(program.lr * 1e-4) and mutant.name == "digits-cnn-hlr-x1e-4"
+    module, _, _ = zoo_mutations.build(zoo_mutations.MUTATIONS["wab"].apply(program))
+    assert all(m.bias is not None for m in module.modules() if isinstance(m, torch.nn.Conv2d))
+    module, _, _ = zoo_mutations.build(zoo_mutations.MUTATIONS["ach-sigmoid"].apply(program))
+    assert not any(isinstance(m, torch.nn.ReLU) for m in module.modules())
+    assert any(isinstance(m, torch.nn.Sigmoid) for m in module.modules())
+
+
+def test_twin_verdict_needs_a_clear_and_noise_proof_gap() -> None:
+    from benchmarks.detection.zoo_mutations import TwinComparison
+
+    assert TwinComparison("m", "HLR", "p", (0.05, 0.06, 0.04), (0.30, 0.31, 0.29)).verdict == "faulty"
+    assert TwinComparison("m", "HLR", "p", (0.05, 0.06, 0.04), (0.06, 0.06, 0.06)).verdict == "harmless"
+    noisy = TwinComparison("m", "HLR", "p", (0.10, 0.30, 0.20), (0.35, 0.35, 0.35))
+    assert noisy.margin == pytest.approx(0.3) and noisy.verdict == "harmless"
+    assert TwinComparison("m", "HLR", "p", (0.5, 0.5, 0.5), (math.nan, 0.4, 0.4)).verdict == "faulty"
+
+
+def test_results_scores_steps_and_per_check_rows() -> None:
+    from benchmarks.detection.results import check_table, detection_step, step_summary
+
+    caught = CaseResult(
+        "f", False, "", ("dead-relu", "model-ignores-input"), ("model-ignores-input", "dead-relu"), (), OK, 0,
+        0.0, 60, 2.3, 2.3, 0,
+        findings=[_finding("model-ignores-input", 0), _finding("dead-relu", 30, Severity.WARNING)],
+    )  # fmt: skip
+    quiet = CaseResult("h", True, "", (), (), (), OK, None, 0.0, 60, 2.3, 0.1, 0)
+    alarm = CaseResult("a", True, "", (), ("dead-relu",), (), FALSE_ALARM, 5, 0.0, 60, 2.3, 0.1, 0,
+                       findings=[_finding("dead-relu", 5, Severity.WARNING)])  # fmt: skip
+    assert detection_step(caught) == (0, 30)
+    summary = step_summary([caught, quiet, alarm])
+    assert (summary["median_first"], summary["median_runtime"], summary["runtime_within_50"]) == (0, 30, 1)
+    rows = {row.check: row for row in check_table([caught, quiet, alarm])}
+    dead = rows["dead-relu"]
+    assert (dead.reported, dead.expected, dead.healthy, dead.caught) == (2, 1, 1, 1)
+    assert dead.precision == 0.5
+    assert rows["non-finite-loss"].reported == 0
+
+
+def test_calibration_probe_records_the_nearest_healthy_value() -> None:
+    from benchmarks.detection import calibration
+    from lightning_sentinel.checks import gradients
+
+    recorder = calibration.Recorder()
+    with calibration.probing(recorder):
+        recorder.case = "quiet"
+        gradients.exploding_verdict(3.0, [1.0, 1.0, 1.0, 1.0, 1.0], 10.0, 1e4, 5)
+        recorder.case = "calm"
+        gradients.exploding_verdict(2.0, [1.0, 1.0, 1.0, 1.0, 1.0], 10.0, 1e4, 5)
+    assert gradients.exploding_verdict.__module__ == "lightning_sentinel.checks.gradients"  # restored
+    spike = next(
+        row for row in calibration.margins(recorder) if row.statistic == "grad norm / running median"
+    )
+    assert (spike.nearest, spike.case, spike.threshold) == (3.0, "quiet", 10.0)
+    assert spike.margin == pytest.approx(10.0 / 3.0)
+
+
+def test_every_check_id_is_the_expected_diagnosis_of_some_fault() -> None:
+    expected = set().union(*(case.expected for case in CASES if not case.healthy))
+    assert set(registered_checks()) <= expected

@@ -3,18 +3,33 @@
 Trains the selected cases under ``Sentinel(preset="full", on_detect="warn")``, prints one row per
 case and the line ``recall R/N, false alarms F/H``. Exits with 1 only with ``--strict`` and a
 verdict other than ``ok``.
+
+``--twins`` instead trains every mutant and its healthy twin without the sentinel and prints the
+comparison; ``--results PATH`` runs the whole zoo (recording the calibration margins) and the twins,
+and writes the markdown report (``benchmarks/RESULTS.md``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from collections.abc import Sequence
 
+from benchmarks.detection import calibration
 from benchmarks.detection.cases import CASES, select_cases
-from benchmarks.detection.runner import OK, CaseResult, format_table, run_cases, summary_line
+from benchmarks.detection.results import TwinRow, run_twins, twin_lines, write_results
+from benchmarks.detection.runner import (
+    OK,
+    CaseResult,
+    _torch_threads,
+    format_table,
+    run_case,
+    run_cases,
+    summary_line,
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -36,6 +51,16 @@ def _parser() -> argparse.ArgumentParser:
         "--threads", type=int, default=1, metavar="N", help="torch intra-op threads per case (default: 1)"
     )
     parser.add_argument("--list", action="store_true", help="list the cases and exit")
+    parser.add_argument(
+        "--twins",
+        action="store_true",
+        help="compare every mutant with its healthy twin (no sentinel) and exit",
+    )
+    parser.add_argument(
+        "--results",
+        metavar="PATH",
+        help="run every case and the twin comparison, write the markdown report to PATH",
+    )
     parser.add_argument("--strict", action="store_true", help="exit with status 1 unless every verdict is ok")
     return parser
 
@@ -52,6 +77,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             kind = "healthy" if case.healthy else "faulty "
             print(f"{case.name:32} {kind} {'fast' if case.fast else '    '}  {case.description}")
         return 0
+    if args.twins:
+        return _twins(args.strict)
+    if args.results:
+        return _results(args.results, args.threads, args.strict, argv)
     try:
         cases = select_cases(args.case, fast=args.fast)
     except KeyError as error:
@@ -76,6 +105,60 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.strict and any(result.verdict != OK for result in results):
         return 1
     return 0
+
+
+def _twin_progress(row: TwinRow) -> None:
+    c = row.comparison
+    mark = "" if row.agrees else "  MISMATCH"
+    print(
+        f"  {c.mutation:14} {c.program:18} twin {statistics.fmean(c.twin):.3f} mutant "
+        f"{statistics.fmean(c.mutant):.3f} needed +{c.margin:.3f}: {c.verdict} (declared {row.declared}){mark}",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def _twins(strict: bool) -> int:
+    with _torch_threads(1):
+        rows = run_twins(progress=_twin_progress)
+    print("\n".join(twin_lines(rows)))
+    mismatches = sum(not row.agrees for row in rows)
+    print(
+        f"{sum(row.comparison.faulty for row in rows)}/{len(rows)} mutants faulty, {mismatches} disagree with the registry"
+    )
+    return 1 if strict and mismatches else 0
+
+
+def _results(path: str, threads: int, strict: bool, argv: Sequence[str] | None) -> int:
+    recorder = calibration.Recorder()
+    results: list[CaseResult] = []
+    started = time.perf_counter()
+    with calibration.probing(recorder):
+        for case in CASES:
+            recorder.case = case.name if case.healthy else ""
+            result = run_case(case, threads=threads)
+            results.append(result)
+            _progress(result)
+    seconds = time.perf_counter() - started
+    recorder_rows = calibration.margins(_healthy_only(recorder))
+    started = time.perf_counter()
+    with _torch_threads(1):
+        twins = run_twins(progress=_twin_progress)
+    twin_seconds = time.perf_counter() - started
+    command = "python -m benchmarks.detection " + " ".join(sys.argv[1:] if argv is None else argv)
+    write_results(path, results, twins, recorder_rows, command.strip(), seconds, twin_seconds, threads)
+    print(format_table(results))
+    print(f"zoo {seconds:.1f}s, twins {twin_seconds:.1f}s; wrote {path}")
+    failed = any(result.verdict != OK for result in results) or any(not row.agrees for row in twins)
+    return 1 if strict and failed else 0
+
+
+def _healthy_only(recorder: calibration.Recorder) -> calibration.Recorder:
+    """The recorder without the values recorded while a faulty case ran (tagged with an empty case)."""
+    kept = calibration.Recorder()
+    for index, values in recorder.values.items():
+        kept.values[index] = [pair for pair in values if pair[1]]
+    return kept
 
 
 if __name__ == "__main__":

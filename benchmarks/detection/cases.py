@@ -490,6 +490,9 @@ _EXTENSIONS = (
     "cases_preflight_init",
     "cases_mixing",
     "cases_histograms",
+    "cases_real_faults",
+    "cases_healthy_more",
+    "cases_mutations",
 )
 
 

@@ -196,6 +196,10 @@ class OverfitBatchCheck(_PreflightCheck):
     the whole data set: capacity, regularisation (dropout, weight decay), learning rate or loss are wrong.
     The real model, its optimizer, the random states and the dataloader order are left untouched.
 
+    Calibration (``python -m benchmarks.detection --results``, 49 healthy runs): the worst healthy
+    one-batch trial ended at 45% of its start (``ce-sum-reduction-mlp``; threshold 55%, margin 1.2x).
+    The trial stops after ``max_seconds``: on a busy machine a slow model gets fewer steps.
+
     Args:
         on_detect: ``"warn"``, ``"stop"`` or ``"raise"`` (see :class:`SentinelCallback`).
         batch_size: samples kept from the first training batch; an integer >= 1.
@@ -312,6 +316,9 @@ class LabelShuffleCheck(_PreflightCheck):
     training's held-out loss is not ``margin`` below both baselines, the model ignores its inputs: the
     inputs do not reach the output (a bug in ``forward``/``training_step``) or the labels do not belong to
     the inputs (a data pipeline that shuffles one without the other).
+
+    Calibration (``python -m benchmarks.detection --results``, 49 healthy runs): the healthy run
+    nearest to alarming still beat its baselines by 16% (``gru-seq2seq-shifted``; margin 5%, 3.2x).
 
     Args:
         on_detect: ``"warn"``, ``"stop"`` or ``"raise"`` (see :class:`SentinelCallback`).

@@ -1,0 +1,129 @@
+"""Mutation cases: DeepCrime operators applied to the healthy programs of :mod:`zoo_mutations`.
+
+Only a mutant that *measurably* ends worse than its healthy twin (trained without the sentinel,
+same steps and seeds: ``python -m benchmarks.detection --twins``) is a fault; the others are
+harmless at that strength and are not cases (they appear in the twin table only). The verdicts
+below are the measured ones; ``--twins`` re-measures them and flags any disagreement.
+
+Example:
+    >>> names = [case.name for case in CASES]
+    >>> "mut-digits-mlp-hlr-x1000" in names, "mut-digits-mlp-wrb" in names
+    (True, False)
+    >>> all(not case.healthy for case in CASES)
+    True
+"""
+
+from __future__ import annotations
+
+from benchmarks.detection import zoo_mutations
+from benchmarks.detection.cases import Built, Case
+from benchmarks.detection.zoo_mutations import Mutation, Program
+
+# (mutation, program) pairs the twin comparison measured as harmless: no case, twin table only.
+HARMLESS: frozenset[tuple[str, str]] = frozenset(
+    {
+        ("tcl-30", "digits-mlp"),
+        ("trd-90", "breast-cancer-sgd"),
+        ("tan-1", "digits-mlp"),
+        ("tan-1", "breast-cancer-sgd"),
+        ("tco-20", "digits-mlp"),
+        ("tco-20", "digits-cnn"),
+        ("tco-20", "breast-cancer-sgd"),
+        ("hbs-2", "diabetes-mlp"),
+        ("hne-half", "digits-cnn"),
+        ("hne-half", "diabetes-mlp"),
+        ("hne-half", "breast-cancer-sgd"),
+        ("hdb", "digits-mlp"),
+        ("hdb", "breast-cancer-sgd"),
+        ("ach-sigmoid", "diabetes-mlp"),
+        ("ach-sigmoid", "breast-cancer-sgd"),
+        ("arm", "digits-mlp"),
+        ("arm", "digits-cnn"),
+        ("arm", "diabetes-mlp"),
+        ("arm", "breast-cancer-sgd"),
+        ("aal-softmax", "digits-mlp"),
+        ("rrw", "digits-cnn"),
+        ("wci-constant", "diabetes-mlp"),
+        ("wci-constant", "breast-cancer-sgd"),
+        ("wci-normal-1", "breast-cancer-sgd"),
+        ("wci-xavier", "digits-mlp"),
+        ("wci-xavier", "digits-cnn"),
+        ("wci-xavier", "diabetes-mlp"),
+        ("wci-xavier", "breast-cancer-sgd"),
+        ("wab", "digits-cnn"),
+        ("wrb", "digits-mlp"),
+        ("wrb", "digits-cnn"),
+        ("wrb", "diabetes-mlp"),
+        ("wrb", "breast-cancer-sgd"),
+        ("lch-l1", "diabetes-mlp"),
+        ("och-adam", "breast-cancer-sgd"),
+        ("ocg-1e-4", "digits-mlp"),
+        ("ocg-1e-4", "digits-cnn"),
+        ("ocg-1e-4", "diabetes-mlp"),
+    }
+)
+
+
+_SLOWER = (
+    "the run is healthy, only slower to converge: nothing in the loss, gradients, activations or data "
+    "departs from a healthy run in a way a runtime check could call a fault"
+)
+# (mutation, program) pairs measured faulty (worse than the twin) whose harm no runtime check can
+# reasonably see: they are reported in the twin table with this reason and left out of recall.
+_FEWER_EXAMPLES = "a clean but 10x smaller training set: fewer examples, no pathology in the run"
+_NOISE = "noise of the inputs' own scale on the training inputs: a strong augmentation, not a bug signature"
+_LABELS = "30% wrong labels: the model still learns the right label; training looks normal"
+_RELU_LOGITS = (
+    "a ReLU on the logits of a 10-class cross-entropy: the logits can still rank the classes and nothing "
+    "in the run departs from a healthy one, it only converges slower"
+)
+_DECAY = "weight decay 10 on scale-invariant batch-normalised convolutions: " + _SLOWER
+OUT_OF_REACH: dict[tuple[str, str], str] = {
+    ("tcl-30", "digits-cnn"): _LABELS,
+    ("trd-90", "digits-mlp"): _FEWER_EXAMPLES,
+    ("trd-90", "digits-cnn"): _FEWER_EXAMPLES,
+    ("tan-1", "digits-cnn"): _NOISE,
+    ("hbs-2", "digits-mlp"): "batch 2 for the same number of steps: 32x fewer examples seen; " + _SLOWER,
+    ("hne-half", "digits-mlp"): "half the steps: " + _SLOWER,
+    ("aal-relu", "digits-mlp"): _RELU_LOGITS,
+    ("ach-sigmoid", "digits-mlp"): "a shallow sigmoid MLP: " + _SLOWER,
+    ("ach-sigmoid", "digits-cnn"): "sigmoid after batch-norm: " + _SLOWER,
+    ("rcw-x1000", "digits-cnn"): _DECAY,
+    ("rcd-90", "digits-cnn"): "dropout 0.9 before the head only: " + _SLOWER,
+    ("och-sgd", "digits-cnn"): "plain SGD at Adam's 2e-3 on a batch-norm CNN: " + _SLOWER,
+}
+
+
+# quick mutants in the fast subset that the test suite runs
+FAST: frozenset[tuple[str, str]] = frozenset(
+    {("aal-relu", "diabetes-mlp"), ("hlr-x1000", "breast-cancer-sgd")}
+)
+
+
+def case_name(mutation: Mutation, program: Program) -> str:
+    """``mut-<program>-<mutation>``."""
+    return f"mut-{program.name}-{mutation.name}"
+
+
+def _builder(mutant: Program) -> Built:
+    module, train, val = zoo_mutations.build(mutant)
+    return module, train, val
+
+
+def _case(mutation: Mutation, twin: Program, mutant: Program) -> Case:
+    return Case(
+        case_name(mutation, twin),
+        False,
+        mutation.expected,
+        lambda: _builder(mutant),
+        f"[{mutation.operator}] {twin.name} with {mutation.description}",
+        mutant.trainer_kwargs,
+        fast=(mutation.name, twin.name) in FAST,
+    )
+
+
+CASES: tuple[Case, ...] = tuple(
+    _case(mutation, twin, mutant)
+    for mutation, twin, mutant in zoo_mutations.mutants()
+    if (mutation.name, twin.name) not in HARMLESS and (mutation.name, twin.name) not in OUT_OF_REACH
+)

@@ -1,0 +1,330 @@
+"""Scores over a whole zoo run, the healthy-twin table of the mutations, and ``benchmarks/RESULTS.md``.
+
+- :func:`detection_step`: the step of a faulty case's first right diagnosis, and whether a runtime
+  check (not a preflight trial, which runs before step 0) made it;
+- :func:`check_table`: per check id, the cases that reported it, how many of them expected it, how
+  many were healthy (false alarms), and its precision;
+- :func:`run_twins`: every mutant and its healthy twin trained without the sentinel
+  (:func:`benchmarks.detection.zoo_mutations.compare_twins`), with the verdict the case registry declares;
+- :func:`write_results`: the markdown report (``python -m benchmarks.detection --results PATH``).
+
+Example:
+    >>> from lightning_sentinel import Finding, Severity
+    >>> from benchmarks.detection.runner import CaseResult
+    >>> found = [Finding("model-ignores-input", Severity.ERROR, "m", 0, 0), Finding("dead-relu", Severity.WARNING, "m", 30, 0)]
+    >>> result = CaseResult("c", False, "", ("dead-relu", "model-ignores-input"), ("model-ignores-input", "dead-relu"),
+    ...                     (), "ok", 0, 1.0, 60, 2.3, 2.3, 2, findings=found)
+    >>> detection_step(result)
+    (0, 30)
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import math
+import os
+import platform
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from benchmarks.detection import calibration, cases_mutations, zoo_mutations
+from benchmarks.detection.runner import OK, CaseResult, alarms, summary_line
+from lightning_sentinel.catalog import registered_checks
+
+PREFLIGHT_CALLBACKS = frozenset(
+    {"LabelShuffleCheck", "OverfitBatchCheck", "BatchIndependenceCheck", "TargetLeakageCheck"}
+)
+
+
+def preflight_checks() -> frozenset[str]:
+    """Ids reported by the preflight trials (they run before the first optimizer step: step 0)."""
+    return frozenset(
+        check for check, spec in registered_checks().items() if spec.callback in PREFLIGHT_CALLBACKS
+    )
+
+
+def detection_step(result: CaseResult) -> tuple[int | None, int | None]:
+    """``(first step with a right diagnosis, first step with a right diagnosis by a runtime check)``."""
+    expected, preflight = set(result.expected), preflight_checks()
+    right = [finding for finding in alarms(result.findings) if finding.check in expected]
+    runtime = [finding.step for finding in right if finding.check not in preflight]
+    return (min((f.step for f in right), default=None), min(runtime, default=None))
+
+
+@dataclass(frozen=True)
+class CheckRow:
+    """How one check id fared over the zoo."""
+
+    check: str
+    reported: int  # cases with a warning/error finding of this id
+    expected: int  # ... of which list it as a right diagnosis
+    healthy: int  # ... of which are healthy (false alarms)
+    caught: int  # faulty cases it diagnosed correctly
+    faulty_expecting: int  # faulty cases that list it
+
+    @property
+    def precision(self) -> float:
+        """Share of its reports on faulty runs (1 - false-alarm share)."""
+        return (self.reported - self.healthy) / self.reported if self.reported else math.nan
+
+    @property
+    def diagnostic_precision(self) -> float:
+        """Share of its reports that were a right diagnosis."""
+        return self.expected / self.reported if self.reported else math.nan
+
+
+def check_table(results: Sequence[CaseResult]) -> list[CheckRow]:
+    """One row per registered check id."""
+    rows = []
+    for check in registered_checks():
+        reporting = [r for r in results if check in r.reported]
+        rows.append(
+            CheckRow(
+                check,
+                len(reporting),
+                sum(check in r.expected for r in reporting),
+                sum(r.healthy for r in reporting),
+                sum(check in r.expected and not r.healthy for r in reporting),
+                sum(check in r.expected for r in results if not r.healthy),
+            )
+        )
+    return rows
+
+
+def step_summary(results: Sequence[CaseResult]) -> dict[str, float]:
+    """Median/max steps to the first right diagnosis: over every detected fault (preflight = step 0), and
+    over the faults a runtime check diagnosed (its own first step)."""
+    first, runtime = [], []
+    for result in results:
+        if result.healthy or result.verdict != OK:
+            continue
+        any_step, runtime_step = detection_step(result)
+        if any_step is not None:
+            first.append(any_step)
+        if runtime_step is not None:
+            runtime.append(runtime_step)
+    return {
+        "detected": len(first),
+        "median_first": statistics.median(first) if first else math.nan,
+        "max_first": max(first, default=math.nan),
+        "runtime_cases": len(runtime),
+        "median_runtime": statistics.median(runtime) if runtime else math.nan,
+        "max_runtime": max(runtime, default=math.nan),
+        "runtime_within_50": sum(step <= 50 for step in runtime),
+    }
+
+
+# ====================================================================== healthy twins
+@dataclass(frozen=True)
+class TwinRow:
+    comparison: zoo_mutations.TwinComparison
+    declared: str  # "faulty", "harmless" or "out of reach"
+    reason: str
+
+    @property
+    def agrees(self) -> bool:
+        """Whether the measurement agrees with the registry (out of reach counts as faulty)."""
+        return self.comparison.faulty == (self.declared != "harmless")
+
+
+def declared_verdict(mutation: str, program: str) -> tuple[str, str]:
+    """What ``cases_mutations`` declares for a mutant: ``("faulty" | "harmless" | "out of reach", reason)``."""
+    if (mutation, program) in cases_mutations.HARMLESS:
+        return "harmless", ""
+    reason = cases_mutations.OUT_OF_REACH.get((mutation, program))
+    return ("out of reach", reason) if reason is not None else ("faulty", "")
+
+
+def run_twins(
+    seeds: Sequence[int] = zoo_mutations.SEEDS, progress: Callable[[TwinRow], None] | None = None
+) -> list[TwinRow]:
+    """Train every mutant and its twin without the sentinel over ``seeds`` (twins once per program)."""
+    twin_errors: dict[str, list[float]] = {}
+    rows = []
+    for mutation, twin, mutant in zoo_mutations.mutants():
+        if twin.name not in twin_errors:
+            twin_errors[twin.name] = [zoo_mutations.train_without_sentinel(twin, seed) for seed in seeds]
+        comparison = zoo_mutations.compare_twins(mutation, twin, mutant, seeds, twin_errors[twin.name])
+        row = TwinRow(comparison, *declared_verdict(mutation.name, twin.name))
+        rows.append(row)
+        if progress is not None:
+            progress(row)
+    return rows
+
+
+def _errors(values: Sequence[float]) -> str:
+    mean = statistics.fmean(values)
+    return f"{mean:.3f}" if math.isfinite(mean) else "diverged"
+
+
+def twin_lines(rows: Sequence[TwinRow], results: Sequence[CaseResult] = ()) -> list[str]:
+    """Markdown table of the twin comparison (with the sentinel's verdict where the zoo ran the case)."""
+    by_name = {result.name: result for result in results}
+    lines = [
+        "| operator | mutation | program | twin error | mutant error | needed | measured | declared | sentinel |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        c = row.comparison
+        name = f"mut-{c.program}-{c.mutation}"
+        result = by_name.get(name)
+        sentinel = "-" if result is None else f"{result.verdict} ({','.join(result.reported) or '-'})"
+        mark = "" if row.agrees else " **MISMATCH**"
+        lines.append(
+            f"| {c.operator} | `{c.mutation}` | {c.program} | {_errors(c.twin)} | {_errors(c.mutant)} | "
+            f"+{c.margin:.3f} | {c.verdict} | {row.declared}{mark} | {sentinel} |"
+        )
+    return lines
+
+
+# ====================================================================== RESULTS.md
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "?"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def write_results(
+    path: str,
+    results: Sequence[CaseResult],
+    twins: Sequence[TwinRow],
+    margin_rows: Sequence[calibration.MarginRow],
+    command: str,
+    seconds: float,
+    twin_seconds: float,
+    threads: int,
+) -> None:
+    """Write the markdown report of a full run to ``path``."""
+    import torch
+
+    steps = step_summary(results)
+    faulty = [r for r in results if not r.healthy]
+    healthy = [r for r in results if r.healthy]
+    recall = sum(r.detected for r in faulty)
+    false_alarms = sum(r.false_alarm for r in healthy)
+    twin_faulty = [t for t in twins if t.comparison.faulty]
+    out_of_reach = [t for t in twins if t.declared == "out of reach"]
+    lines = [
+        "# Detection benchmark results",
+        "",
+        "GENERATED by `" + command + "`: do not edit by hand.",
+        "",
+        f"- date: {datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- versions: python {platform.python_version()}, torch {torch.__version__}, lightning "
+        f"{_version('lightning')}, scikit-learn {_version('scikit-learn')}, lightning-sentinel "
+        f"{_version('lightning-sentinel')}",
+        f"- machine: {platform.system()} {platform.machine()}, {os.cpu_count()} CPUs "
+        f"({platform.processor() or 'unknown processor'}), {threads} torch thread(s) per case, CPU only",
+        f"- wall time: zoo {seconds:.0f} s, healthy twins {twin_seconds:.0f} s",
+        "",
+        "## Summary",
+        "",
+        f"- {summary_line(results)}",
+        f"- recall with the right diagnosis: {recall}/{len(faulty)} = {recall / max(len(faulty), 1):.0%}",
+        f"- false alarms: {false_alarms}/{len(healthy)} healthy runs",
+        f"- steps to the first right diagnosis, all detected faults (preflight trials count as step 0): "
+        f"median {steps['median_first']:g}, max {steps['max_first']:g}",
+        f"- steps to the first right diagnosis by a runtime check ({steps['runtime_cases']} faults): median "
+        f"{steps['median_runtime']:g}, max {steps['max_runtime']:g}; within 50 steps: "
+        f"{steps['runtime_within_50']}/{steps['runtime_cases']}",
+        f"- mutations: {len(twins)} mutants of {len(zoo_mutations.PROGRAMS)} healthy programs, "
+        f"{len(twin_faulty)} measurably worse than their twin ({len(out_of_reach)} of them out of a runtime "
+        f"check's reach, see the notes), {len(twins) - len(twin_faulty)} harmless; "
+        f"{sum(not t.agrees for t in twins)} disagree with the registry",
+        "",
+        "## Per check",
+        "",
+        "`reported`: cases with a warning/error finding of the id; `right`: of those, cases that list it as a "
+        "right diagnosis; `healthy`: false alarms; `precision`: share of its reports on faulty runs; "
+        "`diagnostic`: share that were a right diagnosis (a fault often trips other true symptoms too); "
+        "`caught/listed`: faulty cases it diagnosed / faulty cases that list it.",
+        "",
+        "| check | reported | right | healthy | precision | diagnostic | caught/listed |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in check_table(results):
+        precision = "-" if math.isnan(row.precision) else f"{row.precision:.0%}"
+        diagnostic = "-" if math.isnan(row.diagnostic_precision) else f"{row.diagnostic_precision:.0%}"
+        lines.append(
+            f"| `{row.check}` | {row.reported} | {row.expected} | {row.healthy} | {precision} | {diagnostic} | "
+            f"{row.caught}/{row.faulty_expecting} |"
+        )
+    lines += [
+        "",
+        "## Calibration margins",
+        "",
+        "For each threshold, the healthy run that came nearest to alarming on that statistic (over every "
+        "healthy case of this run) and the margin: threshold / nearest value for an upper bound, nearest / "
+        "threshold for a lower bound. Patience rules (several checks in a row) and guards (convergence, "
+        "warm-up) come on top, so the real slack is larger; a margin below 1 means the guard, not the "
+        "threshold, keeps that run quiet.",
+        "",
+        *calibration.format_margins(list(margin_rows)),
+        "",
+        "Checks with a structural rule (no tunable threshold that a healthy run approaches): "
+        + "; ".join(f"`{check}` ({rule})" for check, rule in calibration.STRUCTURAL.items())
+        + ".",
+        "",
+        "## Mutations: healthy twin vs mutant",
+        "",
+        "Twin and mutant trained without any callback for the same steps and seeds "
+        f"(seeds {', '.join(map(str, zoo_mutations.SEEDS))}); error on the program's held-out 25%: 1 - accuracy for classifiers, "
+        "MSE / target variance for regression. `needed`: how much worse the mutant must be to count as "
+        f"faulty: max({zoo_mutations.RELATIVE_MARGIN:.0%} of the twin's error, {zoo_mutations.ABSOLUTE_MARGIN}, "
+        f"{zoo_mutations.NOISE_FACTOR:g} x the twin's seed std). Only `faulty` mutants are cases of the zoo.",
+        "",
+        *twin_lines(twins, results),
+        "",
+        "## Cases",
+        "",
+        "| case | kind | verdict | expected | reported | first step | runtime step | seconds |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for result in results:
+        first, runtime = detection_step(result) if not result.healthy else (result.first_detection_step, None)
+        lines.append(
+            f"| `{result.name}` | {'healthy' if result.healthy else 'faulty'} | {result.verdict} | "
+            f"{_cell(', '.join(result.expected) or '-')} | {_cell(', '.join(result.reported) or '-')} | "
+            f"{'-' if first is None else first} | {'-' if runtime is None else runtime} | {result.seconds:.1f} |"
+        )
+    lines += ["", "## Notes", ""]
+    lines += [f"- {note}" for note in NOTES]
+    if out_of_reach:
+        lines += [
+            "",
+            "Mutants measured worse than their twin but out of a runtime check's reach (not cases):",
+            "",
+        ]
+        for row in out_of_reach:
+            c = row.comparison
+            lines.append(
+                f"- `{c.mutation}` on {c.program}: error {_errors(c.twin)} -> {_errors(c.mutant)}; {row.reason}"
+            )
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write("\n".join(lines) + "\n")
+
+
+NOTES = (
+    "Timings are wall-clock seconds on the machine above, one torch thread per case; a busy machine "
+    "inflates them (and can cut the preflight trials short: they stop after 2.5 s).",
+    "A faulty case counts as caught when at least one warning/error finding has one of its expected ids; "
+    "the first such finding's step is the detection step. Preflight trials (model-ignores-input, "
+    "cannot-overfit-batch, batch-mixing, target-leakage) run before the first optimizer step and report "
+    "step 0.",
+    "Mutants: DeepCrime operators (Humbatova et al., ISSTA 2021) re-implemented as transformations of four "
+    "healthy programs (benchmarks/detection/zoo_mutations.py). A mutant is a fault only if it measurably "
+    "ends worse than its healthy twin; harmless mutants are listed above and are never scored.",
+    "Out-of-reach mutants (below) are measurably worse but their runs are healthy-looking by construction: "
+    "fewer examples or steps, mild label or input noise, a slower but working configuration. We found no "
+    "signal in the loss, gradients, activations, updates or data that a runtime check could call a fault "
+    "without knowing the better configuration, so they are reported here and left out of recall (rather "
+    "than hidden behind a weaker strength). The same operators at stronger settings "
+    "(tcl-100, tan-30, hlr-x1e-4, raw-1, ...) are cases and are caught.",
+)
