@@ -44,10 +44,23 @@ _PACKAGE_DIR = os.path.dirname(os.path.abspath(lightning_sentinel.__file__)) + o
 _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
 
 
+def _owner(frame: Any) -> str:
+    """The file, relative to the package, of the check that made the read: the nearest frame in a public
+    ``checks/<name>.py`` module, else the file of ``frame`` itself (helpers are charged to their caller)."""
+    first = frame.f_code.co_filename[len(_PACKAGE_DIR) :]
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        name = frame.f_code.co_filename[len(_PACKAGE_DIR) :]
+        if name.startswith("checks" + os.sep) and not os.path.basename(name).startswith("_"):
+            return name.replace(os.sep, "/")
+        frame = frame.f_back
+    return first.replace(os.sep, "/")
+
+
 class HostReadCounter:
     """Context manager counting host reads of tensors made by ``lightning_sentinel`` frames.
 
-    ``reads`` maps ``(file name, function name, method)`` to a count; :meth:`take` returns the reads
+    ``reads`` maps ``(check file, function name, method)`` to a count (the check file: see
+    :func:`_owner`; the function: the one that called the method); :meth:`take` returns the reads
     since its last call (use it once per training step). Only CPU tensors are seen on a CPU-only
     machine: the point is to find the calls that would be host-device syncs on an accelerator.
     """
@@ -93,8 +106,7 @@ class HostReadCounter:
                 while frame is not None and frame.f_code.co_filename.startswith(_TORCH_DIR):
                     frame = frame.f_back
                 if frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
-                    name = frame.f_code.co_filename[len(_PACKAGE_DIR) :]
-                    counter.reads[(name, frame.f_code.co_name, method)] += 1
+                    counter.reads[(_owner(frame), frame.f_code.co_name, method)] += 1
                 return original(tensor, *args, **kwargs)
             finally:
                 counter._local.busy = False

@@ -143,14 +143,20 @@ class _TinyLM(nn.Module):
         super().__init__()
         self.embed = nn.Embedding(vocab, width)
         self.position = nn.Parameter(torch.randn(context, width) * 0.02)
-        layer = nn.TransformerEncoderLayer(width, 4, 4 * width, dropout=0.1, batch_first=True, norm_first=True)
+        layer = nn.TransformerEncoderLayer(
+            width, 4, 4 * width, dropout=0.1, batch_first=True, norm_first=True
+        )
         self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.head = nn.Linear(width, vocab)
-        self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(context), persistent=False)
+        self.register_buffer(
+            "mask", nn.Transformer.generate_square_subsequent_mask(context), persistent=False
+        )
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         h = self.embed(tokens) + self.position[: tokens.shape[1]]
-        return self.head(self.encoder(h, mask=self.mask[: tokens.shape[1], : tokens.shape[1]], is_causal=True))
+        return self.head(
+            self.encoder(h, mask=self.mask[: tokens.shape[1], : tokens.shape[1]], is_causal=True)
+        )
 
 
 @dataclass(frozen=True)
@@ -186,7 +192,9 @@ def cpu_workloads(steps: int) -> list[Workload]:
         Workload(
             "mlp-tiny",
             "MLP 64-256-256-10, batch 64",
-            lambda: nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10)),
+            lambda: nn.Sequential(
+                nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10)
+            ),
             _vectors(64),
             64,
             steps,
@@ -298,9 +306,7 @@ def variants(quick: bool) -> list[Variant]:
     ]
     if not quick:
         chosen += [Variant(f"{member.__name__}()", lambda member=member: [member()]) for member in members]
-        chosen.append(
-            Variant("HistogramLogger(every_n_steps=1)", lambda: [HistogramLogger(every_n_steps=1)])
-        )
+        chosen.append(Variant("HistogramLogger(every_n_steps=1)", lambda: [HistogramLogger(every_n_steps=1)]))
     chosen.append(Variant("detect_anomaly=True", list, {"detect_anomaly": True}))
     if quick:
         chosen.insert(2, Variant("NonFiniteGuard()", lambda: [NonFiniteGuard()]))
@@ -351,7 +357,9 @@ def _status_kb(key: str) -> int | None:
     return None
 
 
-def _trainer(workload: Workload, callbacks: list[pl.Callback], root: str, steps: int, **kwargs: Any) -> pl.Trainer:
+def _trainer(
+    workload: Workload, callbacks: list[pl.Callback], root: str, steps: int, **kwargs: Any
+) -> pl.Trainer:
     return pl.Trainer(
         max_steps=steps,
         accelerator=workload.accelerator,
@@ -450,8 +458,14 @@ def gpu_sync_debug(workload: Workload, steps: int) -> list[str]:
             step[0] = trainer.global_step
 
     for check in sentinel.checks:
-        for hook in ("on_train_batch_start", "on_before_backward", "on_after_backward",
-                     "on_before_optimizer_step", "on_before_zero_grad", "on_train_batch_end"):
+        for hook in (
+            "on_train_batch_start",
+            "on_before_backward",
+            "on_after_backward",
+            "on_before_optimizer_step",
+            "on_before_zero_grad",
+            "on_train_batch_end",
+        ):
             if hook not in vars(type(check)):
                 continue
             original = getattr(check, hook)
@@ -578,7 +592,9 @@ def measure(workload: Workload, chosen: list[Variant], rounds: int, skip: int, s
         )
     reads = count_host_reads(workload, min(workload.steps, 100))
     sync_failures = gpu_sync_debug(workload, 60) if workload.accelerator == "gpu" else None
-    return Result(workload, statistics.median(bare_times) * 1e3, rows, reads, sync_failures, preflight_times(workload))
+    return Result(
+        workload, statistics.median(bare_times) * 1e3, rows, reads, sync_failures, preflight_times(workload)
+    )
 
 
 def _versions() -> str:
@@ -590,9 +606,8 @@ def _versions() -> str:
 
 def _machine() -> str:
     cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as handle:
-            cpu = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), cpu)
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as handle:
+        cpu = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), cpu)
     text = f"{platform.system()} {platform.release()}, {cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
     if torch.cuda.is_available():
         text += f", GPU {torch.cuda.get_device_name()}"
@@ -621,7 +636,7 @@ def render(results: list[Result], args: argparse.Namespace, started: float) -> s
         "steps (less sensitive than wall time to other processes on a shared machine). Lightning's default "
         "logger (TensorBoard) in every run.",
         "",
-        "Targets (issue 9): `Sentinel(preset=\"fast\")` <= 1.03x step time on the CPU, <= 1.01x on a GPU; "
+        'Targets (issue 9): `Sentinel(preset="fast")` <= 1.03x step time on the CPU, <= 1.01x on a GPU; '
         "NaN localisation (`NonFiniteGuard`) <= 1.1x, measured beside `detect_anomaly=True`; no host read "
         "on a step where no check is due, at most one per check interval.",
         "",
@@ -653,7 +668,7 @@ def render(results: list[Result], args: argparse.Namespace, started: float) -> s
         reads = result.reads
         lines += [
             "",
-            f"Host reads by lightning_sentinel code, `Sentinel(preset=\"fast\")`: {reads['per_step']:.2f} per step "
+            f'Host reads by lightning_sentinel code, `Sentinel(preset="fast")`: {reads["per_step"]:.2f} per step '
             f"on average; at most {reads['per_due_step_max']:.0f} on the {reads['due_steps']:.0f} steps where a "
             f"check is due, at most {reads['per_off_step_max']:.0f} on the {reads['off_steps']:.0f} steps where "
             "none is"
@@ -666,7 +681,7 @@ def render(results: list[Result], args: argparse.Namespace, started: float) -> s
         ]
         if result.sync_failures is not None:
             lines.append(
-                "`torch.cuda.set_sync_debug_mode(\"error\")` around every check hook on steps where no check is "
+                '`torch.cuda.set_sync_debug_mode("error")` around every check hook on steps where no check is '
                 + (
                     "due: no sync."
                     if not result.sync_failures
@@ -674,7 +689,7 @@ def render(results: list[Result], args: argparse.Namespace, started: float) -> s
                 )
             )
         if result.preflight:
-            lines += ["", "Preflight trials of `preset=\"full\"` (wall time of the trial, once per fit):", ""]
+            lines += ["", 'Preflight trials of `preset="full"` (wall time of the trial, once per fit):', ""]
             lines += ["| trial | seconds | budget |", "|---|---|---|"]
             lines += [f"| {name} | {seconds:.2f} | {budget} |" for name, seconds, budget in result.preflight]
         lines.append("")

@@ -18,6 +18,16 @@ import torch
 from torch import Tensor
 
 
+def on_host(tensor: Tensor) -> bool:
+    """Whether ``tensor`` lives in host memory, so reading it at once costs no host-device sync.
+
+    The checks that read a value at once on the CPU (the NaN guard's loss, a batch's NaN count) and
+    keep it on the device otherwise ask this; the sync-count test patches it to exercise their
+    accelerator path on a CPU-only machine.
+    """
+    return tensor.device.type == "cpu"
+
+
 def tensor_norms(tensors: Sequence[Tensor], device: torch.device | None = None) -> Tensor:
     """The 2-norm of each tensor as one float32 vector, in input order, without leaving the device.
 

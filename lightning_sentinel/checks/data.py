@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_sentinel._stats import on_host
 from lightning_sentinel.base import (
     OnDetect,
     SentinelCallback,
@@ -510,7 +511,7 @@ class BatchInspector(SentinelCallback):
             if not (tensor.is_floating_point() or tensor.is_complex()) or tensor.numel() == 0:
                 continue
             bad = (~torch.isfinite(tensor.detach())).sum()
-            if tensor.device.type == "cpu" and trainer.world_size == 1:
+            if on_host(tensor) and trainer.world_size == 1:
                 count = int(bad)  # a CPU value: no device to sync with; report before the loss turns NaN
                 if count:
                     self._report_non_finite(trainer, name, count, tensor.numel(), batch_idx)
