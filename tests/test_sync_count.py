@@ -19,7 +19,14 @@ import torch
 from _models import Classifier, MetricsRecorder, classification_loader, fit
 
 from benchmarks.host_reads import HostReadCounter
-from lightning_sentinel import Sentinel, findings
+from lightning_sentinel import (
+    GradientNormMonitor,
+    NonFiniteGuard,
+    ParameterUpdateMonitor,
+    Sentinel,
+    _stats,
+    findings,
+)
 from lightning_sentinel._hooks import FiniteProbe
 from lightning_sentinel.checks import data, non_finite
 
@@ -142,3 +149,30 @@ def test_counter_charges_a_read_to_lightning_sentinel_code_only():
         assert probe.first_failure() is None  # reads its records back with one .tolist()
     assert counter.reads == Counter({("_hooks.py", "first_failure", "tolist"): 1})
     assert torch.Tensor.item is original  # restored on exit
+
+
+def test_sentinel_checks_share_the_norms_of_one_optimizer_step(monkeypatch, tmp_path):
+    calls: list[int] = []
+    compute = _stats._tensor_norms
+
+    def counting(tensors: Any, out_device: Any) -> torch.Tensor:
+        calls.append(len(tensors))
+        return compute(tensors, out_device)
+
+    monkeypatch.setattr(_stats, "_tensor_norms", counting)
+
+    def make() -> list:
+        return [
+            NonFiniteGuard(every_n_steps=1),
+            GradientNormMonitor(every_n_steps=1),
+            ParameterUpdateMonitor(every_n_steps=1),
+        ]
+
+    fit(Classifier(), make(), root=tmp_path, max_steps=4)
+    alone = len(calls)
+    calls.clear()
+    trainer = fit(Classifier(), [Sentinel(checks=make())], root=tmp_path, max_steps=4)
+    assert findings(trainer) == []
+    # per step alone: 2 (NaN guard) + 2 (gradients) + 2 (snapshot weights, update) norms; shared: the
+    # weights once and the gradients once, + the update
+    assert (alone, len(calls)) == (4 * 6, 4 * 3)
