@@ -640,7 +640,25 @@ def render(results: list[Result], args: argparse.Namespace, started: float) -> s
         "NaN localisation (`NonFiniteGuard`) <= 1.1x, measured beside `detect_anomaly=True`; no host read "
         "on a step where no check is due, at most one per check interval.",
         "",
+        '| workload | `Sentinel(preset="fast")` step time (CPU time) | target | `NonFiniteGuard()` | '
+        "`detect_anomaly=True` | host reads on steps with no check due |",
+        "|---|---|---|---|---|---|",
     ]
+    for result in results:
+        rows = {row.name: row for row in result.rows}
+        fast = rows['Sentinel(preset="fast")']
+        target = 1.01 if result.workload.accelerator == "gpu" else 1.03
+        verdict = "met" if fast.ratio <= target else f"missed by {fast.ratio - target:.3f}"
+        guard, anomaly = rows.get("NonFiniteGuard()"), rows.get("detect_anomaly=True")
+        reads = result.reads["per_off_step_max"]
+        lines.append(
+            f"| {result.workload.name} | {fast.ratio:.3f}x ({fast.cpu_ratio:.3f}x) | <= {target}x: {verdict} "
+            f"| {f'{guard.ratio:.3f}x' if guard else 'n/a'} | {f'{anomaly.ratio:.3f}x' if anomaly else 'n/a'} "
+            f"| {reads:.0f}"
+            + (" (the CPU loss read at once)" if result.workload.accelerator == "cpu" and reads else "")
+            + " |"
+        )
+    lines.append("")
     for result in results:
         workload = result.workload
         lines += [
