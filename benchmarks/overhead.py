@@ -453,7 +453,7 @@ def gpu_sync_debug(workload: Workload, steps: int) -> list[str]:
     step = [0]
     failures: list[str] = []
 
-    class Counter(pl.Callback):
+    class StepTracker(pl.Callback):
         def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
             step[0] = trainer.global_step
 
@@ -483,7 +483,7 @@ def gpu_sync_debug(workload: Workload, steps: int) -> list[str]:
     pl.seed_everything(0, verbose=False)
     with tempfile.TemporaryDirectory() as root, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        trainer = _trainer(workload, [Counter(), sentinel], root, steps)
+        trainer = _trainer(workload, [StepTracker(), sentinel], root, steps)
         trainer.fit(Classifier(workload.make_net()), _loader(workload, steps))
     failures += [str(w.message) for w in caught if "disabled itself" in str(w.message)]
     return failures
