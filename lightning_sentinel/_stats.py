@@ -10,12 +10,53 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import statistics
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+
+
+def on_host(tensor: Tensor) -> bool:
+    """Whether ``tensor`` lives in host memory, so reading it at once costs no host-device sync.
+
+    The checks that read a value at once on the CPU (the NaN guard's loss, a batch's NaN count) and
+    keep it on the device otherwise ask this; the sync-count test patches it to exercise their
+    accelerator path on a CPU-only machine.
+    """
+    return tensor.device.type == "cpu"
+
+
+# set by ``shared_norms`` for the length of one hook call: (output device, the tensors, their norms)
+_shared: list[tuple[torch.device, list[Tensor], Tensor]] | None = None
+
+
+@contextlib.contextmanager
+def shared_norms() -> Iterator[None]:
+    """Within the block, :func:`tensor_norms` of the very same tensors (the same objects in the same
+    order, to the same device) is computed once and shared.
+
+    ``Sentinel`` wraps each ``on_before_optimizer_step`` call in it: its NaN guard, gradient monitor and
+    update monitor all take the norms of the same weights and gradients on their check steps. Only for
+    a block in which those tensors do not change; callers never modify the norms in place.
+
+    Example:
+        >>> weights = [torch.ones(4), torch.ones(9)]
+        >>> with shared_norms():
+        ...     tensor_norms(weights) is tensor_norms(weights)
+        True
+    """
+    global _shared
+    if _shared is not None:  # nested: the outer block shares
+        yield
+        return
+    _shared = []
+    try:
+        yield
+    finally:
+        _shared = None
 
 
 def tensor_norms(tensors: Sequence[Tensor], device: torch.device | None = None) -> Tensor:
@@ -23,11 +64,28 @@ def tensor_norms(tensors: Sequence[Tensor], device: torch.device | None = None) 
 
     Tensors are grouped by device and dtype and reduced with the fused ``torch._foreach_norm``
     (accumulating in float32, so fp16 values cannot overflow the norm). NaN or Inf in a tensor
-    gives a NaN or Inf norm.
+    gives a NaN or Inf norm. No autograd graph is recorded.
     """
     if not tensors:
         return torch.zeros(0, device=device)
     out_device = device if device is not None else tensors[0].device
+    shared = _shared
+    if shared is not None:
+        for shared_device, shared_tensors, norms in shared:
+            if (
+                shared_device == out_device
+                and len(shared_tensors) == len(tensors)
+                and all(a is b for a, b in zip(shared_tensors, tensors, strict=True))
+            ):
+                return norms
+    with torch.no_grad():
+        norms = _tensor_norms(tensors, out_device)
+    if shared is not None:
+        shared.append((out_device, list(tensors), norms))  # holds the tensors: no id is reused meanwhile
+    return norms
+
+
+def _tensor_norms(tensors: Sequence[Tensor], out_device: torch.device) -> Tensor:
     first = tensors[0]
     if all(
         t.device == first.device and t.dtype == first.dtype for t in tensors

@@ -8,6 +8,7 @@ from typing import Any, Literal
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
+from lightning_sentinel._stats import shared_norms
 from lightning_sentinel._validate import require_choice, require_list
 from lightning_sentinel.base import ON_DETECT_CHOICES, OnDetect, SentinelCallback
 from lightning_sentinel.catalog import preset_members, validate_check_ids
@@ -111,6 +112,14 @@ def _forward(hook: str) -> Callable[..., None]:
     def forward(self: Sentinel, *args: Any, **kwargs: Any) -> None:
         for check in self._implementers[hook]:
             getattr(check, hook)(*args, **kwargs)
+
+    def forward_sharing_norms(self: Sentinel, *args: Any, **kwargs: Any) -> None:
+        with shared_norms():  # the weights and gradients do not change during this hook
+            for check in self._implementers[hook]:
+                getattr(check, hook)(*args, **kwargs)
+
+    if hook == "on_before_optimizer_step":
+        forward = forward_sharing_norms
 
     forward.__name__ = hook
     forward.__doc__ = f"Run ``{hook}`` of every check in the suite that implements it."

@@ -4,7 +4,7 @@ import json
 
 import lightning.pytorch as pl
 import pytest
-from _models import Classifier, fit
+from _models import Classifier, MetricsRecorder, fit
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from lightning_sentinel import (
@@ -149,6 +149,24 @@ def test_findings_go_to_tensorboard_text_and_scalars_to_the_logger(tmp_path):
     assert any(tag.startswith("sentinel/findings") for tag in tags["tensors"])
     assert (tmp_path / "tb" / "version_0" / "sentinel" / "findings.json").exists()
     assert trainer.global_step == 6
+
+
+def test_scalars_are_written_once_per_log_every_n_steps_interval(tmp_path):
+    class Recorder(MetricsRecorder):
+        def __init__(self) -> None:
+            super().__init__()
+            self.steps: list[int] = []
+
+        def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+            if "sentinel/grad_norm/total" in metrics:
+                self.steps.append(step)
+
+    recorder, monitor = Recorder(), GradientNormMonitor(every_n_steps=3)
+    fit(Classifier(), [monitor], max_steps=25, logger=recorder, log_every_n_steps=10)
+    assert recorder.steps == [0, 12, 21]  # the first check step (every 3) of each 10-step interval
+    recorder.steps.clear()
+    fit(Classifier(), [monitor], max_steps=4, logger=recorder, log_every_n_steps=10)
+    assert recorder.steps == [0]  # a new fit of the same callback starts over
 
 
 def test_info_findings_never_stop_or_raise(tmp_path):

@@ -42,6 +42,20 @@ def feature_axis(x: Tensor) -> str:
     return "channel" if x.dim() in (4, 5) else "feature"
 
 
+def non_finite_count(x: Tensor) -> Tensor:
+    """The number of NaN/Inf values in ``x``, as a device scalar.
+
+    ``x - x`` is 0 for every finite value and NaN for NaN and +-Inf: on the CPU this is about twice
+    as fast as ``(~torch.isfinite(x)).sum()``.
+
+    Example:
+        >>> int(non_finite_count(torch.tensor([1.0, float("nan"), float("inf"), -float("inf"), 0.0])))
+        3
+    """
+    x = x.detach()
+    return torch.isnan(x - x).sum()
+
+
 class FeatureMoments:
     """Per-feature count, mean, std and max ``|x|``, accumulated batch by batch on the device.
 

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_sentinel._stats import on_host
 from lightning_sentinel._validate import require_int, require_key, require_number
 from lightning_sentinel.base import OnDetect, SentinelCallback
 from lightning_sentinel.catalog import CheckSpec, add_to_presets, register
@@ -20,6 +21,7 @@ from lightning_sentinel.checks._batch_stats import (
     feature_axis,
     fingerprint,
     label_counts,
+    non_finite_count,
 )
 from lightning_sentinel.findings import Severity
 
@@ -470,7 +472,7 @@ class BatchInspector(SentinelCallback):
                 self._moments.update(inputs)
                 self._train_samples += int(inputs.shape[0])
             if CONSTANT in active and inputs.numel() > 1:
-                record.extremes = torch.cat(torch.aminmax(inputs.detach().reshape(-1, 1), dim=0))
+                record.extremes = torch.stack(torch.aminmax(inputs.detach()))  # (min, max) of the batch
         if usable and REPEATED in active:
             current = fingerprint(inputs)
             previous = self._previous_fingerprint
@@ -488,8 +490,8 @@ class BatchInspector(SentinelCallback):
         for name, tensor in named_tensors(batch):
             if not (tensor.is_floating_point() or tensor.is_complex()) or tensor.numel() == 0:
                 continue
-            bad = (~torch.isfinite(tensor.detach())).sum()
-            if tensor.device.type == "cpu" and trainer.world_size == 1:
+            bad = non_finite_count(tensor)
+            if on_host(tensor) and trainer.world_size == 1:
                 count = int(bad)  # a CPU value: no device to sync with; report before the loss turns NaN
                 if count:
                     self._report_non_finite(trainer, name, count, tensor.numel(), batch_idx)

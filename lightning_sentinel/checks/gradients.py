@@ -119,6 +119,29 @@ class _OptimizerState:
     peak_parameters: Tensor | None = None  # per-parameter largest finite norms since the last check (device)
     exploded: bool = False  # after an explosion, grad/weight ratios say nothing about vanishing
     grouping: LayerGrouping | None = None  # rebuilt only when the set of parameters with gradients changes
+    pending_norms: list[Tensor] = field(default_factory=list)  # per-step norms not yet folded into the peaks
+
+
+# steps of per-parameter norms kept on the device before they are folded into the peaks
+_FOLD_AFTER = 16
+
+
+def _fold_peaks(state: _OptimizerState) -> None:
+    """Fold the kept per-step norms into ``state.peak`` (total norm) and ``state.peak_parameters`` (device ops).
+
+    Non-finite norms count as 0: NaN/Inf gradients are NonFiniteGuard's business.
+    """
+    if not state.pending_norms:
+        return
+    stacked = torch.stack(state.pending_norms)
+    state.pending_norms = []
+    total = torch.nan_to_num(torch.linalg.vector_norm(stacked, dim=1), nan=0.0, posinf=0.0).amax()
+    norms = torch.nan_to_num(stacked, nan=0.0, posinf=0.0).amax(dim=0)
+    if state.peak is None or state.peak_parameters is None or state.peak_parameters.shape != norms.shape:
+        state.peak, state.peak_parameters = total, norms
+    else:
+        state.peak = torch.maximum(state.peak, total)
+        state.peak_parameters = torch.maximum(state.peak_parameters, norms)
 
 
 class GradientNormMonitor(SentinelCallback):
@@ -159,8 +182,9 @@ class GradientNormMonitor(SentinelCallback):
         converged_fraction: no vanishing finding once the loss is below this fraction of its first
             value; a number in (0, 1].
         log_per_layer: also log each layer's gradient norm (off by default: no per-layer clutter).
-        track_peak: on the steps between checks, fold the total norm into a device-side running peak
-            (one fused norm per step, no host read), so a one-step spike is judged at the next check.
+        track_peak: on the steps between checks, keep the gradient norms on the device (one fused norm
+            per step, no host read) and fold them into peaks at the next check, so a one-step spike
+            between checks is judged there.
 
     Example:
         >>> import lightning.pytorch as pl
@@ -262,7 +286,11 @@ class GradientNormMonitor(SentinelCallback):
     def _track_peak(
         self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer, state: _OptimizerState
     ) -> None:
-        """Fold this step's norms into device-side peaks (one fused norm, a few tiny ops, no host read)."""
+        """Keep this step's per-parameter norms for the next check (one fused norm, no host read).
+
+        The reduction to peaks waits for the check step (or for ``_FOLD_AFTER`` kept steps), so a step
+        between checks costs one fused norm and a list append.
+        """
         grads = [p.grad for p in state.view.parameters if p.grad is not None]
         if not grads:
             return
@@ -270,15 +298,13 @@ class GradientNormMonitor(SentinelCallback):
         scale = gradient_scale(trainer, optimizer)
         if scale is not None:
             norms = norms / scale.to(norms.device, torch.float32)
-        total = torch.nan_to_num(
-            torch.linalg.vector_norm(norms), nan=0.0, posinf=0.0
-        )  # NaN/Inf: NonFiniteGuard's
-        norms = torch.nan_to_num(norms, nan=0.0, posinf=0.0)
-        if state.peak is None or state.peak_parameters is None or state.peak_parameters.shape != norms.shape:
-            state.peak, state.peak_parameters = total, norms
-        else:
-            state.peak = torch.maximum(state.peak, total)
-            state.peak_parameters = torch.maximum(state.peak_parameters, norms)
+        pending = state.pending_norms
+        if pending and pending[-1].shape != norms.shape:  # other parameters have gradients now: start over
+            pending.clear()
+            state.peak, state.peak_parameters = None, None
+        pending.append(norms)
+        if len(pending) >= _FOLD_AFTER:
+            _fold_peaks(state)
 
     # ------------------------------------------------------------------ the check
     def _run_gradient_check(
@@ -308,6 +334,7 @@ class GradientNormMonitor(SentinelCallback):
         losses = torch.full((2,), float("nan"), device=grad_norms.device)
         if self._first_loss is not None and self._latest_loss is not None:
             losses = torch.stack([self._first_loss, self._latest_loss]).float().to(grad_norms.device)
+        _fold_peaks(state)
         peak = torch.zeros(1, device=total.device)
         layer_peak = torch.zeros_like(layer_grad)
         if state.peak is not None and state.peak_parameters is not None:

@@ -11,7 +11,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_sentinel._hooks import FiniteProbe, ModuleFailure, logging_silenced
-from lightning_sentinel._stats import tensor_norms
+from lightning_sentinel._stats import on_host, tensor_norms
 from lightning_sentinel._validate import require_bool, require_number
 from lightning_sentinel.base import OnDetect, SentinelCallback
 from lightning_sentinel.catalog import CheckSpec, add_to_presets, register
@@ -149,7 +149,7 @@ class NonFiniteGuard(SentinelCallback):
         if LOSS not in self.active_checks and ACTIVATION not in self.active_checks:
             return
         detached = loss.detach()
-        if detached.device.type == "cpu":  # a host read of a CPU tensor: no device to sync with
+        if on_host(detached):  # a host read of a CPU tensor: no device to sync with
             value = detached.item() if detached.numel() == 1 else float(detached.float().sum())
             if not math.isfinite(value) and self._loss_bad_now is None:
                 self._loss_bad_now = value

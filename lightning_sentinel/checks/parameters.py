@@ -494,7 +494,7 @@ class ParameterUpdateMonitor(SentinelCallback):
         state.snapshot = _Snapshot(
             indices=indices,
             before=before,
-            weight_norms=tensor_norms(parameters),
+            weight_norms=tensor_norms([view.parameters[i] for i in indices]),  # shared with other checks
             grouping=LayerGrouping.from_named_parameters(
                 (view.names[i], view.parameters[i]) for i in indices
             ),
