@@ -313,7 +313,7 @@ def write_results(
 
 NOTES = (
     "Timings are wall-clock seconds on the machine above, one torch thread per case; a busy machine "
-    "inflates them (and can cut the preflight trials short: they stop after 2.5 s).",
+    "inflates them (the preflight trials stop at their step budget, capped at 30 s each).",
     "A faulty case counts as caught when at least one warning/error finding has one of its expected ids; "
     "the first such finding's step is the detection step. Preflight trials (model-ignores-input, "
     "cannot-overfit-batch, batch-mixing, target-leakage) run before the first optimizer step and report "
