@@ -182,7 +182,8 @@ class SentinelCallback(Callback):
                 [check, where, rank, magnitude]
                 for (check, where), (rank, magnitude) in self._reported.items()
             ],
-            "findings": [finding.to_dict() for finding in self._own_findings],
+            # restored findings not yet re-added at on_train_start are kept too (a save right after a load)
+            "findings": [finding.to_dict() for finding in [*self._own_findings, *self._restored_findings]],
             "extra": self._extra_state(),
         }
 

@@ -68,6 +68,7 @@ def test_a_check_failing_on_one_rank_does_not_hang_the_others_and_both_still_sto
     assert [(f.check, f.step) for f in written] == [("non-finite-loss", 6)]
 
 
+@pytest.mark.slow
 def test_a_nan_on_one_rank_stops_both_in_the_same_step(tmp_path):
     """Open problem (b): with every check in stop mode the agreement runs after every batch."""
     results, output = run_scenario("nan-stop", tmp_path)
@@ -76,6 +77,7 @@ def test_a_nan_on_one_rank_stops_both_in_the_same_step(tmp_path):
     assert _checks(results[0]) == {"non-finite-loss"}
 
 
+@pytest.mark.slow
 def test_warn_mode_findings_of_any_rank_reach_rank_zero_at_the_end(tmp_path):
     results, output = run_scenario("nan-warn", tmp_path)
     assert {r["outcome"] for r in results.values()} == {"finished"}, output[-3000:]
