@@ -12,11 +12,11 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
+from _models import Classifier, classification_loader, fit
 from lightning.pytorch.plugins import MixedPrecision
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
-from _models import Classifier, classification_loader, fit
 from lightning_sentinel import (
     DeadReLUDetector,
     GradientNormMonitor,
