@@ -2,6 +2,9 @@
 
 Norms are read in ``on_before_optimizer_step``: once per optimizer step (after gradient
 accumulation), after AMP unscaling, and *before* gradient clipping (the logged norms are pre-clip).
+Under a sharding strategy (FSDP, DeepSpeed, model parallel) ``p.grad`` is this rank's shard: every
+rank sums its shards' squared norms into the global norms (one all-reduce per check, and per step
+while the peak is tracked), so the verdicts are those of the whole model.
 """
 
 from __future__ import annotations
@@ -16,7 +19,14 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_sentinel._stats import LayerGrouping, median, tensor_norms
+from lightning_sentinel._stats import (
+    LayerGrouping,
+    global_norms,
+    median,
+    shard_norms,
+    shards_gradients,
+    tensor_norms,
+)
 from lightning_sentinel.base import OnDetect, SentinelCallback, validate_positive_float, validate_positive_int
 from lightning_sentinel.catalog import CheckSpec, add_to_presets, register
 from lightning_sentinel.checks._optimizers import OptimizerView, gradient_scale, optimizer_view
@@ -265,10 +275,15 @@ class GradientNormMonitor(SentinelCallback):
         self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer, state: _OptimizerState
     ) -> None:
         """Fold this step's norms into device-side peaks (one fused norm, a few tiny ops, no host read)."""
-        grads = [p.grad for p in state.view.parameters if p.grad is not None]
-        if not grads:
-            return
-        norms = tensor_norms(grads)
+        if shards_gradients(trainer.strategy):  # FSDP/DeepSpeed: every rank joins, norms are global
+            norms = global_norms(
+                shard_norms([p.grad for p in state.view.parameters], trainer.strategy.root_device)
+            )
+        else:
+            grads = [p.grad for p in state.view.parameters if p.grad is not None]
+            if not grads:
+                return
+            norms = tensor_norms(grads)
         scale = gradient_scale(trainer, optimizer)
         if scale is not None:
             norms = norms / scale.to(norms.device, torch.float32)
@@ -290,8 +305,13 @@ class GradientNormMonitor(SentinelCallback):
         optimizer: torch.optim.Optimizer,
         state: _OptimizerState,
     ) -> None:
+        # sharded (FSDP/DeepSpeed): p.grad is this rank's shard (or None); every rank reduces every
+        # parameter's squared norm, in the same order, into the global norm
+        sharded = shards_gradients(trainer.strategy)
         present = [
-            (n, p) for n, p in zip(state.view.names, state.view.parameters, strict=True) if p.grad is not None
+            (n, p)
+            for n, p in zip(state.view.names, state.view.parameters, strict=True)
+            if p.grad is not None or sharded
         ]
         if not present:
             return
@@ -299,8 +319,13 @@ class GradientNormMonitor(SentinelCallback):
         if state.grouping is None or state.grouping.parameter_names != names:
             state.grouping = LayerGrouping.from_named_parameters(present)
         grouping = state.grouping
-        grad_norms = tensor_norms([p.grad for _, p in present])  # type: ignore[misc]
-        weight_norms = tensor_norms([p for _, p in present], device=grad_norms.device)
+        if sharded:
+            device = trainer.strategy.root_device
+            grad_norms = global_norms(shard_norms([p.grad for _, p in present], device))
+            weight_norms = global_norms(shard_norms([p for _, p in present], device))
+        else:
+            grad_norms = tensor_norms([p.grad for _, p in present])  # type: ignore[misc]
+            weight_norms = tensor_norms([p for _, p in present], device=grad_norms.device)
         scale = gradient_scale(trainer, optimizer)
         if scale is not None:
             grad_norms = grad_norms / scale.to(grad_norms.device, torch.float32)
