@@ -26,7 +26,7 @@ TIMEOUT_S = 180
 def run_scenario(
     scenario: str, root: Path, strategy: str = "ddp", ranks: frozenset[int] = frozenset({0, 1})
 ) -> tuple[dict[int, dict[str, Any]], str]:
-    """Run one scenario; return each rank's RESULT record and the combined output (for messages)."""
+    """Run one scenario; return each rank's result record and the combined output (for messages)."""
     process = subprocess.Popen(
         [sys.executable, str(SCRIPT), scenario, str(root), strategy],
         stdout=subprocess.PIPE,
@@ -42,10 +42,9 @@ def run_scenario(
         output, _ = process.communicate()
         pytest.fail(f"DDP scenario {scenario!r} hung (killed after {TIMEOUT_S} s):\n{output[-3000:]}")
     results = {}
-    for line in output.splitlines():
-        if line.startswith("RESULT "):
-            record = json.loads(line[len("RESULT ") :])
-            results[record["rank"]] = record
+    for path in root.glob("result-*.json"):
+        record = json.loads(path.read_text())
+        results[record["rank"]] = record
     assert set(results) == ranks, output[-3000:]
     return results, output
 

@@ -1,4 +1,4 @@
-"""2-process CPU DDP (gloo) scenarios for tests/test_matrix_ddp.py; each rank prints one ``RESULT {json}`` line.
+"""2-process CPU DDP (gloo) scenarios for tests/test_matrix_ddp.py; each rank writes ``ROOT/result-<rank>.json``.
 
 Usage: ``python ddp_matrix.py SCENARIO ROOT [STRATEGY]`` (STRATEGY: ``ddp`` (default) or ``ddp_spawn``).
 """
@@ -130,7 +130,8 @@ def main(scenario: str, root: str, strategy: str = "ddp") -> None:
         "findings": [[f.check, f.where, f.step, f.severity.value] for f in findings(trainer)],
         "warnings": [str(w.message)[:200] for w in caught if issubclass(w.category, SentinelWarning)],
     }
-    print("RESULT " + json.dumps(record), flush=True)
+    # a file per rank: the ranks share one stdout, where lines from two processes can interleave
+    (Path(root) / f"result-{trainer.global_rank}.json").write_text(json.dumps(record))
 
 
 class _RankScaledData(pl.LightningDataModule):

@@ -1,4 +1,4 @@
-"""Two gloo processes check the cross-rank reductions that FSDP/DDP need; each rank prints ``RESULT {json}``.
+"""Two gloo processes check the cross-rank reductions that FSDP/DDP need; each rank writes ``DIR/result-<rank>.json``.
 
 - ``global_norms``: norms of tensors split into per-rank shards (a rank may hold no shard of one) equal
   the norms of the whole tensors; a NaN in one rank's shard makes the global norm NaN on every rank.
@@ -20,7 +20,7 @@ from lightning_sentinel._stats import global_norms, shard_norms
 from lightning_sentinel.checks._batch_stats import FeatureMoments, pooled_moments
 
 
-def worker(rank: int, port: str) -> None:
+def worker(rank: int, port: str, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
     dist.init_process_group("gloo", rank=rank, world_size=2)
     generator = torch.Generator().manual_seed(0)
@@ -52,9 +52,9 @@ def worker(rank: int, port: str) -> None:
         "alone_count": float(alone.count),
         "alone_match": bool(torch.allclose(alone.mean, data[0].mean(0), atol=1e-5)),
     }
-    print("RESULT " + json.dumps(record), flush=True)
+    Path(out, f"result-{rank}.json").write_text(json.dumps(record))  # not stdout: lines interleave
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    mp.spawn(worker, args=(sys.argv[1],), nprocs=2)
+    mp.spawn(worker, args=(sys.argv[1], sys.argv[2]), nprocs=2)  # usage: gloo_reductions.py PORT DIR
