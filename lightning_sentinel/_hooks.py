@@ -35,6 +35,20 @@ def silence_logging(module: nn.Module) -> None:
     module.log_dict = _no_op  # type: ignore[method-assign,assignment]
 
 
+def uncompile_copy(module: nn.Module) -> None:
+    """Make a deep copy of a ``torch.compile``'d LightningModule run its own, eager ``forward``.
+
+    Lightning compiles a LightningModule by replacing its ``forward`` and ``*_step`` methods with
+    instance attributes wrapping the *original* module's bound methods (``_compiler_ctx``);
+    ``copy.deepcopy`` keeps them, so without this the copy would compute with the real model's
+    weights, not its own.
+    """
+    if getattr(module, "_compiler_ctx", None) is not None:
+        for name in ("forward", "training_step", "validation_step", "test_step", "predict_step"):
+            module.__dict__.pop(name, None)
+        module._compiler_ctx = None
+
+
 @contextlib.contextmanager
 def logging_silenced(module: nn.Module) -> Iterator[None]:
     """:func:`silence_logging` for the body only, on the real module."""

@@ -103,6 +103,56 @@ def _tensor_norms(tensors: Sequence[Tensor], out_device: torch.device) -> Tensor
     return result
 
 
+def shard_norms(tensors: Sequence[Tensor | None], device: torch.device) -> Tensor:
+    """:func:`tensor_norms` where a missing tensor (``None``: this rank holds no shard of it) counts as 0.
+
+    Example:
+        >>> shard_norms([torch.ones(4), None], torch.device("cpu"))
+        tensor([2., 0.])
+    """
+    present = [i for i, tensor in enumerate(tensors) if tensor is not None and tensor.numel() > 0]
+    result = torch.zeros(len(tensors), dtype=torch.float32, device=device)
+    if present:
+        norms = tensor_norms([tensors[i] for i in present], device=device)  # type: ignore[misc]
+        result.index_copy_(0, torch.tensor(present, device=device), norms)
+    return result
+
+
+def global_norms(local_norms: Tensor) -> Tensor:
+    """The 2-norms of tensors sharded across the ranks, from each rank's norms of its own shards.
+
+    Sums the squares over the default process group (every rank must call this, with the same
+    tensors in the same order) and takes the root; NaN or Inf on any rank gives NaN or Inf. Without
+    an initialised process group the norms are returned as they are.
+
+    Example:
+        >>> global_norms(torch.tensor([3.0, 4.0]))  # one process: nothing to reduce
+        tensor([3., 4.])
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return local_norms
+    squares = local_norms.float().square()
+    dist.all_reduce(squares)
+    return squares.sqrt()
+
+
+def shards_gradients(strategy: object) -> bool:
+    """Whether ``strategy`` shards parameters and gradients across ranks (FSDP, DeepSpeed, model parallel).
+
+    Under these ``p.grad`` (and ``p``) hold this rank's shard only: norms must go through
+    :func:`global_norms`.
+
+    Example:
+        >>> from lightning.pytorch.strategies import DDPStrategy
+        >>> shards_gradients(DDPStrategy())
+        False
+    """
+    names = {klass.__name__ for klass in type(strategy).__mro__}
+    return bool(names & {"FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy"})
+
+
 @dataclass(frozen=True)
 class LayerGrouping:
     """Parameters grouped into layers (the module that owns them).

@@ -36,7 +36,14 @@ from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from lightning_sentinel._validate import require_choice, require_int, require_number
-from lightning_sentinel.findings import Finding, SentinelError, SentinelWarning, Severity, finding_log
+from lightning_sentinel.findings import (
+    Finding,
+    FindingLog,
+    SentinelError,
+    SentinelWarning,
+    Severity,
+    finding_log,
+)
 from lightning_sentinel.report import findings_markdown, format_report, write_scalar_layout
 
 OnDetect = Literal["warn", "stop", "raise"]
@@ -50,18 +57,27 @@ _GUARDED_HOOKS = frozenset(
 _CLEANUP_HOOKS = frozenset({"teardown", "on_exception", "on_fit_end"})
 
 
+# Hooks after which, under DDP, the last sentinel callback of the trainer runs the shared stop/raise
+# agreement (see ``SentinelCallback._sync_point``): every rank calls them the same number of times.
+_SYNC_HOOKS = frozenset({"on_train_start", "on_train_batch_end", "on_validation_end", "on_train_end"})
+
+
 def _guard_hook(name: str, hook: Callable[..., Any]) -> Callable[..., Any]:
+    sync = name in _SYNC_HOOKS
+
     @functools.wraps(hook)
     def guarded(self: SentinelCallback, *args: Any, **kwargs: Any) -> Any:
-        if self._failed and name not in _CLEANUP_HOOKS:
-            return None
-        try:
-            return hook(self, *args, **kwargs)
-        except SentinelError:
-            raise
-        except Exception as error:  # a check must never kill the user's training
-            self._disable_after_error(name, error)
-            return None
+        result = None
+        if not self._failed or name in _CLEANUP_HOOKS:
+            try:
+                result = hook(self, *args, **kwargs)
+            except SentinelError:
+                raise
+            except Exception as error:  # a check must never kill the user's training
+                self._disable_after_error(name, error)
+        if sync and self._sync_log is not None:  # a disabled check still takes part
+            self._sync_point(args[0] if args else kwargs["trainer"], name)
+        return result
 
     return guarded
 
@@ -127,6 +143,7 @@ class SentinelCallback(Callback):
         self._restored_findings: list[Finding] = []
         self._own_findings: list[Finding] = []
         self._next_log_step: dict[str, int] = {}  # per metric set: the step from which it is written again
+        self._sync_log: FindingLog | None = None  # set under DDP: the trainer's log holds the members
 
     # ------------------------------------------------------------------ identity and state
     def _state_key_settings(self) -> dict[str, Any]:
@@ -163,7 +180,8 @@ class SentinelCallback(Callback):
                 [check, where, rank, magnitude]
                 for (check, where), (rank, magnitude) in self._reported.items()
             ],
-            "findings": [finding.to_dict() for finding in self._own_findings],
+            # restored findings not yet re-added at on_train_start are kept too (a save right after a load)
+            "findings": [finding.to_dict() for finding in [*self._own_findings, *self._restored_findings]],
             "extra": self._extra_state(),
         }
 
@@ -189,6 +207,9 @@ class SentinelCallback(Callback):
         log.checks_run.update(self.active_checks)
         if stage == "fit":
             write_scalar_layout(trainer)  # the "sentinel" Custom Scalars section, once per trainer
+        self._sync_log = log if trainer.world_size > 1 else None
+        if self._sync_log is not None and self not in log.members:
+            log.members.append(self)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -199,6 +220,20 @@ class SentinelCallback(Callback):
                     log.add(finding)
                     self._own_findings.append(finding)
             self._restored_findings = []
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """Nothing here; under DDP the guard runs the shared stop/raise agreement after it."""
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Nothing here; under DDP the guard runs the shared stop/raise agreement after it."""
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Nothing here; under DDP the guard shares every rank's findings with rank zero after it."""
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -295,37 +330,67 @@ class SentinelCallback(Callback):
         return finding
 
     def _settle(self, trainer: pl.Trainer) -> None:
-        """Share this check run's stop/raise decision across ranks and act on it.
+        """Act on this check run's stop/raise decision.
 
-        Call once at the end of every check run, on every rank (the cadence is the same on all
-        ranks, so the collective lines up). With a single process no communication happens.
+        Call at the end of every check run. With one process the decision is applied at once. Under
+        DDP nothing happens here: the decision stays pending until the next sync point
+        (:meth:`_sync_point`), where all ranks agree on it, so that the collective schedule never
+        depends on what a check found or whether it failed on one rank.
         """
-        if self.on_detect == "warn":
+        if self.on_detect == "warn" or self._sync_log is not None:
             return
-        strategy = trainer.strategy
-        distributed = trainer.world_size > 1
         if self.on_detect == "stop":
-            local = self._pending_stop
-            self._pending_stop = False
-            decision = strategy.reduce_boolean_decision(local, all=False) if distributed else local
-            if decision:
+            if self._pending_stop:
+                self._pending_stop = False
                 trainer.should_stop = True
                 self._finish(trainer, print_report=False)
             return
-        local_finding = self._pending_raise
-        self._pending_raise = None
-        decision = (
-            strategy.reduce_boolean_decision(local_finding is not None, all=False)
-            if distributed
-            else bool(local_finding)
-        )
-        if not decision:
+        finding, self._pending_raise = self._pending_raise, None
+        if finding is not None:
+            self._finish(trainer, print_report=False)
+            raise SentinelError(finding)
+
+    def _sync_point(self, trainer: pl.Trainer, hook: str) -> None:
+        """Under DDP, the one collective that shares every check's stop/raise decision across ranks.
+
+        Only the trainer's last sentinel callback runs it, after its ``on_train_start``,
+        ``on_validation_end`` and ``on_train_end`` and after every ``sync_period``-th
+        ``on_train_batch_end`` (the smallest ``every_n_steps`` of the checks that stop or raise), so
+        every rank reaches it at the same points whatever the checks found, and a check that disabled
+        itself after an error still takes part. When any rank has something to act on (and always at
+        ``on_train_end``) the ranks also exchange their new findings, so that rank zero records and
+        writes what any rank found. Then all stop together, or all raise the first finding.
+        """
+        log = self._sync_log
+        if log is None or not log.members or log.members[-1] is not self:
             return
-        # every rank takes part in the gather, then all raise the same first finding
-        finding = _first_finding_of_any_rank(local_finding) if distributed else local_finding
-        assert finding is not None
-        self._finish(trainer, print_report=False)
-        raise SentinelError(finding)
+        acting = [member for member in log.members if member.on_detect != "warn"]
+        if hook == "on_train_batch_end":
+            period = min((member.every_n_steps for member in acting), default=0)
+            log.batches_since_sync += 1
+            if period == 0 or log.batches_since_sync < period:
+                return
+        elif hook != "on_train_end" and not acting:
+            return
+        log.batches_since_sync = 0
+        stop = any(member._pending_stop for member in log.members)
+        first_raise = next((m._pending_raise for m in log.members if m._pending_raise is not None), None)
+        flags = torch.tensor(
+            [float(stop), float(first_raise is not None)], device=trainer.strategy.root_device
+        )
+        stop_votes, raise_votes = trainer.strategy.reduce(flags, reduce_op="sum").tolist()
+        for member in log.members:
+            member._pending_stop = False
+            member._pending_raise = None
+        if not (stop_votes or raise_votes or hook == "on_train_end"):
+            return
+        finding = _share_findings(log, first_raise)
+        if raise_votes:
+            self._finish(trainer, print_report=False)
+            raise SentinelError(finding or Finding("unknown", Severity.ERROR, "another rank raised", -1, -1))
+        if stop_votes:
+            trainer.should_stop = True
+            self._finish(trainer, print_report=False)
 
     def _log_findings_text(self, trainer: pl.Trainer) -> None:
         for logger in trainer.loggers:
@@ -375,16 +440,35 @@ for _name in _GUARDED_HOOKS:
         setattr(SentinelCallback, _name, _guard_hook(_name, SentinelCallback.__dict__[_name]))
 
 
-def _first_finding_of_any_rank(local: Finding | None) -> Finding:
-    """The first finding any rank holds (all ranks call this together under DDP)."""
-    gathered: list[Any] = [None]
+def trainer_rank() -> int:
+    """This process's rank in the default process group (0 without one)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return 0
+
+
+def _identity(finding: Finding) -> tuple[Any, ...]:
+    return (finding.check, finding.where, finding.step, finding.message)
+
+
+def _share_findings(log: FindingLog, local_raise: Finding | None) -> Finding | None:
+    """All ranks together: add the other ranks' new findings to ``log``; return the lowest rank's raise."""
+    payload = ([f.to_dict() for f in log.findings[log.shared_upto :]], local_raise and local_raise.to_dict())
+    gathered: list[Any] = [payload]
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         gathered = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(gathered, None if local is None else local.to_dict())
-    for record in gathered:
-        if record is not None:
-            return Finding.from_dict(record)
-    return Finding("unknown", Severity.ERROR, "another rank raised a finding", -1, -1)
+        torch.distributed.all_gather_object(gathered, payload)
+    known = {_identity(finding) for finding in log.findings}
+    for rank, (records, _) in enumerate(gathered):
+        if rank == trainer_rank():
+            continue
+        for record in records:
+            finding = Finding.from_dict(record)
+            if _identity(finding) not in known:  # a statistic reduced across ranks is found on every rank
+                known.add(_identity(finding))
+                log.add(finding)
+    log.shared_upto = len(log.findings)
+    return next((Finding.from_dict(raised) for _, raised in gathered if raised is not None), None)
 
 
 def named_trainable_parameters(module: torch.nn.Module) -> Iterable[tuple[str, torch.nn.Parameter]]:

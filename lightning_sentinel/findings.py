@@ -142,6 +142,10 @@ class FindingLog:
         self.directory: str | None = None
         self.checks_run: set[str] = set()
         self.report_printed = False
+        # under DDP: the sentinel callbacks of this trainer, in hook order, and the sync bookkeeping
+        self.members: list[Any] = []
+        self.batches_since_sync = 0
+        self.shared_upto = 0  # findings before this index were already exchanged with the other ranks
 
     def add(self, finding: Finding) -> None:
         """Append ``finding`` to the record."""

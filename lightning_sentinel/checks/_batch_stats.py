@@ -135,6 +135,41 @@ class FeatureMoments:
                 setattr(self, name, getattr(self, name).to(device))
 
 
+def pooled_moments(moments: FeatureMoments, device: torch.device) -> FeatureMoments:
+    """``moments`` pooled over every rank of the default process group (all ranks must call this together).
+
+    Each rank contributes its count, ``count * mean`` and ``count * E[x^2]`` (summed, in float64) and
+    its ``max |x|`` (maxed); a rank that has seen no float inputs contributes zeros but still takes
+    part. Returns a new :class:`FeatureMoments` (its shift is the pooled mean); the local accumulators
+    are left as they are, so the next window pools them again without counting anything twice.
+    """
+    import torch.distributed as dist
+
+    width = torch.tensor([float(moments.features)], device=device)
+    dist.all_reduce(width, op=dist.ReduceOp.MAX)  # every rank learns the feature count, even an empty one
+    features = int(width.item())
+    packed = torch.zeros(1 + 2 * features, dtype=torch.float64, device=device)
+    absmax = torch.zeros(features, device=device)
+    if features and moments.features == features and moments.count is not None:
+        assert moments.mean is not None and moments.absmax is not None
+        count = moments.count.to(device, torch.float64).view(1)
+        mean = moments.mean.to(device, torch.float64)
+        second = moments.std.to(device, torch.float64).square() + mean.square()
+        packed = torch.cat([count, count * mean, count * second])
+        absmax = moments.absmax.to(device)
+    dist.all_reduce(packed)
+    dist.all_reduce(absmax, op=dist.ReduceOp.MAX)
+    total = packed[0]
+    mean = packed[1 : 1 + features] / total.clamp_min(1.0)
+    variance = (packed[1 + features :] / total.clamp_min(1.0) - mean.square()).clamp_min(0.0)
+    pooled = FeatureMoments()
+    pooled.count = total.float()
+    pooled.shift = mean.float()
+    pooled.sums = torch.stack([torch.zeros_like(variance), variance * total]).float()
+    pooled.absmax = absmax
+    return pooled
+
+
 _WEIGHTS: dict[tuple[int, torch.device], Tensor] = {}
 
 

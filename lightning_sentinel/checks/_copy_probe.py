@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from typing_extensions import override
 
-from lightning_sentinel._hooks import silence_logging
+from lightning_sentinel._hooks import silence_logging, uncompile_copy
 from lightning_sentinel.base import OnDetect, SentinelCallback
 
 
@@ -57,6 +57,7 @@ def eval_copy(pl_module: pl.LightningModule) -> pl.LightningModule:
     The copy's parameters are detached copies: gradients computed on it never reach the real model.
     """
     duplicate = copy.deepcopy(pl_module)
+    uncompile_copy(duplicate)
     duplicate.eval()
     for child in duplicate.modules():
         # hooks other callbacks attached to the real modules were copied along: they must not see the probe

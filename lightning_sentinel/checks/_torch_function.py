@@ -12,6 +12,7 @@ Example:
 from __future__ import annotations
 
 import os
+import re
 import sys
 from typing import Any
 
@@ -66,7 +67,8 @@ def loss_call_site(function: str, module_names: dict[int, str]) -> tuple[str, st
         frame = frame.f_back
     caller, site = "unknown", "unknown"
     if frame is not None:
-        caller = frame.f_code.co_name
+        # after a graph break Dynamo runs the rest of a function as ``torch_dynamo_resume_in_<name>_at_<line>``
+        caller = re.sub(r"^torch_dynamo_resume_in_(.+)_at_\d+$", r"\1", frame.f_code.co_name)
         site = f"{caller} ({os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno})"
     if loss_module is not None:
         name = module_names.get(id(loss_module))

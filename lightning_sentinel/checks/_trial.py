@@ -32,7 +32,7 @@ from lightning.pytorch.utilities import move_data_to_device
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
-from lightning_sentinel._hooks import silence_logging
+from lightning_sentinel._hooks import silence_logging, uncompile_copy
 from lightning_sentinel.checks._batch_split import INPUT_KEYS, TARGET_KEYS
 
 Key = str | int
@@ -244,6 +244,7 @@ def trial_copy(pl_module: pl.LightningModule, trainer: pl.Trainer) -> pl.Lightni
         memo[id(callback)] = callback
     clone = copy.deepcopy(pl_module, memo)
     clone._trainer = None  # type: ignore[assignment]
+    uncompile_copy(clone)
     silence_logging(clone)
     clone.train()
     for parameter in clone.parameters():

@@ -22,6 +22,7 @@ from lightning_sentinel.checks._batch_stats import (
     fingerprint,
     label_counts,
     non_finite_count,
+    pooled_moments,
 )
 from lightning_sentinel.findings import Severity
 
@@ -342,6 +343,7 @@ class BatchInspector(SentinelCallback):
         """The statistics of a fit, checkpointed (reset in ``setup``, before a checkpoint restores them)."""
         self._moments = FeatureMoments()
         self._train_samples = 0
+        self._judged_samples = 0  # samples behind the moments last judged (pooled over ranks under DDP)
         self._class_counts: Tensor | None = None
         self._labels_usable: bool | None = None  # False once targets turn out not to be class labels
         self._epochs_done = 0
@@ -558,13 +560,15 @@ class BatchInspector(SentinelCallback):
                     add(record.labels),
                 )
             )
-        judge_scale = (
-            self._float_inputs and self._moments.mean is not None and self._train_samples >= self.min_samples
-        )
+        moments, samples, class_counts = self._moments, self._train_samples, self._class_counts
+        if trainer.world_size > 1 and torch.distributed.is_initialized():  # every rank, every window check
+            moments, samples, class_counts = self._pooled(moments, class_counts, device)
+        judge_scale = self._float_inputs and moments.mean is not None and samples >= self.min_samples
         moment_slots = None
         if judge_scale:
-            moment_slots = (add(self._moments.mean), add(self._moments.std), add(self._moments.absmax))
-        counts_slot = add(self._class_counts) if self._class_counts is not None else None
+            self._judged_samples = samples
+            moment_slots = (add(moments.mean), add(moments.std), add(moments.absmax))
+        counts_slot = add(class_counts) if class_counts is not None else None
         if not parts:
             return
         values = torch.cat(parts).tolist()  # the one host read of this window
@@ -612,6 +616,18 @@ class BatchInspector(SentinelCallback):
             counts = get(counts_slot)[:-1]
             self._judge_labels(trainer, pl_module, labels, counts)
 
+    @staticmethod
+    def _pooled(
+        moments: FeatureMoments, class_counts: Tensor | None, device: torch.device
+    ) -> tuple[FeatureMoments, int, Tensor]:
+        """Input moments and label counts summed over the ranks (DDP: each rank sees its own shard)."""
+        pooled = pooled_moments(moments, device)
+        counts = torch.zeros(_BINS + 1, device=device)
+        if class_counts is not None:
+            counts = counts + class_counts.to(device, counts.dtype)
+        torch.distributed.all_reduce(counts)
+        return pooled, int(pooled.count.item()), counts  # type: ignore[union-attr]
+
     def _judge_scale(
         self, trainer: pl.Trainer, means: list[float], stds: list[float], absmaxes: list[float]
     ) -> None:
@@ -627,7 +643,7 @@ class BatchInspector(SentinelCallback):
             f"{self._input_name}: {len(flagged)} of {len(means)} input {axis}s are far from unit scale "
             f"(|mean| > {self.mean_bound:g}, std > {self.std_bound:g} or std < {self.min_std:g}); worst {axis} "
             f"{worst}: mean {means[worst]:.4g}, std {stds[worst]:.4g}, max |x| {absmaxes[worst]:.4g} over "
-            f"{self._train_samples} samples",
+            f"{self._judged_samples} samples",
             where=self._input_name,
             evidence={
                 "flagged": float(len(flagged)),
@@ -636,7 +652,7 @@ class BatchInspector(SentinelCallback):
                 "worst_mean": means[worst],
                 "worst_std": stds[worst],
                 "worst_abs_max": absmaxes[worst],
-                "samples": float(self._train_samples),
+                "samples": float(self._judged_samples),
             },
             hint="standardize inputs with statistics of the training set ((x - mean) / std per "
             f"{axis}, e.g. sklearn StandardScaler or torchvision Normalize); scale pixels to [0, 1] "

@@ -2,6 +2,9 @@
 
 Norms are read in ``on_before_optimizer_step``: once per optimizer step (after gradient
 accumulation), after AMP unscaling, and *before* gradient clipping (the logged norms are pre-clip).
+Under a sharding strategy (FSDP, DeepSpeed, model parallel) ``p.grad`` is this rank's shard: every
+rank sums its shards' squared norms into the global norms (one all-reduce per check, and per step
+while the peak is tracked), so the verdicts are those of the whole model.
 """
 
 from __future__ import annotations
@@ -16,7 +19,14 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_sentinel._stats import LayerGrouping, median, tensor_norms
+from lightning_sentinel._stats import (
+    LayerGrouping,
+    global_norms,
+    median,
+    shard_norms,
+    shards_gradients,
+    tensor_norms,
+)
 from lightning_sentinel._validate import require_bool, require_int, require_number, require_order
 from lightning_sentinel.base import OnDetect, SentinelCallback
 from lightning_sentinel.catalog import CheckSpec, add_to_presets, register
@@ -289,12 +299,18 @@ class GradientNormMonitor(SentinelCallback):
         """Keep this step's per-parameter norms for the next check (one fused norm, no host read).
 
         The reduction to peaks waits for the check step (or for ``_FOLD_AFTER`` kept steps), so a step
-        between checks costs one fused norm and a list append.
+        between checks costs one fused norm and a list append. Under FSDP/DeepSpeed every rank joins
+        and the norms are global.
         """
-        grads = [p.grad for p in state.view.parameters if p.grad is not None]
-        if not grads:
-            return
-        norms = tensor_norms(grads)
+        if shards_gradients(trainer.strategy):
+            norms = global_norms(
+                shard_norms([p.grad for p in state.view.parameters], trainer.strategy.root_device)
+            )
+        else:
+            grads = [p.grad for p in state.view.parameters if p.grad is not None]
+            if not grads:
+                return
+            norms = tensor_norms(grads)
         scale = gradient_scale(trainer, optimizer)
         if scale is not None:
             norms = norms / scale.to(norms.device, torch.float32)
@@ -314,8 +330,13 @@ class GradientNormMonitor(SentinelCallback):
         optimizer: torch.optim.Optimizer,
         state: _OptimizerState,
     ) -> None:
+        # sharded (FSDP/DeepSpeed): p.grad is this rank's shard (or None); every rank reduces every
+        # parameter's squared norm, in the same order, into the global norm
+        sharded = shards_gradients(trainer.strategy)
         present = [
-            (n, p) for n, p in zip(state.view.names, state.view.parameters, strict=True) if p.grad is not None
+            (n, p)
+            for n, p in zip(state.view.names, state.view.parameters, strict=True)
+            if p.grad is not None or sharded
         ]
         if not present:
             return
@@ -323,8 +344,13 @@ class GradientNormMonitor(SentinelCallback):
         if state.grouping is None or state.grouping.parameter_names != names:
             state.grouping = LayerGrouping.from_named_parameters(present)
         grouping = state.grouping
-        grad_norms = tensor_norms([p.grad for _, p in present])  # type: ignore[misc]
-        weight_norms = tensor_norms([p for _, p in present], device=grad_norms.device)
+        if sharded:
+            device = trainer.strategy.root_device
+            grad_norms = global_norms(shard_norms([p.grad for _, p in present], device))
+            weight_norms = global_norms(shard_norms([p for _, p in present], device))
+        else:
+            grad_norms = tensor_norms([p.grad for _, p in present])  # type: ignore[misc]
+            weight_norms = tensor_norms([p for _, p in present], device=grad_norms.device)
         scale = gradient_scale(trainer, optimizer)
         if scale is not None:
             grad_norms = grad_norms / scale.to(grad_norms.device, torch.float32)
