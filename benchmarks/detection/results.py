@@ -228,6 +228,8 @@ def write_results(
         "",
         f"- {summary_line(results)}",
         f"- recall with the right diagnosis: {recall}/{len(faulty)} = {recall / max(len(faulty), 1):.0%}",
+        f"- recall counting the out-of-reach mutants (measurably worse, no case) as misses: "
+        f"{recall}/{len(faulty) + len(out_of_reach)} = {recall / max(len(faulty) + len(out_of_reach), 1):.0%}",
         f"- false alarms: {false_alarms}/{len(healthy)} healthy runs",
         f"- steps to the first right diagnosis, all detected faults (preflight trials count as step 0): "
         f"median {steps['median_first']:g}, max {steps['max_first']:g}",
