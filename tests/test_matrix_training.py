@@ -384,12 +384,7 @@ def test_loop_variants_run_healthy_and_still_catch_a_nan(tmp_path, loop):
     loader = settings.pop("loader", None)
     for key in [key for key, value in settings.items() if value is None]:
         del settings[key]  # barebones refuses these flags
-    # KNOWN ISSUE: on this iterable stream LabelShuffleCheck reports model-ignores-input in about 1 of 4
-    # identical runs (a false positive, left for its owner; see the matrix report)
-    disable = ["model-ignores-input"] if loop == "iterable-without-len" else []
-    healthy = fit(
-        Quiet(), [Sentinel(preset="full", disable=disable)], loader=loader, root=tmp_path, **settings
-    )
+    healthy = fit(Quiet(), [Sentinel(preset="full")], loader=loader, root=tmp_path, **settings)
     assert _serious(healthy) == []
     nan_step = 0 if loop == "fast_dev_run" else 2
     broken = fit(

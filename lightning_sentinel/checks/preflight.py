@@ -309,6 +309,13 @@ class OverfitBatchCheck(_PreflightCheck):
 
 
 # ---------------------------------------------------------------------- LabelShuffleCheck
+# Below this many samples the trials judge noise: 32 training samples are memorised and the 16 held out
+# are scored worse than by a model that learnt the class prior from zeroed inputs (a false alarm in about
+# half the seeds of an MLP at batch size 16). Small batches are topped up to it, within a batch cap.
+_MIN_TRIAL_SAMPLES = 256
+_MAX_TRIAL_BATCHES = 32
+
+
 class LabelShuffleCheck(_PreflightCheck):
     """Before training, compare a short training on real data with trainings on shuffled labels and zeroed inputs.
 
@@ -324,8 +331,9 @@ class LabelShuffleCheck(_PreflightCheck):
 
     Args:
         on_detect: ``"warn"``, ``"stop"`` or ``"raise"`` (see :class:`SentinelCallback`).
-        batches: batches taken from the training dataloader (the first is held out for evaluation); an
-            integer >= 2.
+        batches: batches taken from the training dataloader, at least (a quarter of them, at least one,
+            is held out for evaluation); an integer >= 2. Small batches are topped up to 256 samples
+            (at most 32 batches): on a few dozen samples the trials judge noise.
         max_steps: optimizer steps of each of the three trials; an integer >= 1.
         max_seconds: wall-clock cap of the three trials together (a finite number > 0); trials cut
             short are reported as an ``info`` (inconclusive). ``max_steps`` is the budget; the cap only
@@ -361,6 +369,10 @@ class LabelShuffleCheck(_PreflightCheck):
         started = time.perf_counter()
         raw = take_batches(trainer, self.batches)
         layout = find_layout(raw[0], self.input_key, self.target_key)
+        leading = int(raw[0][layout.input_key].shape[0])
+        wanted = min(_MAX_TRIAL_BATCHES, -(-_MIN_TRIAL_SAMPLES // max(leading, 1)))
+        if len(raw) == self.batches and wanted > self.batches:  # small batches: a few dozen samples
+            raw = take_batches(trainer, wanted)  # overfit and judge noise, not the model: take more
         if len(raw) == 1:  # a single (full) batch: hold out its first half
             leading = int(raw[0][layout.input_key].shape[0])
             if leading < 4:
@@ -372,7 +384,8 @@ class LabelShuffleCheck(_PreflightCheck):
         trial = Trial(pl_module, trainer)
         try:
             batches = [trial.to_device(batch) for batch in raw]
-            held_out, train = batches[:1], batches[1:]
+            held = max(1, len(batches) // 4)  # a quarter of the samples, at least one batch
+            held_out, train = batches[:held], batches[held:]
             targets = [batch[layout.target_key] for batch in train]
             sizes = [len(target) for target in targets]
             pooled = torch.cat(targets)
