@@ -327,7 +327,7 @@ class LabelShuffleCheck(_PreflightCheck):
     the inputs (a data pipeline that shuffles one without the other).
 
     Calibration (``python -m benchmarks.detection --results``, 49 healthy runs): the healthy run
-    nearest to alarming still beat its baselines by 16% (``gru-seq2seq-shifted``; margin 5%, 3.2x).
+    nearest to alarming still beat its baselines by 14% (``gru-seq2seq-shifted``; margin 5%, 2.8x).
 
     Args:
         on_detect: ``"warn"``, ``"stop"`` or ``"raise"`` (see :class:`SentinelCallback`).
