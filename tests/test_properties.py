@@ -28,6 +28,7 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+import lightning_sentinel
 from lightning_sentinel import (
     BatchIndependenceCheck,
     BatchInspector,
@@ -49,23 +50,10 @@ from lightning_sentinel import (
 )
 from lightning_sentinel._validate import ArgumentTypeError
 
-CALLBACKS = [
-    BatchIndependenceCheck,
-    BatchInspector,
-    DeadReLUDetector,
-    GradientNormMonitor,
-    HistogramLogger,
-    LabelShuffleCheck,
-    LearningCurveMonitor,
-    LossAtInitCheck,
-    LossInputCheck,
-    NonFiniteGuard,
-    OverfitBatchCheck,
-    ParameterUpdateMonitor,
-    Sentinel,
-    SentinelCallback,
-    TargetLeakageCheck,
-    TrainEvalModeChecker,
+CALLBACKS = [  # every callback class lightning_sentinel exports
+    obj
+    for obj in (getattr(lightning_sentinel, name) for name in lightning_sentinel.__all__)
+    if inspect.isclass(obj) and issubclass(obj, pl.Callback)
 ]
 ARGUMENTS = [
     (cls, name) for cls in CALLBACKS for name in inspect.signature(cls.__init__).parameters if name != "self"
