@@ -14,11 +14,47 @@ from __future__ import annotations
 import os
 import re
 import sys
-from typing import Any
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
+
+
+class LossCallRecorder(TorchFunctionMode):
+    """Runs every call unchanged and hands the calls of ``intercepted`` functions to :meth:`record`.
+
+    ``intercepted`` maps each watched function to a label the subclass understands. An exception in
+    :meth:`record` is kept in ``error`` and stops the recording: it never reaches the user's loss.
+    """
+
+    intercepted: ClassVar[dict[Callable[..., Any], str]] = {}
+
+    def __init__(self, module_names: dict[int, str]) -> None:
+        super().__init__()
+        self.module_names = module_names
+        self.error: Exception | None = None
+
+    def __torch_function__(
+        self, func: Callable[..., Any], types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        result = func(*args, **kwargs)
+        label = self.intercepted.get(func)
+        if label is not None and self.error is None:
+            try:
+                self.record(func, label, args, kwargs, result)
+            except Exception as error:  # the check's failure must never break the user's loss
+                self.error = error
+        return result
+
+    def record(
+        self, func: Callable[..., Any], label: str, args: tuple[Any, ...], kwargs: dict[str, Any], result: Any
+    ) -> None:
+        """Called for each intercepted call, after it ran (``result`` is what it returned)."""
+        raise NotImplementedError
+
 
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 _CHECKS_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep

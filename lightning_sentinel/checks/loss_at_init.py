@@ -27,13 +27,12 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.overrides import TorchFunctionMode
 from typing_extensions import override
 
 from lightning_sentinel._validate import require_number
 from lightning_sentinel.base import OnDetect, SentinelCallback
 from lightning_sentinel.catalog import CheckSpec, add_to_presets, register
-from lightning_sentinel.checks._torch_function import loss_call_site, remove_mode
+from lightning_sentinel.checks._torch_function import LossCallRecorder, loss_call_site, remove_mode
 from lightning_sentinel.findings import Severity
 
 LOSS_AT_INIT = "loss-at-init"
@@ -215,30 +214,25 @@ def _argument(args: tuple[Any, ...], kwargs: dict[str, Any], position: int, name
     return args[position] if len(args) > position else default
 
 
-class _InitLossInterceptor(TorchFunctionMode):
+class _InitLossInterceptor(LossCallRecorder):
     """Reduces the arguments of the intercepted losses to statistics; every call runs unchanged."""
 
+    intercepted = _INTERCEPTED
+
     def __init__(self, module_names: dict[int, str]) -> None:
-        super().__init__()
-        self.module_names = module_names
+        super().__init__(module_names)
         self.calls: list[InitLossCall] = []
         self.results: list[Tensor] = []
-        self.error: Exception | None = None
 
-    def __torch_function__(
-        self, func: Callable[..., Any], types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
-    ) -> Any:
-        kwargs = kwargs or {}
-        result = func(*args, **kwargs)
-        function = _INTERCEPTED.get(func)
-        if function is not None and self.error is None:
-            try:
-                self._record(function, args, kwargs, result)
-            except Exception as error:  # the check's failure must never break the user's loss
-                self.error = error
-        return result
-
-    def _record(self, function: str, args: tuple[Any, ...], kwargs: dict[str, Any], result: Any) -> None:
+    @override
+    def record(
+        self,
+        func: Callable[..., Any],
+        function: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        result: Any,
+    ) -> None:
         scores = _argument(args, kwargs, 0, "input", None)
         target = _argument(args, kwargs, 1, "target", None)
         if not isinstance(scores, Tensor) or not isinstance(target, Tensor):

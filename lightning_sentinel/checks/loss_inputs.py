@@ -20,13 +20,12 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.overrides import TorchFunctionMode
 from typing_extensions import override
 
 from lightning_sentinel._validate import require_int, require_number
 from lightning_sentinel.base import OnDetect, SentinelCallback
 from lightning_sentinel.catalog import CheckSpec, add_to_presets, register
-from lightning_sentinel.checks._torch_function import loss_call_site, remove_mode
+from lightning_sentinel.checks._torch_function import LossCallRecorder, loss_call_site, remove_mode
 from lightning_sentinel.findings import Severity
 
 SOFTMAX_BEFORE_CE = "softmax-before-cross-entropy"
@@ -326,29 +325,20 @@ class LossCall:
     stats: Tensor | None
 
 
-class _LossInterceptor(TorchFunctionMode):
+class _LossInterceptor(LossCallRecorder):
     """Records the arguments of the intercepted losses; every other call passes straight through."""
 
+    intercepted = _INTERCEPTED
+
     def __init__(self, module_names: dict[int, str]) -> None:
-        super().__init__()
-        self.module_names = module_names
+        super().__init__(module_names)
         self.calls: list[LossCall] = []
-        self.error: Exception | None = None
 
-    def __torch_function__(
-        self, func: Callable[..., Any], types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
-    ) -> Any:
-        kwargs = kwargs or {}
-        result = func(*args, **kwargs)
-        kind = _INTERCEPTED.get(func)
-        if kind is not None and self.error is None:
-            try:
-                self._record(func.__name__, kind, args, kwargs)
-            except Exception as error:  # the check's failure must never break the user's loss
-                self.error = error
-        return result
-
-    def _record(self, function: str, kind: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    @override
+    def record(
+        self, func: Callable[..., Any], kind: str, args: tuple[Any, ...], kwargs: dict[str, Any], result: Any
+    ) -> None:
+        function = func.__name__
         values = args[0] if args else kwargs.get("input")
         target = args[1] if len(args) > 1 else kwargs.get("target")
         if not isinstance(values, Tensor) or not values.is_floating_point() or values.numel() == 0:
