@@ -24,6 +24,7 @@ from lightning_sentinel.checks.loss_inputs import (
     clipped_verdict,
     looks_like_probabilities,
     not_log_probabilities,
+    relu_logits_verdict,
 )
 
 OWN = set(LossInputCheck.CHECKS)
@@ -163,6 +164,22 @@ def test_relu_on_a_standardized_regression_output_is_clipped(tmp_path):
     assert [(f.check, f.where) for f in found] == [("clipped-output", "loss")]
     assert found[0].evidence["range_low"] == 0.0 and found[0].evidence["targets_outside_share"] > 0.2
     assert found[0].step == 5  # sampled batches 0, 2, 4: three in a row
+
+
+def test_relu_after_the_classifier_is_clipped_output(tmp_path):
+    assert relu_logits_verdict(0.0, 2.0, 0.4, 0.01)
+    assert not relu_logits_verdict(-0.3, 2.0, 0.0, 0.01)
+    net = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 3), nn.ReLU())
+    trainer = fit(Classifier(net=net), [LossInputCheck(every_n_steps=2)], root=tmp_path, max_steps=12)
+    found = _own(trainer)
+    assert [(f.check, f.where) for f in found] == [("clipped-output", "F.cross_entropy in training_step")]
+    assert found[0].evidence["range_low"] == 0.0 and found[0].evidence["pinned_share"] > 0.05
+    assert found[0].step == 5  # sampled batches 0, 2, 4: three in a row
+
+
+def test_a_linear_classifier_head_is_not_clipped(tmp_path):
+    trainer = fit(Classifier(), [LossInputCheck(every_n_steps=2)], root=tmp_path, max_steps=12)
+    assert _own(trainer) == []
 
 
 def test_healthy_regressions_are_silent(tmp_path):

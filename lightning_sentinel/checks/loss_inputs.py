@@ -69,8 +69,9 @@ register(
         "LossInputCheck",
         Severity.WARNING,
         "a regression output is confined to a bounded activation's range (>= 0, [0, 1], [-1, 1]) and pinned "
-        "at its bound while the targets lie outside it",
-        ">= 5% of targets outside the range and >= 1% of outputs at the bound, 3 sampled steps in a row",
+        "at its bound while the targets lie outside it; or cross-entropy logits pass through a ReLU",
+        "regression: >= 5% of targets outside the range and >= 1% of outputs at the bound; cross_entropy: every "
+        "logit >= 0 and >= 1% exactly 0; 3 sampled steps in a row",
     ),
 )
 
@@ -260,9 +261,27 @@ def clipped_verdict(
     return pinned >= min_pinned_share and outside >= min_target_share, bounds, pinned, outside
 
 
+def relu_logits_verdict(minimum: float, maximum: float, zero_share: float, min_zero_share: float) -> bool:
+    """Whether cross-entropy class scores look like a ReLU's output: none negative, some positive, and at
+    least ``min_zero_share`` of them exactly 0.
+
+    A linear head never puts a float logit at exactly 0 by chance; a ReLU puts every negative one
+    there, where it gets no gradient and can never fall below the other classes' scores.
+
+    Example:
+        >>> relu_logits_verdict(0.0, 3.2, 0.45, 0.01)
+        True
+        >>> relu_logits_verdict(-2.1, 3.2, 0.0, 0.01)  # a linear head
+        False
+        >>> relu_logits_verdict(0.0, 0.0, 1.0, 0.01)  # a zero-initialised head, before its first step
+        False
+    """
+    return minimum >= 0.0 and maximum > 0.0 and zero_share >= min_zero_share
+
+
 # ---------------------------------------------------------------------- device statistics
 def classification_stats(scores: Tensor) -> Tensor:
-    """``[min, max, max abs(row sum - 1), max row logsumexp]`` of class scores, on their device.
+    """``[min, max, max abs(row sum - 1), max row logsumexp, share exactly 0]`` of class scores, on their device.
 
     The class dimension is 1 (``(N, C, ...)``), or 0 for an unbatched ``(C,)`` input.
 
@@ -275,7 +294,8 @@ def classification_stats(scores: Tensor) -> Tensor:
     low, high = torch.aminmax(scores)
     deviation = (scores.sum(dim) - 1.0).abs().amax()
     lse = torch.logsumexp(scores, dim).amax()
-    return torch.stack([low, high, deviation, lse])
+    zeros = (scores == 0).float().mean()
+    return torch.stack([low, high, deviation, lse, zeros])
 
 
 def range_stats(values: Tensor) -> Tensor:
@@ -389,7 +409,11 @@ class LossInputCheck(SentinelCallback):
     - ``clipped-output`` (warning): a regression output inside ``[0, inf)``, ``[0, 1]`` or ``[-1, 1]``
       with at least ``min_pinned_share`` of it at the bound (exactly 0, or within 0.05 of 0/1/-1)
       and at least ``min_target_share`` of the targets outside that range, ``patience`` sampled
-      steps in a row.
+      steps in a row. Also for ``cross_entropy``: every logit >= 0, some above 0 and at least
+      ``min_pinned_share`` exactly 0 (a ReLU after the classifier), ``patience`` sampled steps in a
+      row. Calibration: no healthy run of the zoo gave an exactly-zero logit beside positive ones (a
+      zero-initialised head is all 0 before its first step); the ReLU-on-logits mutant of the digits
+      MLP gives 55% zeros.
 
     Label smoothing, class weights, ``ignore_index`` and soft (probability) targets of
     ``cross_entropy`` are legitimate and not judged: only the predicted scores are.
@@ -415,7 +439,7 @@ class LossInputCheck(SentinelCallback):
         tolerance: slack of the probability and log-probability rules (covers bf16 rounding); > 0.
         patience: consecutive sampled steps the sigmoid and clipped-output conditions must hold; >= 1.
         min_target_share: share of targets outside the output's range for ``clipped-output``; in (0, 1].
-        min_pinned_share: share of outputs at the range's bound for ``clipped-output``; in (0, 1].
+        min_pinned_share: share of outputs at the range's bound (of exactly-zero logits) for ``clipped-output``; in (0, 1].
 
     Example:
         >>> import lightning.pytorch as pl
@@ -536,6 +560,15 @@ class LossInputCheck(SentinelCallback):
             self._judge_broadcast(trainer, call)
             if call.kind == _CLASSIFICATION and stats:
                 self._judge_classification(trainer, call, stats, batch_idx)
+                if call.function == "cross_entropy":
+                    minimum, maximum, deviation, _, zero_share = stats
+                    classes = call.input_shape[1] if len(call.input_shape) >= 2 else call.input_shape[0]
+                    relu = not looks_like_probabilities(
+                        minimum, maximum, deviation, classes, self.tolerance
+                    ) and relu_logits_verdict(minimum, maximum, zero_share, self.min_pinned_share)
+                    key = (CLIPPED_OUTPUT, call.where)
+                    before = held.get(key, (True, call, None))[0]
+                    held[key] = (before and relu, call, (minimum, maximum, zero_share))
             elif call.kind == _LOGITS and stats:
                 key = (SIGMOID_BEFORE_BCE, call.where)
                 before = held.get(key, (True, call, None))[0]
@@ -555,6 +588,8 @@ class LossInputCheck(SentinelCallback):
                 continue
             if check == SIGMOID_BEFORE_BCE:
                 self._report_sigmoid(trainer, call, payload, streak)
+            elif call.kind == _CLASSIFICATION:
+                self._report_relu_logits(trainer, call, payload, streak)
             else:
                 self._report_clipped(trainer, call, payload, streak)
 
@@ -607,7 +642,7 @@ class LossInputCheck(SentinelCallback):
     def _judge_classification(
         self, trainer: pl.Trainer, call: LossCall, stats: list[float], batch_idx: int
     ) -> None:
-        minimum, maximum, deviation, lse = stats
+        minimum, maximum, deviation, lse = stats[:4]
         classes = call.input_shape[1] if len(call.input_shape) >= 2 else call.input_shape[0]
         evidence = {
             "min": minimum,
@@ -660,6 +695,28 @@ class LossInputCheck(SentinelCallback):
             evidence={"min": minimum, "max": maximum, "sampled_steps": float(streak)},
             hint="pass raw logits to binary_cross_entropy_with_logits/BCEWithLogitsLoss (remove the final sigmoid), "
             "or keep the sigmoid and use binary_cross_entropy/BCELoss",
+        )
+
+    def _report_relu_logits(
+        self, trainer: pl.Trainer, call: LossCall, payload: tuple[float, float, float], streak: int
+    ) -> None:
+        minimum, maximum, zero_share = payload
+        self._report(
+            trainer,
+            CLIPPED_OUTPUT,
+            Severity.WARNING,
+            f"cross_entropy receives class scores in [{minimum:.3g}, {maximum:.3g}] with {zero_share:.0%} exactly 0, "
+            f"on {streak} sampled steps in a row, at {call.call_site}: the logits seem to pass through a ReLU, so a "
+            "class score stuck at 0 gets no gradient and cannot be pushed below the others",
+            where=call.where,
+            evidence={
+                "range_low": minimum,
+                "range_high": maximum,
+                "pinned_share": zero_share,
+                "sampled_steps": float(streak),
+            },
+            hint="remove the activation after the classifier's last layer: cross_entropy/CrossEntropyLoss wants raw, "
+            "signed logits",
         )
 
     def _report_clipped(
