@@ -8,6 +8,7 @@ from torch import nn
 from lightning_sentinel import findings
 from lightning_sentinel.checks.parameters import (
     ParameterUpdateMonitor,
+    burst_verdict,
     lr_excuses_low_ratio,
     module_groups,
     ratio_streak,
@@ -33,6 +34,10 @@ def test_pure_rules():
     assert not lr_excuses_low_ratio(1e-3, 1e-3, 1e-3, 0.5)
     assert lr_excuses_low_ratio(2e-4, 1e-4, 2e-4, 0.5)  # warming up
     assert lr_excuses_low_ratio(1e-4, 1e-4, 1e-3, 0.5)  # decayed
+    assert burst_verdict(3.0, 0.1, True, 1.0)
+    assert not burst_verdict(3.0, 1e-5, True, 1.0)  # a weight initialised near 0 on purpose
+    assert not burst_verdict(3.0, 0.1, False, 1.0)  # a gain/bias-only layer (LayerScale, norms)
+    assert not burst_verdict(0.9, 0.1, True, 1.0)
 
 
 @pytest.mark.parametrize(
@@ -137,6 +142,37 @@ def test_huge_learning_rate_is_too_high(tmp_path):
     trainer = fit(module, [ParameterUpdateMonitor(every_n_steps=2)], root=tmp_path, max_steps=10)
     found = [f for f in findings(trainer) if f.check == "update-ratio-too-high"]
     assert found and found[0].where in {"net.0", "net.2"} and found[0].evidence["update_ratio"] > 0.5
+
+
+def test_adam_learning_rate_far_too_high_is_caught_on_its_first_steps(tmp_path):
+    # Adam moves every weight by ~lr per step: at lr 0.5 the first step is several times the weights of
+    # a default-initialised Linear, then the ratio decays as the weights grow (no 3 checks in a row)
+    trainer = fit(
+        Classifier(lr=0.5, optimizer="adam"), [ParameterUpdateMonitor()], root=tmp_path, max_steps=30
+    )
+    found = [f for f in findings(trainer) if f.check == "update-ratio-too-high"]
+    assert found and found[0].where in {"net.0", "net.2"} and found[0].evidence["update_ratio"] > 1.0
+    assert "in one optimizer step" in found[0].message
+
+
+class _LayerScaled(Classifier):
+    """A tiny gain initialised at 1e-6 (LayerScale): it grows many times over in its first steps."""
+
+    def __init__(self):
+        super().__init__(lr=1e-3, optimizer="adam")
+        self.gain = nn.Parameter(torch.full((3,), 1e-6))
+        self.head_tiny = nn.Linear(3, 3)
+        nn.init.normal_(self.head_tiny.weight, std=1e-6)  # a head initialised near 0 (as ConvNeXt's)
+        nn.init.zeros_(self.head_tiny.bias)
+
+    def forward(self, x):
+        return self.head_tiny(self.net(x) * self.gain) + self.net(x)
+
+
+def test_near_zero_initialised_layers_are_not_a_burst(tmp_path):
+    # the first check is the first optimizer step: gain and head move ~1000x their norm there
+    trainer = fit(_LayerScaled(), [ParameterUpdateMonitor()], root=tmp_path, max_steps=40)
+    assert "update-ratio-too-high" not in _ids(trainer)
 
 
 class _TwoOptimizers(Classifier):

@@ -60,7 +60,8 @@ register(
         "ParameterUpdateMonitor",
         Severity.WARNING,
         "a layer's update/weight norm ratio per step is far above ~1e-3 (learning rate too high)",
-        "||dW||/||W|| > 0.5 on 3 checked steps in a row (checked every 10 steps)",
+        "||dW||/||W|| > 0.5 on 3 checked steps in a row, or > 1 on one (a weight layer of ordinary scale); checked "
+        "every 10 steps",
     ),
     CheckSpec(
         RATIO_LOW,
@@ -103,6 +104,9 @@ def module_groups(names: Iterable[str], universe: Iterable[str]) -> list[str]:
     return groups
 
 
+BURST_MIN_RMS = 1e-3  # weight layers smaller than this (near-zero inits) are not judged on one check
+
+
 def ratio_streak(ratio: float, streak: int, high: float, low: float) -> tuple[int, int]:
     """Update the (high, low) streaks of one layer from its update/weight ratio.
 
@@ -122,6 +126,22 @@ def ratio_streak(ratio: float, streak: int, high: float, low: float) -> tuple[in
     if ratio < low:
         return 0, max(-streak, 0) + 1
     return 0, 0
+
+
+def burst_verdict(ratio: float, weight_rms: float, is_weight_layer: bool, burst: float) -> bool:
+    """Whether one optimizer step moved a weight layer by more than ``burst`` times its own norm.
+
+    Only layers holding a matrix/kernel (``is_weight_layer``) of ordinary scale (root-mean-square
+    weight >= :data:`BURST_MIN_RMS`) are judged: gains that start near 0 on purpose (LayerScale,
+    ReZero, a head initialised at 1e-5) legitimately grow many times over in their first steps.
+
+    Example:
+        >>> burst_verdict(2.7, 0.07, True, 1.0)  # Adam lr 0.2 on a default-initialised Linear
+        True
+        >>> burst_verdict(2.7, 1e-6, False, 1.0), burst_verdict(0.2, 0.07, True, 1.0)
+        (False, False)
+    """
+    return is_weight_layer and weight_rms >= BURST_MIN_RMS and math.isfinite(ratio) and ratio > burst
 
 
 def lr_excuses_low_ratio(
@@ -216,7 +236,9 @@ class ParameterUpdateMonitor(SentinelCallback):
       whose ratio stays above ``high_ratio`` (below ``low_ratio``) on ``patience`` checks in a row
       moves too fast (too slow). A low ratio is excused while the learning rate rises (warm-up) or
       after it decayed below ``decayed_fraction`` of its peak (an intended schedule). Steps that a
-      GradScaler skipped are not judged.
+      GradScaler skipped are not judged. A weight layer (a matrix or kernel of ordinary scale, RMS >= 1e-3)
+      moved by more than ``burst_ratio`` times its own norm in a single checked step is reported at once
+      (``update-ratio-too-high``): no healthy schedule takes a step larger than the weights.
 
     Defaults, calibrated on the healthy zoo of ``benchmarks/detection`` (32 runs: Adam/AdamW 1e-3..1e-2,
     SGD 0.05..0.1, MLP/CNN/ResNet/GRU/LSTM/Transformer/embeddings/mixture of experts, bf16, accumulation,
@@ -226,13 +248,17 @@ class ParameterUpdateMonitor(SentinelCallback):
     leave margins of 10x and 20x and still catch SGD lr=5..20 (ratios 0.3..13) and lr=1e-8 (8e-8 under
     Adam, 1e-9 under SGD). The published bands are 1e-4..1e-1 (TheDeepChecker: its 1e-1 is only 2x above
     single healthy checks here) and 1e-8..10 (SageMaker: misses lr=1e-8 under Adam, ratio 8e-8).
-    Adam with a far too high lr (1.0) is *not* caught: its ratio decays like 1/step as the weights
-    grow (0.5, 0.3, 0.2, ...); the learning-curve checks own that case.
+    Adam with a far too high lr has a ratio that decays like 1/step as the weights grow (0.5, 0.3,
+    0.2, ...), so the sustained rule misses it; its first steps are what ``burst_ratio`` catches
+    (digits MLP with Adam lr 0.2: 2.7-3.9 on the first check; CNN with Adam lr 0.1: 3.9).
 
-    Calibration (``python -m benchmarks.detection --results``, 49 healthy runs): the largest healthy
+    Calibration (``python -m benchmarks.detection --results``, 50 healthy runs): the largest healthy
     update/weight ratio was 0.195 (``frozen-backbone-finetune``'s head; threshold 0.5, margin 2.6x);
     the smallest, 3.9e-7 (< 1e-6), came from ``warmup-cosine-transformer`` while its lr warmed up or
     had decayed, where the low-ratio rule does not judge; every other healthy ratio is above 1e-6.
+    The single-check ``burst_ratio`` (1.0 by default) is 5.1x above that largest healthy ratio (0.195, on any
+    layer); the zoo's faults it catches move a layer 3.9-87x its norm in their first step (Adam at lr
+    0.1-2, SGD at lr 20-30), so their first check reports them.
 
     Args:
         on_detect: ``"warn"``, ``"stop"`` or ``"raise"`` (see :class:`~lightning_sentinel.base.SentinelCallback`).
@@ -248,6 +274,8 @@ class ParameterUpdateMonitor(SentinelCallback):
         decayed_fraction: a low ratio is not judged once the lr fell below this fraction of its peak;
             in (0, 1].
         log_ratios: log the largest and smallest layer ratio of each check under ``sentinel/update_ratio/``.
+        burst_ratio: per-layer ratio that is too high on a single check (weight layers of ordinary scale
+            only); a finite number >= ``high_ratio``, or ``None`` (default): 1.0, or ``high_ratio`` if larger.
 
     Example:
         >>> import lightning.pytorch as pl
@@ -269,6 +297,7 @@ class ParameterUpdateMonitor(SentinelCallback):
         low_ratio: float = 1e-6,
         decayed_fraction: float = 0.5,
         log_ratios: bool = True,
+        burst_ratio: float | None = None,
     ) -> None:
         super().__init__(on_detect=on_detect, every_n_steps=every_n_steps, warmup_steps=warmup_steps)
         self.unused_patience = require_int("unused_patience", unused_patience)
@@ -276,6 +305,11 @@ class ParameterUpdateMonitor(SentinelCallback):
         self.high_ratio = require_number("high_ratio", high_ratio, above=0)
         self.low_ratio = require_number("low_ratio", low_ratio, above=0)
         require_order("low_ratio", self.low_ratio, "high_ratio", self.high_ratio)
+        if burst_ratio is None:
+            self.burst_ratio = max(1.0, self.high_ratio)
+        else:
+            self.burst_ratio = require_number("burst_ratio", burst_ratio, above=0)
+            require_order("high_ratio", self.high_ratio, "burst_ratio", self.burst_ratio, or_equal=True)
         self.decayed_fraction = require_number("decayed_fraction", decayed_fraction, above=0, at_most=1)
         self.log_ratios = require_bool("log_ratios", log_ratios)
         self._optimizers: dict[int, _OptimizerState] = {}
@@ -547,6 +581,8 @@ class ParameterUpdateMonitor(SentinelCallback):
         if FROZEN in self.active_checks:
             self._judge_frozen(trainer, state, snapshot, param_updates)
         self._judge_ratios(trainer, state, snapshot, ratios, layer_updates, layer_weights)
+        if RATIO_HIGH in self.active_checks and any(r > self.burst_ratio for r in finite):
+            self._judge_burst(trainer, state, snapshot, ratios, layer_updates, layer_weights)
 
     def _judge_frozen(
         self, trainer: pl.Trainer, state: _OptimizerState, snapshot: _Snapshot, updates: list[float]
@@ -586,6 +622,56 @@ class ParameterUpdateMonitor(SentinelCallback):
             "loss depends on these parameters through differentiable ops (no argmax/round/comparison), and the "
             "optimizer's param groups; to freeze them on purpose set requires_grad_(False)",
             dedupe_as=f"{prefix}{FROZEN}",
+        )
+
+    def _judge_burst(
+        self,
+        trainer: pl.Trainer,
+        state: _OptimizerState,
+        snapshot: _Snapshot,
+        ratios: list[float],
+        updates: list[float],
+        weights: list[float],
+    ) -> None:
+        """One check with a layer moved by more than ``burst_ratio`` of its norm (rare: host-side sizes only then)."""
+        grouping = snapshot.grouping
+        sizes = [0] * len(grouping.layer_names)
+        for index, layer in zip(snapshot.indices, grouping.parameter_layer, strict=True):
+            sizes[layer] += state.view.parameters[index].numel()
+        bursting = [
+            index
+            for index in range(len(grouping.layer_names))
+            if burst_verdict(
+                ratios[index],
+                weights[index] / math.sqrt(max(sizes[index], 1)),
+                grouping.is_weight_layer[index],
+                self.burst_ratio,
+            )
+        ]
+        if not bursting:
+            return
+        names = grouping.layer_names
+        worst = max(bursting, key=lambda i: ratios[i])
+        prefix = f"{state.view.key}:" if state.view.key else ""
+        self._report(
+            trainer,
+            RATIO_HIGH,
+            Severity.WARNING,
+            f"layer '{names[worst]}' changed by {ratios[worst]:.3g} times its own norm in one optimizer step "
+            f"(> {self.burst_ratio:g}; ~1e-3 is typical), lr {snapshot.lr:.3g}: the step is larger than the weights; "
+            f"{len(bursting)} of {len(names)} layers above: {_listing([names[i] for i in bursting])}",
+            where=prefix + names[worst],
+            evidence={
+                "update_ratio": ratios[worst],
+                "update_norm": updates[worst],
+                "weight_norm": weights[worst],
+                "lr": snapshot.lr,
+                "layers_above": len(bursting),
+            },
+            hint="lower the learning rate (try 10x lower) or add warm-up; Adam-type optimizers move every weight by "
+            "about lr per step, so lr should stay well below the weights' own scale (1/sqrt(fan_in))",
+            magnitude=ratios[worst],
+            dedupe_as=f"{prefix}{RATIO_HIGH}",
         )
 
     def _judge_ratios(
