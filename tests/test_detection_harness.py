@@ -233,6 +233,32 @@ def test_results_scores_steps_and_per_check_rows() -> None:
     assert rows["non-finite-loss"].reported == 0
 
 
+def test_architectures_per_check_and_the_major_check_gaps() -> None:
+    from torch import nn
+
+    from benchmarks.detection import zoo, zoo_architectures
+    from benchmarks.detection.results import MAJOR_CHECKS, architecture_gaps, check_table
+    from benchmarks.detection.runner import architecture_of
+
+    assert architecture_of(zoo.DigitsCNN()) == "CNN"
+    assert architecture_of(zoo.mlp([4, 8, 2])) == "MLP"
+    assert architecture_of(zoo.RecurrentClassifier(3)) == "RNN"
+    assert architecture_of(zoo_architectures.PaddedTokenTransformer(20, 12)) == "Transformer"
+    assert architecture_of(nn.ReLU()) == "other"
+
+    def caught(name: str, architecture: str) -> CaseResult:
+        return CaseResult(name, False, "", ("dead-relu",), ("dead-relu",), (), OK, 5, 0.0, 60, 2.3, 2.3, 0,
+                          architecture=architecture)  # fmt: skip
+
+    rows = check_table([caught("a", "MLP"), caught("b", "MLP")])
+    assert next(r for r in rows if r.check == "dead-relu").architectures == ("MLP",)
+    gaps = dict(architecture_gaps(rows))
+    assert gaps["dead-relu"] == ("MLP",) and gaps["non-finite-loss"] == ()
+    assert set(gaps) == {check for checks in MAJOR_CHECKS.values() for check in checks}
+    rows = check_table([caught("a", "MLP"), caught("b", "CNN")])
+    assert "dead-relu" not in dict(architecture_gaps(rows))
+
+
 def test_calibration_probe_records_the_nearest_healthy_value() -> None:
     from benchmarks.detection import calibration
     from lightning_sentinel.checks import gradients

@@ -66,6 +66,16 @@ def _default(module: str, cls: str, parameter: str) -> Callable[[], float]:
     return read
 
 
+def _resolved(module: str, cls: str, attribute: str) -> Callable[[], float]:
+    """The value a default-constructed check resolves a setting to (for defaults given as ``None``)."""
+
+    def read() -> float:
+        owner = getattr(importlib.import_module(f"lightning_sentinel.checks.{module}"), cls)
+        return float(getattr(owner(), attribute))
+
+    return read
+
+
 def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
@@ -224,6 +234,15 @@ PROBES: tuple[Probe, ...] = (
         _default("parameters", "ParameterUpdateMonitor", "high_ratio"),
     ),
     Probe(
+        "update-ratio-too-high",
+        "update/weight norm ratio on a single check (any layer)",
+        "parameters",
+        "ratio_streak",
+        lambda a, r: a[0] if math.isfinite(a[0]) and a[0] > 0 else None,
+        _resolved("parameters", "ParameterUpdateMonitor", "burst_ratio"),
+        guard="only weight layers with RMS >= 1e-3 are judged on one check",
+    ),
+    Probe(
         "update-ratio-too-low",
         "update/weight norm ratio",
         "parameters",
@@ -267,6 +286,14 @@ PROBES: tuple[Probe, ...] = (
         "overfitting_verdict",
         _overfitting,
         _default("curves", "LearningCurveMonitor", "overfit_min_rise"),
+    ),
+    Probe(
+        "clipped-output",
+        "share of cross-entropy logits exactly 0 (all >= 0, some > 0)",
+        "loss_inputs",
+        "relu_logits_verdict",
+        lambda a, r: _finite(a[2]) if a[0] >= 0 and a[1] > 0 else 0.0,
+        _default("loss_inputs", "LossInputCheck", "min_pinned_share"),
     ),
     Probe(
         "unnormalized-inputs",
@@ -359,7 +386,7 @@ STRUCTURAL = {
     "nll-on-logits": "inputs > 0.01 or row logsumexp > 0.1",
     "sigmoid-before-bce-with-logits": "every input in [0, 1], 3 sampled steps",
     "loss-broadcast": "input/target shapes broadcast",
-    "clipped-output": ">= 5% targets out of range and >= 1% outputs at the bound",
+    "clipped-output": "regression: >= 5% targets out of range and >= 1% outputs at the bound",
     "module-in-eval-during-training": "mode flag",
     "module-in-train-during-eval": "mode flag",
     "parameters-not-in-optimizer": "membership",

@@ -399,9 +399,9 @@ CORE_CASES: tuple[Case, ...] = (
     Case(
         "lr-too-high-accumulate",
         False,
-        frozenset({NON_FINITE_LOSS, NON_FINITE_WEIGHTS, EXPLODING}),
+        frozenset({NON_FINITE_LOSS, NON_FINITE_WEIGHTS, EXPLODING, "loss-oscillation", *_LR_TOO_HIGH_IDS}),
         _lr_too_high_accumulate,
-        "BatchNorm CNN, SGD lr=30 momentum 0.9 with accumulate_grad_batches=4: diverges",
+        "BatchNorm CNN, SGD lr=30 momentum 0.9 with accumulate_grad_batches=4: the loss diverges and jumps",
         {"max_steps": 60, "accumulate_grad_batches": 4},
     ),
     Case(
@@ -489,10 +489,10 @@ _EXTENSIONS = (
     "cases_preflight",
     "cases_preflight_init",
     "cases_mixing",
-    "cases_histograms",
     "cases_real_faults",
     "cases_healthy_more",
     "cases_mutations",
+    "cases_architectures",
 )
 
 

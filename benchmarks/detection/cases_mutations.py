@@ -69,28 +69,49 @@ _SLOWER = (
     "departs from a healthy run in a way a runtime check could call a fault"
 )
 # (mutation, program) pairs measured faulty (worse than the twin) whose harm no runtime check can
-# reasonably see: they are reported in the twin table with this reason and left out of recall.
-_FEWER_EXAMPLES = "a clean but 10x smaller training set: fewer examples, no pathology in the run"
-_NOISE = "noise of the inputs' own scale on the training inputs: a strong augmentation, not a bug signature"
-_LABELS = "30% wrong labels: the model still learns the right label; training looks normal"
-_RELU_LOGITS = (
-    "a ReLU on the logits of a 10-class cross-entropy: the logits can still rank the classes and nothing "
-    "in the run departs from a healthy one, it only converges slower"
+# reasonably see: they are reported in the twin table with this reason and left out of recall. The
+# numbers are from seed 0 (training loss per step, validation loss per epoch, no callback).
+_FEWER_EXAMPLES = (
+    "a clean but 10x smaller training set: the training loss reaches ~0.02 while the validation loss "
+    "levels off without rising ({}): overfitting a small set looks like converging on it"
 )
-_DECAY = "weight decay 10 on scale-invariant batch-normalised convolutions: " + _SLOWER
+_TRAIN_ABOVE_VAL = (
+    "{}: the training loss stays {} the validation loss over the run (healthy zoo: at most 1.36x held over 4 "
+    "validation runs in a row), but mixup, heavy dropout and strong train-only augmentation open the same gap on "
+    "purpose, so a warning on it would be a false alarm for those recipes"
+)
 OUT_OF_REACH: dict[tuple[str, str], str] = {
-    ("tcl-30", "digits-cnn"): _LABELS,
-    ("trd-90", "digits-mlp"): _FEWER_EXAMPLES,
-    ("trd-90", "digits-cnn"): _FEWER_EXAMPLES,
-    ("tan-1", "digits-cnn"): _NOISE,
-    ("hbs-2", "digits-mlp"): "batch 2 for the same number of steps: 32x fewer examples seen; " + _SLOWER,
-    ("hne-half", "digits-mlp"): "half the steps: " + _SLOWER,
-    ("aal-relu", "digits-mlp"): _RELU_LOGITS,
-    ("ach-sigmoid", "digits-mlp"): "a shallow sigmoid MLP: " + _SLOWER,
-    ("ach-sigmoid", "digits-cnn"): "sigmoid after batch-norm: " + _SLOWER,
-    ("rcw-x1000", "digits-cnn"): _DECAY,
-    ("rcd-90", "digits-cnn"): "dropout 0.9 before the head only: " + _SLOWER,
-    ("och-sgd", "digits-cnn"): "plain SGD at Adam's 2e-3 on a batch-norm CNN: " + _SLOWER,
+    ("tcl-30", "digits-cnn"): _TRAIN_ABOVE_VAL.format("30% wrong training labels", "1.8-2.2x"),
+    ("trd-90", "digits-mlp"): _FEWER_EXAMPLES.format("best 0.374, last 0.379"),
+    ("trd-90", "digits-cnn"): _FEWER_EXAMPLES.format("best 0.224, last 0.225"),
+    ("tan-1", "digits-cnn"): _TRAIN_ABOVE_VAL.format(
+        "noise of the inputs' own scale on the training inputs", "1.5-1.8x"
+    ),
+    ("hbs-2", "digits-mlp"): "batch 2 for the same number of steps: 300 examples seen, a fifth of one epoch; "
+    + _SLOWER,
+    (
+        "hne-half",
+        "digits-mlp",
+    ): "half the steps: the loss still falls 45% over the last quarter of the run, but "
+    "the healthy twin's falls 39% over its own last quarter, so no 'stopped too early' threshold spares "
+    "healthy runs",
+    (
+        "ach-sigmoid",
+        "digits-mlp",
+    ): "a shallow sigmoid MLP: the loss falls steadily but slowly (2.33 -> 1.46 in "
+    "150 steps, the twin reaches 0.15); the saturation and vanishing-gradient checks stay quiet at this depth",
+    (
+        "ach-sigmoid",
+        "digits-cnn",
+    ): "sigmoid after batch-norm, whose units stay in the sigmoid's linear range: " + _SLOWER,
+    (
+        "rcw-x1000",
+        "digits-cnn",
+    ): "weight decay 10 on scale-invariant batch-normalised convolutions: the training "
+    "loss settles at 0.7-0.8 (twin 0.05) and creeps up 12% over the last quarter, far from a divergence (2x)",
+    ("rcd-90", "digits-cnn"): _TRAIN_ABOVE_VAL.format("dropout 0.9 before the head only", "2.3-2.7x"),
+    ("och-sgd", "digits-cnn"): "plain SGD at Adam's 2e-3 on a batch-norm CNN: the loss falls steadily "
+    "(2.37 -> 1.06 in 150 steps); " + _SLOWER,
 }
 
 

@@ -63,6 +63,7 @@ class CheckRow:
     healthy: int  # ... of which are healthy (false alarms)
     caught: int  # faulty cases it diagnosed correctly
     faulty_expecting: int  # faulty cases that list it
+    architectures: tuple[str, ...] = ()  # model families of the faulty cases it diagnosed correctly
 
     @property
     def precision(self) -> float:
@@ -80,17 +81,54 @@ def check_table(results: Sequence[CaseResult]) -> list[CheckRow]:
     rows = []
     for check in registered_checks():
         reporting = [r for r in results if check in r.reported]
+        right = [r for r in reporting if check in r.expected and not r.healthy]
         rows.append(
             CheckRow(
                 check,
                 len(reporting),
                 sum(check in r.expected for r in reporting),
                 sum(r.healthy for r in reporting),
-                sum(check in r.expected and not r.healthy for r in reporting),
+                len(right),
                 sum(check in r.expected for r in results if not r.healthy),
+                tuple(sorted({r.architecture for r in right if r.architecture})),
             )
         )
     return rows
+
+
+# the issue's "major" checks, which must each diagnose faults on at least two model families
+MAJOR_CHECKS: dict[str, tuple[str, ...]] = {
+    "non-finite values": (
+        "non-finite-loss",
+        "non-finite-gradients",
+        "non-finite-weights",
+        "non-finite-activation",
+    ),
+    "gradients": ("exploding-gradients", "vanishing-gradients"),
+    "dead units": ("dead-relu",),
+    "train/eval mode": ("module-in-eval-during-training", "module-in-train-during-eval"),
+    "loss inputs": ("softmax-before-cross-entropy", "nll-on-logits", "sigmoid-before-bce-with-logits"),
+    "learning rate": ("update-ratio-too-high", "update-ratio-too-low", "loss-divergence"),
+    "data": ("unnormalized-inputs", "non-finite-inputs", "single-label-batch", "class-imbalance"),
+}
+MIN_ARCHITECTURES = 2
+
+
+def architecture_gaps(rows: Sequence[CheckRow]) -> list[tuple[str, tuple[str, ...]]]:
+    """``(check, architectures)`` of every major check that diagnosed faults on fewer than
+    :data:`MIN_ARCHITECTURES` model families (empty when every major check reaches two).
+
+    Example:
+        >>> architecture_gaps([CheckRow("dead-relu", 2, 2, 0, 2, 2, ("MLP",))])
+        [('dead-relu', ('MLP',))]
+    """
+    by_check = {row.check: row for row in rows}
+    major = [check for checks in MAJOR_CHECKS.values() for check in checks]
+    return [
+        (check, by_check[check].architectures)
+        for check in major
+        if check in by_check and len(by_check[check].architectures) < MIN_ARCHITECTURES
+    ]
 
 
 def step_summary(results: Sequence[CaseResult]) -> dict[str, float]:
@@ -246,18 +284,35 @@ def write_results(
         "`reported`: cases with a warning/error finding of the id; `right`: of those, cases that list it as a "
         "right diagnosis; `healthy`: false alarms; `precision`: share of its reports on faulty runs; "
         "`diagnostic`: share that were a right diagnosis (a fault often trips other true symptoms too); "
-        "`caught/listed`: faulty cases it diagnosed / faulty cases that list it.",
+        "`caught/listed`: faulty cases it diagnosed / faulty cases that list it; `architectures`: model "
+        "families of the faults it diagnosed.",
         "",
-        "| check | reported | right | healthy | precision | diagnostic | caught/listed |",
-        "|---|---|---|---|---|---|---|",
+        "| check | reported | right | healthy | precision | diagnostic | caught/listed | architectures |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for row in check_table(results):
+    rows = check_table(results)
+    for row in rows:
         precision = "-" if math.isnan(row.precision) else f"{row.precision:.0%}"
         diagnostic = "-" if math.isnan(row.diagnostic_precision) else f"{row.diagnostic_precision:.0%}"
         lines.append(
             f"| `{row.check}` | {row.reported} | {row.expected} | {row.healthy} | {precision} | {diagnostic} | "
-            f"{row.caught}/{row.faulty_expecting} |"
+            f"{row.caught}/{row.faulty_expecting} | {', '.join(row.architectures) or '-'} |"
         )
+    gaps = architecture_gaps(rows)
+    major = ", ".join(
+        f"{family} ({', '.join(f'`{c}`' for c in checks)})" for family, checks in MAJOR_CHECKS.items()
+    )
+    lines += [
+        "",
+        f"Major checks ({major}) diagnosing faults on at least {MIN_ARCHITECTURES} model families: "
+        + (
+            "all."
+            if not gaps
+            else "not yet "
+            + "; ".join(f"`{check}` ({', '.join(found) or 'none'})" for check, found in gaps)
+            + "."
+        ),
+    ]
     lines += [
         "",
         "## Calibration margins",

@@ -88,6 +88,7 @@ class CaseResult:
         sentinel_warnings: number of ``SentinelWarning`` warnings caught.
         findings: every finding of the run, in order.
         error: the exception training raised, if any, as ``Type: message``.
+        architecture: the model family (:func:`architecture_of`), e.g. ``"CNN"``.
     """
 
     name: str
@@ -105,6 +106,7 @@ class CaseResult:
     sentinel_warnings: int
     findings: list[Finding] = field(default_factory=list)
     error: str | None = None
+    architecture: str = ""
 
     @property
     def detected(self) -> bool:
@@ -134,6 +136,7 @@ class CaseResult:
             "sentinel_warnings": self.sentinel_warnings,
             "findings": [finding.to_dict() for finding in self.findings],
             "error": self.error,
+            "architecture": self.architecture,
         }
 
 
@@ -186,6 +189,37 @@ def summary_line(results: Sequence[CaseResult]) -> str:
     recall = sum(result.detected for result in faulty)
     false_alarms = sum(result.false_alarm for result in healthy)
     return f"recall {recall}/{len(faulty)}, false alarms {false_alarms}/{len(healthy)}"
+
+
+# ---------------------------------------------------------------------- architectures
+_FAMILIES: tuple[tuple[str, tuple[type[torch.nn.Module], ...]], ...] = (
+    (
+        "Transformer",
+        (torch.nn.MultiheadAttention, torch.nn.TransformerEncoderLayer, torch.nn.TransformerDecoderLayer),
+    ),
+    ("RNN", (torch.nn.RNNBase,)),
+    ("CNN", (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)),
+    ("embedding", (torch.nn.Embedding, torch.nn.EmbeddingBag)),
+    ("MLP", (torch.nn.Linear,)),
+)
+
+
+def architecture_of(model: torch.nn.Module) -> str:
+    """The model family, by the most specific layer type it holds: ``"Transformer"`` (attention),
+    ``"RNN"`` (LSTM/GRU/RNN), ``"CNN"`` (convolutions), ``"embedding"`` (an embedding table and linear
+    layers), ``"MLP"`` (linear layers only), else ``"other"``.
+
+    Example:
+        >>> architecture_of(torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(2)))
+        'CNN'
+        >>> architecture_of(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1)))
+        'MLP'
+    """
+    modules = list(model.modules())
+    for family, types in _FAMILIES:
+        if any(isinstance(module, types) for module in modules):
+            return family
+    return "other"
 
 
 # ---------------------------------------------------------------------- running
@@ -274,6 +308,7 @@ def _run_in(case: Case, root_dir: str) -> CaseResult:
     with _quiet() as caught:
         pl.seed_everything(case.seed, verbose=False)
         module, train_loader, val_loader = case.build()
+        architecture = architecture_of(module)
         trainer = _trainer(case, root_dir, [Sentinel(preset="full", on_detect="warn"), recorder])
         try:
             trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader)
@@ -300,6 +335,7 @@ def _run_in(case: Case, root_dir: str) -> CaseResult:
         sentinel_warnings=sum(issubclass(w.category, SentinelWarning) for w in caught),
         findings=run_findings,
         error=error,
+        architecture=architecture,
     )
 
 
