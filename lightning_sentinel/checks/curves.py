@@ -249,7 +249,7 @@ class LearningCurveMonitor(SentinelCallback):
     optimizer step's loss is the mean of its micro-batches; under manual optimization a step ends at
     the first ``optimizer.step()`` of a batch; under DDP the losses are averaged over ranks at the check.
 
-    Calibration (``python -m benchmarks.detection --results``, 49 healthy runs): the healthy smoothed
+    Calibration (``python -m benchmarks.detection --results``, 50 healthy runs): the healthy smoothed
     loss rose at most 0.46 of the way to a divergence (``lstm-sequences``; margin 2.2x); the largest
     median swing was 0.57 of the loss scale (``regression-validation-long``; threshold 0.8, 1.4x); the
     largest validation rise over its best with the training loss falling was 15% (threshold 20%,

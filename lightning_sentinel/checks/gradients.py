@@ -172,7 +172,7 @@ class GradientNormMonitor(SentinelCallback):
       weight layer's ratio < ``depth_ratio_threshold`` x the last one's, on ``patience`` checks in a
       row, while the loss is above ``converged_fraction`` of its first value.
 
-    Calibration (``python -m benchmarks.detection --results``, 49 healthy runs): the largest healthy
+    Calibration (``python -m benchmarks.detection --results``, 50 healthy runs): the largest healthy
     spike was 7.1x the running median (``gelu-transformer-tokens``; threshold 10x, margin 1.4x), the
     largest total norm 40 (bound 1e4, 248x); the smallest layer grad/weight ratio 2.5e-4 (threshold
     1e-7, 2500x), the smallest first/last-layer ratio 8.1e-4 (``mlp-zero-init-head``; threshold 1e-5, 81x).
