@@ -24,6 +24,7 @@ from lightning_sentinel.checks.loss_inputs import (
     clipped_verdict,
     looks_like_probabilities,
     not_log_probabilities,
+    producer_of,
     relu_logits_verdict,
 )
 
@@ -177,6 +178,16 @@ def test_relu_after_the_classifier_is_clipped_output(tmp_path):
     assert found[0].step == 5  # sampled batches 0, 2, 4: three in a row
 
 
+def test_producer_of_reads_the_graph_behind_reshapes():
+    head = nn.Linear(3, 1)
+    x = torch.randn(4, 3)
+    assert producer_of(torch.sigmoid(head(x)).view(-1)[:2]) == "sigmoid"
+    assert producer_of(head(x).t().squeeze(0)) == "unbounded"
+    assert producer_of(torch.exp(head(x))) == "unknown"
+    with torch.no_grad():
+        assert producer_of(torch.sigmoid(head(x))) == "unknown"
+
+
 def test_a_linear_classifier_head_is_not_clipped(tmp_path):
     trainer = fit(Classifier(), [LossInputCheck(every_n_steps=2)], root=tmp_path, max_steps=12)
     assert _own(trainer) == []
@@ -189,10 +200,22 @@ def test_healthy_regressions_are_silent(tmp_path):
     assert _own(trainer) == []
 
 
+class _HandWrittenSigmoid(nn.Module):
+    """``1 / (1 + exp(-x))``: a sigmoid the autograd graph does not name (a reciprocal)."""
+
+    def forward(self, x):
+        return 1.0 / (1.0 + torch.exp(-x))
+
+
 class _Binary(Classifier):
-    def __init__(self, sigmoid):
-        head = [nn.Sigmoid()] if sigmoid else []
-        super().__init__(net=nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1), *head), lr=0.01)
+    def __init__(self, sigmoid, head_bias=None):
+        heads = {False: [], True: [nn.Sigmoid()], "hand": [_HandWrittenSigmoid()]}
+        super().__init__(
+            net=nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1), *heads[sigmoid]), lr=0.01
+        )
+        if head_bias is not None:  # logits all near head_bias: a model that predicts one class for everyone
+            nn.init.normal_(self.net[2].weight, std=1e-4)
+            nn.init.constant_(self.net[2].bias, head_bias)
         self.loss = nn.BCEWithLogitsLoss()
 
     def training_step(self, batch, batch_idx):
@@ -200,16 +223,13 @@ class _Binary(Classifier):
         return self.loss(self(x), (x[:, :1] > 0).float())
 
 
-def test_sigmoid_before_bce_with_logits_survives_resume_and_bf16_accumulation(tmp_path):
-    check = LossInputCheck(every_n_steps=5)
-    first = fit(_Binary(sigmoid=True), [check], root=tmp_path, max_steps=8)
-    assert _own(first) == []  # sampled batches 0 and 5: two in a row, patience is 3
-    path = tmp_path / "half.ckpt"
-    first.save_checkpoint(path)
-    resumed = LossInputCheck(every_n_steps=5)
-    second = fit(_Binary(sigmoid=True), [resumed], root=tmp_path, max_steps=12, ckpt_path=str(path))
-    found = [f for f in _own(second) if f.check == "sigmoid-before-bce-with-logits"]
-    assert found and found[0].where == "loss" and found[0].step == 11  # batch 10 completes the streak
+def test_sigmoid_seen_in_the_graph_is_reported_at_once_and_with_bf16_accumulation(tmp_path):
+    trainer = fit(_Binary(sigmoid=True), [LossInputCheck(every_n_steps=5)], root=tmp_path, max_steps=3)
+    found = [f for f in _own(trainer) if f.check == "sigmoid-before-bce-with-logits"]
+    assert [(f.where, f.step) for f in found] == [("loss", 1)]  # the first sampled batch
+    assert (
+        found[0].evidence["sigmoid_in_graph"] == 1.0 and "comes straight from a sigmoid" in found[0].message
+    )
 
     accumulated = fit(
         _Binary(sigmoid=True),
@@ -222,6 +242,28 @@ def test_sigmoid_before_bce_with_logits_survives_resume_and_bf16_accumulation(tm
     assert [f.check for f in _own(accumulated)] == ["sigmoid-before-bce-with-logits"]
     healthy = fit(_Binary(sigmoid=False), [LossInputCheck(every_n_steps=3)], root=tmp_path, max_steps=30)
     assert _own(healthy) == []
+
+
+def test_logits_of_a_linear_head_inside_0_1_are_not_a_sigmoid(tmp_path):
+    # a weak-signal model with a positive majority: every logit sits in [0, 1] for many steps
+    trainer = fit(
+        _Binary(sigmoid=False, head_bias=0.5), [LossInputCheck(every_n_steps=2)], root=tmp_path, max_steps=12
+    )
+    assert _own(trainer) == []
+
+
+def test_sigmoid_by_range_survives_resume(tmp_path):
+    # a hand-written sigmoid is not named by the graph: the range rule and its patience decide
+    check = LossInputCheck(every_n_steps=5)
+    first = fit(_Binary(sigmoid="hand"), [check], root=tmp_path, max_steps=8)
+    assert _own(first) == []  # sampled batches 0 and 5: two in a row, patience is 3
+    path = tmp_path / "half.ckpt"
+    first.save_checkpoint(path)
+    resumed = LossInputCheck(every_n_steps=5)
+    second = fit(_Binary(sigmoid="hand"), [resumed], root=tmp_path, max_steps=12, ckpt_path=str(path))
+    found = [f for f in _own(second) if f.check == "sigmoid-before-bce-with-logits"]
+    assert found and found[0].where == "loss" and found[0].step == 11  # batch 10 completes the streak
+    assert found[0].evidence["sigmoid_in_graph"] == 0.0
 
 
 def test_a_hand_written_loss_is_reported_once_as_not_seen(tmp_path):

@@ -12,6 +12,7 @@ rules below.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -54,7 +55,8 @@ register(
         "LossInputCheck",
         Severity.WARNING,
         "binary_cross_entropy_with_logits/BCEWithLogitsLoss receives probabilities (sigmoid output)",
-        "every input inside [0, 1] on 3 sampled steps in a row",
+        "the input comes from a sigmoid (autograd graph), at once; without a graph, every input inside [0, 1] "
+        "on 3 sampled steps in a row; a linear head's logits are never judged",
     ),
     CheckSpec(
         LOSS_BROADCAST,
@@ -155,6 +157,50 @@ def inside_unit_interval(minimum: float, maximum: float) -> bool:
         (False, False)
     """
     return minimum >= 0.0 and maximum <= 1.0 and maximum > minimum
+
+
+# autograd nodes that only move, reshape, select or cast values: the producer lies behind them
+_PASS_THROUGH = re.compile(
+    r"(View|UnsafeView|Reshape\w*|Squeeze|Unsqueeze|Expand|Permute|Transpose|T|Clone|ToCopy|Select|Slice|"
+    r"AsStrided|Alias|Index|Split\w*|Unbind|Contiguous)Backward\d*"
+)
+# nodes whose output is unbounded: a linear map (a logit), never a sigmoid's probability
+_UNBOUNDED = re.compile(
+    r"(Addmm|Mm|Bmm|Baddbmm|Addmv|Mv|Matmul|Linear|Convolution\w*|Cudnn\w*|Mkldnn\w*)Backward\d*"
+)
+SIGMOID_ORIGIN, UNBOUNDED_ORIGIN, UNKNOWN_ORIGIN = "sigmoid", "unbounded", "unknown"
+
+
+def producer_of(values: Tensor, max_depth: int = 8) -> str:
+    """What produced ``values``, read from its autograd graph behind reshapes, selections and casts:
+    ``"sigmoid"`` (``torch.sigmoid``/``nn.Sigmoid``), ``"unbounded"`` (a matrix product or convolution:
+    a linear layer's logits) or ``"unknown"`` (no graph, e.g. under ``no_grad`` or inside a compiled
+    region, or any other operation).
+
+    Example:
+        >>> head = torch.nn.Linear(3, 1)
+        >>> x = torch.randn(4, 3)
+        >>> producer_of(torch.sigmoid(head(x)).squeeze(-1)), producer_of(head(x).view(-1))
+        ('sigmoid', 'unbounded')
+        >>> producer_of(head(x).detach())
+        'unknown'
+    """
+    node = values.grad_fn
+    for _ in range(max_depth):
+        if node is None:
+            return UNKNOWN_ORIGIN
+        name = node.name()
+        if name.startswith("SigmoidBackward"):
+            return SIGMOID_ORIGIN
+        if _UNBOUNDED.fullmatch(name):
+            return UNBOUNDED_ORIGIN
+        if not _PASS_THROUGH.fullmatch(name):
+            return UNKNOWN_ORIGIN
+        inputs = [next_node for next_node, _ in node.next_functions if next_node is not None]
+        if len(inputs) != 1:
+            return UNKNOWN_ORIGIN
+        node = inputs[0]
+    return UNKNOWN_ORIGIN
 
 
 def broadcast_verdict(
@@ -343,6 +389,7 @@ class LossCall:
     input_shape: tuple[int, ...]
     target_shape: tuple[int, ...] | None
     stats: Tensor | None
+    origin: str = UNKNOWN_ORIGIN  # what produced the input (``producer_of``), for the sigmoid rule
 
 
 class _LossInterceptor(LossCallRecorder):
@@ -366,11 +413,13 @@ class _LossInterceptor(LossCallRecorder):
         where, site = loss_call_site(function, self.module_names)
         target_shape = tuple(target.shape) if isinstance(target, Tensor) else None
         stats: Tensor | None = None
+        origin = UNKNOWN_ORIGIN
         with torch.no_grad():
             if kind == _CLASSIFICATION:
                 stats = classification_stats(values)
             elif kind == _LOGITS:
                 stats = range_stats(values)
+                origin = producer_of(values)
             elif (
                 kind == _REGRESSION
                 and isinstance(target, Tensor)
@@ -378,7 +427,9 @@ class _LossInterceptor(LossCallRecorder):
                 and target.numel() > 0
             ):
                 stats = regression_stats(values, target)
-        self.calls.append(LossCall(function, kind, where, site, tuple(values.shape), target_shape, stats))
+        self.calls.append(
+            LossCall(function, kind, where, site, tuple(values.shape), target_shape, stats, origin)
+        )
 
 
 # ---------------------------------------------------------------------- the callback
@@ -401,8 +452,13 @@ class LossInputCheck(SentinelCallback):
       row summing to 1 within ``tolerance``: the loss applies ``log_softmax`` a second time.
     - ``nll-on-logits`` (error): an ``nll_loss`` input above ``tolerance`` or a row ``logsumexp``
       above 0.1: not log-probabilities (a partial distribution, logsumexp < 0, is accepted).
-    - ``sigmoid-before-bce-with-logits`` (warning): every ``binary_cross_entropy_with_logits`` input in
-      ``[0, 1]`` on ``patience`` sampled steps in a row (a zero-initialised head starts at 0).
+    - ``sigmoid-before-bce-with-logits`` (warning): the ``binary_cross_entropy_with_logits`` input comes
+      from ``torch.sigmoid``/``nn.Sigmoid`` (read from its autograd graph, behind reshapes, selections
+      and casts): at once. When the graph shows a matrix product or convolution last (a linear head's
+      logits) it is never judged, so a healthy model whose logits all sit in ``[0, 1]`` (a weak signal
+      and a positive majority) stays quiet; when the graph says nothing (``no_grad``, a compiled
+      region, another op) every input in ``[0, 1]`` on ``patience`` sampled steps in a row (a
+      zero-initialised head starts at 0).
     - ``loss-broadcast``: input and target shapes differ and broadcast; error when both sides are
       expanded (``(N, 1)`` against ``(N,)`` compares every output with every target), warning when
       one non-scalar side is; a scalar target is accepted.
@@ -552,6 +608,7 @@ class LossInputCheck(SentinelCallback):
         offset = 0
         # (check, where) -> (condition held on every call of this step, the call, what to report)
         held: dict[tuple[str, str], tuple[bool, LossCall, Any]] = {}
+        certain: set[tuple[str, str]] = set()  # conditions that need no patience
         for call in calls:
             stats: list[float] = []
             if call.stats is not None:
@@ -571,8 +628,11 @@ class LossInputCheck(SentinelCallback):
                     held[key] = (before and relu, call, (minimum, maximum, zero_share))
             elif call.kind == _LOGITS and stats:
                 key = (SIGMOID_BEFORE_BCE, call.where)
+                if call.origin == SIGMOID_ORIGIN:  # seen in the autograd graph: no patience needed
+                    certain.add(key)
                 before = held.get(key, (True, call, None))[0]
-                held[key] = (before and inside_unit_interval(stats[0], stats[1]), call, (stats[0], stats[1]))
+                probabilities = call.origin != UNBOUNDED_ORIGIN and inside_unit_interval(stats[0], stats[1])
+                held[key] = (before and probabilities, call, (stats[0], stats[1]))
             elif call.kind == _REGRESSION and stats:
                 key = (CLIPPED_OUTPUT, call.where)
                 verdict = clipped_verdict(
@@ -584,10 +644,10 @@ class LossInputCheck(SentinelCallback):
             streak_key = f"{check}|{where}"
             streak = self._streaks.get(streak_key, 0) + 1 if condition else 0
             self._streaks[streak_key] = streak
-            if streak < self.patience:
+            if streak < self.patience and (check, where) not in certain:
                 continue
             if check == SIGMOID_BEFORE_BCE:
-                self._report_sigmoid(trainer, call, payload, streak)
+                self._report_sigmoid(trainer, call, payload, streak, (check, where) in certain)
             elif call.kind == _CLASSIFICATION:
                 self._report_relu_logits(trainer, call, payload, streak)
             else:
@@ -681,18 +741,28 @@ class LossInputCheck(SentinelCallback):
             )
 
     def _report_sigmoid(
-        self, trainer: pl.Trainer, call: LossCall, extremes: tuple[float, float], streak: int
+        self, trainer: pl.Trainer, call: LossCall, extremes: tuple[float, float], streak: int, seen: bool
     ) -> None:
         minimum, maximum = extremes
+        how = (
+            "comes straight from a sigmoid (its autograd graph)"
+            if seen
+            else f"stays inside [0, 1] on {streak} sampled steps in a row"
+        )
         self._report(
             trainer,
             SIGMOID_BEFORE_BCE,
             Severity.WARNING,
-            f"binary_cross_entropy_with_logits receives values inside [0, 1] ([{minimum:.3g}, {maximum:.3g}]) on "
-            f"{streak} sampled steps in a row, at {call.call_site}: it applies a sigmoid itself, so a probability "
-            "passed in is squashed again into [0.5, 0.73]",
+            f"binary_cross_entropy_with_logits receives values in [{minimum:.3g}, {maximum:.3g}] whose input {how}, at "
+            f"{call.call_site}: it applies a sigmoid itself, so a probability passed in is squashed again into "
+            "[0.5, 0.73]",
             where=call.where,
-            evidence={"min": minimum, "max": maximum, "sampled_steps": float(streak)},
+            evidence={
+                "min": minimum,
+                "max": maximum,
+                "sampled_steps": float(streak),
+                "sigmoid_in_graph": float(seen),
+            },
             hint="pass raw logits to binary_cross_entropy_with_logits/BCEWithLogitsLoss (remove the final sigmoid), "
             "or keep the sigmoid and use binary_cross_entropy/BCELoss",
         )
