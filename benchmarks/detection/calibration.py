@@ -384,7 +384,7 @@ STRUCTURAL = {
     "target-leakage": "output moves when only its label changes (healthy: exactly 0)",
     "softmax-before-cross-entropy": "rows in [0, 1] summing to 1",
     "nll-on-logits": "inputs > 0.01 or row logsumexp > 0.1",
-    "sigmoid-before-bce-with-logits": "every input in [0, 1], 3 sampled steps",
+    "sigmoid-before-bce-with-logits": "a sigmoid in the input's autograd graph (else every input in [0, 1], 3 sampled steps)",
     "loss-broadcast": "input/target shapes broadcast",
     "clipped-output": "regression: >= 5% targets out of range and >= 1% outputs at the bound",
     "module-in-eval-during-training": "mode flag",
