@@ -34,10 +34,10 @@ def test_pure_rules():
     assert not lr_excuses_low_ratio(1e-3, 1e-3, 1e-3, 0.5)
     assert lr_excuses_low_ratio(2e-4, 1e-4, 2e-4, 0.5)  # warming up
     assert lr_excuses_low_ratio(1e-4, 1e-4, 1e-3, 0.5)  # decayed
-    assert burst_verdict(3.0, 0.1, True, 1.0)
-    assert not burst_verdict(3.0, 1e-5, True, 1.0)  # a weight initialised near 0 on purpose
-    assert not burst_verdict(3.0, 0.1, False, 1.0)  # a gain/bias-only layer (LayerScale, norms)
-    assert not burst_verdict(0.9, 0.1, True, 1.0)
+    assert burst_verdict(3.0, 0.1, True, 2.0)
+    assert not burst_verdict(3.0, 1e-5, True, 2.0)  # a weight initialised near 0 on purpose
+    assert not burst_verdict(3.0, 0.1, False, 2.0)  # a gain/bias-only layer (LayerScale, norms)
+    assert not burst_verdict(1.9, 0.1, True, 2.0)
 
 
 @pytest.mark.parametrize(
@@ -151,7 +151,7 @@ def test_adam_learning_rate_far_too_high_is_caught_on_its_first_steps(tmp_path):
         Classifier(lr=0.5, optimizer="adam"), [ParameterUpdateMonitor()], root=tmp_path, max_steps=30
     )
     found = [f for f in findings(trainer) if f.check == "update-ratio-too-high"]
-    assert found and found[0].where in {"net.0", "net.2"} and found[0].evidence["update_ratio"] > 1.0
+    assert found and found[0].where in {"net.0", "net.2"} and found[0].evidence["update_ratio"] > 2.0
     assert "in one optimizer step" in found[0].message
 
 
@@ -172,6 +172,9 @@ class _LayerScaled(Classifier):
 def test_near_zero_initialised_layers_are_not_a_burst(tmp_path):
     # the first check is the first optimizer step: gain and head move ~1000x their norm there
     trainer = fit(_LayerScaled(), [ParameterUpdateMonitor()], root=tmp_path, max_steps=40)
+    assert "update-ratio-too-high" not in _ids(trainer)
+    # checked every step, their ratio decays like 1/step (1000, 1, 0.5, 0.33, ...): no sustained alarm either
+    trainer = fit(_LayerScaled(), [ParameterUpdateMonitor(every_n_steps=1)], root=tmp_path, max_steps=20)
     assert "update-ratio-too-high" not in _ids(trainer)
 
 

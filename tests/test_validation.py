@@ -149,7 +149,7 @@ BAD_VALUES: dict[type, dict[str, Bad]] = {
         # below the default low_ratio (1e-6)
         "high_ratio": [*POSITIVE, (1e-7, ValueError)],
         "low_ratio": [*POSITIVE, (0.6, ValueError)],  # above the default high_ratio (0.5)
-        # below the default high_ratio (0.5); None means max(1.0, high_ratio)
+        # below the default high_ratio (0.5); None means max(2.0, high_ratio)
         "burst_ratio": [*[bad for bad in POSITIVE if bad[0] is not None], (0.4, ValueError)],
         "decayed_fraction": SHARE_CLOSED,
         "log_ratios": FLAG,

@@ -60,8 +60,8 @@ register(
         "ParameterUpdateMonitor",
         Severity.WARNING,
         "a layer's update/weight norm ratio per step is far above ~1e-3 (learning rate too high)",
-        "||dW||/||W|| > 0.5 on 3 checked steps in a row, or > 1 on one (a weight layer of ordinary scale); checked "
-        "every 10 steps",
+        "||dW||/||W|| > 0.5 on 3 checked steps in a row, or > 2 on one (a weight layer of ordinary scale); checked "
+        "every 10 steps; weights with RMS < 1e-3 (near-zero inits) not judged",
     ),
     CheckSpec(
         RATIO_LOW,
@@ -104,7 +104,7 @@ def module_groups(names: Iterable[str], universe: Iterable[str]) -> list[str]:
     return groups
 
 
-BURST_MIN_RMS = 1e-3  # weight layers smaller than this (near-zero inits) are not judged on one check
+TINY_WEIGHT_RMS = 1e-3  # layers whose weights are smaller (near-zero inits) are not judged too fast
 
 
 def ratio_streak(ratio: float, streak: int, high: float, low: float) -> tuple[int, int]:
@@ -132,16 +132,16 @@ def burst_verdict(ratio: float, weight_rms: float, is_weight_layer: bool, burst:
     """Whether one optimizer step moved a weight layer by more than ``burst`` times its own norm.
 
     Only layers holding a matrix/kernel (``is_weight_layer``) of ordinary scale (root-mean-square
-    weight >= :data:`BURST_MIN_RMS`) are judged: gains that start near 0 on purpose (LayerScale,
+    weight >= :data:`TINY_WEIGHT_RMS`) are judged: gains that start near 0 on purpose (LayerScale,
     ReZero, a head initialised at 1e-5) legitimately grow many times over in their first steps.
 
     Example:
-        >>> burst_verdict(2.7, 0.07, True, 1.0)  # Adam lr 0.2 on a default-initialised Linear
+        >>> burst_verdict(2.7, 0.07, True, 2.0)  # Adam lr 0.2 on a default-initialised Linear
         True
-        >>> burst_verdict(2.7, 1e-6, False, 1.0), burst_verdict(0.2, 0.07, True, 1.0)
+        >>> burst_verdict(2.7, 1e-6, False, 2.0), burst_verdict(0.2, 0.07, True, 2.0)
         (False, False)
     """
-    return is_weight_layer and weight_rms >= BURST_MIN_RMS and math.isfinite(ratio) and ratio > burst
+    return is_weight_layer and weight_rms >= TINY_WEIGHT_RMS and math.isfinite(ratio) and ratio > burst
 
 
 def lr_excuses_low_ratio(
@@ -238,7 +238,11 @@ class ParameterUpdateMonitor(SentinelCallback):
       after it decayed below ``decayed_fraction`` of its peak (an intended schedule). Steps that a
       GradScaler skipped are not judged. A weight layer (a matrix or kernel of ordinary scale, RMS >= 1e-3)
       moved by more than ``burst_ratio`` times its own norm in a single checked step is reported at once
-      (``update-ratio-too-high``): no healthy schedule takes a step larger than the weights.
+      (``update-ratio-too-high``): no healthy schedule takes a step twice the size of the weights. Under
+      Adam the first step moves every weight by about ``lr``, so this fires when ``lr`` exceeds twice
+      the weights' RMS (default init: ``lr > 2 / sqrt(3 fan_in)``, e.g. 0.036 for fan-in 1024). Layers
+      whose weights start near 0 on purpose (RMS < 1e-3: LayerScale/ReZero gains, a head initialised at
+      1e-5) grow many times over in their first steps and are judged by neither high-ratio rule.
 
     Defaults, calibrated on the healthy zoo of ``benchmarks/detection`` (32 runs: Adam/AdamW 1e-3..1e-2,
     SGD 0.05..0.1, MLP/CNN/ResNet/GRU/LSTM/Transformer/embeddings/mixture of experts, bf16, accumulation,
@@ -256,9 +260,9 @@ class ParameterUpdateMonitor(SentinelCallback):
     update/weight ratio was 0.195 (``frozen-backbone-finetune``'s head; threshold 0.5, margin 2.6x);
     the smallest, 3.9e-7 (< 1e-6), came from ``warmup-cosine-transformer`` while its lr warmed up or
     had decayed, where the low-ratio rule does not judge; every other healthy ratio is above 1e-6.
-    The single-check ``burst_ratio`` (1.0 by default) is 5.1x above that largest healthy ratio (0.195, on any
-    layer); the zoo's faults it catches move a layer 3.9-87x its norm in their first step (Adam at lr
-    0.1-2, SGD at lr 20-30), so their first check reports them.
+    The single-check ``burst_ratio`` (2.0 by default) is 10x above that largest healthy ratio (0.195, on
+    any layer); the zoo's faults it catches move a layer 3.9-87x its norm in their first step (Adam at
+    lr 0.1-2, SGD at lr 20-30), so their first check reports them.
 
     Args:
         on_detect: ``"warn"``, ``"stop"`` or ``"raise"`` (see :class:`~lightning_sentinel.base.SentinelCallback`).
@@ -275,7 +279,7 @@ class ParameterUpdateMonitor(SentinelCallback):
             in (0, 1].
         log_ratios: log the largest and smallest layer ratio of each check under ``sentinel/update_ratio/``.
         burst_ratio: per-layer ratio that is too high on a single check (weight layers of ordinary scale
-            only); a finite number >= ``high_ratio``, or ``None`` (default): 1.0, or ``high_ratio`` if larger.
+            only); a finite number >= ``high_ratio``, or ``None`` (default): 2.0, or ``high_ratio`` if larger.
 
     Example:
         >>> import lightning.pytorch as pl
@@ -306,7 +310,7 @@ class ParameterUpdateMonitor(SentinelCallback):
         self.low_ratio = require_number("low_ratio", low_ratio, above=0)
         require_order("low_ratio", self.low_ratio, "high_ratio", self.high_ratio)
         if burst_ratio is None:
-            self.burst_ratio = max(1.0, self.high_ratio)
+            self.burst_ratio = max(2.0, self.high_ratio)
         else:
             self.burst_ratio = require_number("burst_ratio", burst_ratio, above=0)
             require_order("high_ratio", self.high_ratio, "burst_ratio", self.burst_ratio, or_equal=True)
@@ -624,6 +628,14 @@ class ParameterUpdateMonitor(SentinelCallback):
             dedupe_as=f"{prefix}{FROZEN}",
         )
 
+    @staticmethod
+    def _layer_sizes(state: _OptimizerState, snapshot: _Snapshot) -> list[int]:
+        """Elements per layer (host-side, only computed when a ratio is high)."""
+        sizes = [0] * len(snapshot.grouping.layer_names)
+        for index, layer in zip(snapshot.indices, snapshot.grouping.parameter_layer, strict=True):
+            sizes[layer] += state.view.parameters[index].numel()
+        return sizes
+
     def _judge_burst(
         self,
         trainer: pl.Trainer,
@@ -635,9 +647,7 @@ class ParameterUpdateMonitor(SentinelCallback):
     ) -> None:
         """One check with a layer moved by more than ``burst_ratio`` of its norm (rare: host-side sizes only then)."""
         grouping = snapshot.grouping
-        sizes = [0] * len(grouping.layer_names)
-        for index, layer in zip(snapshot.indices, grouping.parameter_layer, strict=True):
-            sizes[layer] += state.view.parameters[index].numel()
+        sizes = self._layer_sizes(state, snapshot)
         bursting = [
             index
             for index in range(len(grouping.layer_names))
@@ -658,7 +668,8 @@ class ParameterUpdateMonitor(SentinelCallback):
             RATIO_HIGH,
             Severity.WARNING,
             f"layer '{names[worst]}' changed by {ratios[worst]:.3g} times its own norm in one optimizer step "
-            f"(> {self.burst_ratio:g}; ~1e-3 is typical), lr {snapshot.lr:.3g}: the step is larger than the weights; "
+            f"(> {self.burst_ratio:g}; ~1e-3 is typical), lr {snapshot.lr:.3g}: the step is larger than the weights "
+            "themselves; "
             f"{len(bursting)} of {len(names)} layers above: {_listing([names[i] for i in bursting])}",
             where=prefix + names[worst],
             evidence={
@@ -689,9 +700,15 @@ class ParameterUpdateMonitor(SentinelCallback):
         state.peak_lr = max(state.peak_lr, lr)
         high_layers: list[int] = []
         low_layers: list[int] = []
+        sizes: list[int] | None = None
         for index, name in enumerate(snapshot.grouping.layer_names):
             streak = state.ratio_streak.get(name, 0)
-            high, low = ratio_streak(ratios[index], streak, self.high_ratio, self.low_ratio)
+            ratio = ratios[index]
+            if ratio > self.high_ratio:
+                sizes = sizes or self._layer_sizes(state, snapshot)
+                if weights[index] / math.sqrt(max(sizes[index], 1)) < TINY_WEIGHT_RMS:
+                    ratio = math.nan  # a near-zero init growing into its scale: not judged
+            high, low = ratio_streak(ratio, streak, self.high_ratio, self.low_ratio)
             if low and excused:
                 low = 0
             state.ratio_streak[name] = high if high else -low
