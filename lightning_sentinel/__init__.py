@@ -8,6 +8,7 @@ Example:
     []
 """
 
+from lightning_sentinel._validate import ArgumentTypeError
 from lightning_sentinel.base import SentinelCallback
 from lightning_sentinel.catalog import CheckSpec, registered_checks
 from lightning_sentinel.checks import (
@@ -39,6 +40,7 @@ from lightning_sentinel.suite import Sentinel
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "ArgumentTypeError",
     "BatchIndependenceCheck",
     "BatchInspector",
     "CheckSpec",

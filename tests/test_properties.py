@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader
 
 import lightning_sentinel
 from lightning_sentinel import (
+    ArgumentTypeError,
     BatchIndependenceCheck,
     BatchInspector,
     DeadReLUDetector,
@@ -48,7 +49,6 @@ from lightning_sentinel import (
     TargetLeakageCheck,
     TrainEvalModeChecker,
 )
-from lightning_sentinel._validate import ArgumentTypeError
 
 CALLBACKS = [  # every callback class lightning_sentinel exports
     obj

@@ -19,6 +19,7 @@ import pytest
 
 import lightning_sentinel
 from lightning_sentinel import (
+    ArgumentTypeError,
     BatchIndependenceCheck,
     BatchInspector,
     DeadReLUDetector,
@@ -36,7 +37,7 @@ from lightning_sentinel import (
     TargetLeakageCheck,
     TrainEvalModeChecker,
 )
-from lightning_sentinel._validate import ArgumentTypeError, require_number
+from lightning_sentinel._validate import require_number
 
 NAN, INF = math.nan, math.inf
 
