@@ -12,6 +12,7 @@ and writes the markdown report (``benchmarks/RESULTS.md``).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -61,6 +62,15 @@ def _parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="run every case and the twin comparison, write the markdown report to PATH",
     )
+    parser.add_argument(
+        "--seeds",
+        nargs="+",
+        type=int,
+        default=[],
+        metavar="SEED",
+        help="with --results: also run the whole zoo with these seeds (model init, dropout; data fixed), report "
+        "recall and false alarms per seed, and count their healthy runs in the calibration margins",
+    )
     parser.add_argument("--strict", action="store_true", help="exit with status 1 unless every verdict is ok")
     return parser
 
@@ -80,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.twins:
         return _twins(args.strict)
     if args.results:
-        return _results(args.results, args.threads, args.strict, argv)
+        return _results(args.results, args.threads, args.strict, argv, args.seeds)
     try:
         cases = select_cases(args.case, fast=args.fast)
     except KeyError as error:
@@ -129,9 +139,12 @@ def _twins(strict: bool) -> int:
     return 1 if strict and mismatches else 0
 
 
-def _results(path: str, threads: int, strict: bool, argv: Sequence[str] | None) -> int:
+def _results(
+    path: str, threads: int, strict: bool, argv: Sequence[str] | None, seeds: Sequence[int] = ()
+) -> int:
     recorder = calibration.Recorder()
     results: list[CaseResult] = []
+    by_seed: dict[int, list[CaseResult]] = {}
     started = time.perf_counter()
     with calibration.probing(recorder):
         for case in CASES:
@@ -139,6 +152,13 @@ def _results(path: str, threads: int, strict: bool, argv: Sequence[str] | None) 
             result = run_case(case, threads=threads)
             results.append(result)
             _progress(result)
+        for seed in seeds:
+            by_seed[seed] = []
+            for case in CASES:
+                recorder.case = f"{case.name}@{seed}" if case.healthy else ""
+                result = run_case(dataclasses.replace(case, seed=seed), threads=threads)
+                by_seed[seed].append(result)
+                _progress(result)
     seconds = time.perf_counter() - started
     recorder_rows = calibration.margins(_healthy_only(recorder))
     started = time.perf_counter()
@@ -146,7 +166,9 @@ def _results(path: str, threads: int, strict: bool, argv: Sequence[str] | None) 
         twins = run_twins(progress=_twin_progress)
     twin_seconds = time.perf_counter() - started
     command = "python -m benchmarks.detection " + " ".join(sys.argv[1:] if argv is None else argv)
-    write_results(path, results, twins, recorder_rows, command.strip(), seconds, twin_seconds, threads)
+    write_results(
+        path, results, twins, recorder_rows, command.strip(), seconds, twin_seconds, threads, by_seed
+    )
     print(format_table(results))
     print(f"zoo {seconds:.1f}s, twins {twin_seconds:.1f}s; wrote {path}")
     failed = any(result.verdict != OK for result in results) or any(not row.agrees for row in twins)

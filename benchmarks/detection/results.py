@@ -26,7 +26,7 @@ import math
 import os
 import platform
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from benchmarks.detection import calibration, cases_mutations, zoo_mutations
@@ -154,6 +154,51 @@ def step_summary(results: Sequence[CaseResult]) -> dict[str, float]:
     }
 
 
+def _all_seeds_line(results: Sequence[CaseResult], by_seed: Mapping[int, Sequence[CaseResult]]) -> list[str]:
+    if not by_seed:
+        return []
+    runs = [*results, *(run for seeded in by_seed.values() for run in seeded)]
+    faulty = [r for r in runs if not r.healthy]
+    healthy = [r for r in runs if r.healthy]
+    return [
+        f"- over {1 + len(by_seed)} seeds (see Seeds): recall {sum(r.detected for r in faulty)}/{len(faulty)}, "
+        f"false alarms {sum(r.false_alarm for r in healthy)}/{len(healthy)}"
+    ]
+
+
+def seed_lines(results: Sequence[CaseResult], by_seed: Mapping[int, Sequence[CaseResult]]) -> list[str]:
+    """The "Seeds" section: the zoo's verdicts with the cases' own seed and with each extra seed.
+
+    Example:
+        >>> quiet = CaseResult("h", True, "", (), (), (), OK, None, 0.0, 60, 2.3, 0.1, 0)
+        >>> missed = CaseResult("f", False, "", ("dead-relu",), (), (), "MISSED", None, 0.0, 60, 2.3, 2.3, 0)
+        >>> seed_lines([quiet], {1: [quiet, missed]})[-2]
+        '| 1 | 0/1 | 0/1 | `f` (MISSED) |'
+    """
+    if not by_seed:
+        return []
+    lines = [
+        "## Seeds",
+        "",
+        "The zoo rerun with other seeds (`pl.seed_everything` before each build: model initialisation, dropout, "
+        "trial copies; data splits and loader order stay fixed). Healthy runs of every seed count in the "
+        "calibration margins below.",
+        "",
+        "| seed | recall | false alarms | not ok |",
+        "|---|---|---|---|",
+    ]
+    for seed, runs in [("cases' own (0)", results), *by_seed.items()]:
+        faulty = [r for r in runs if not r.healthy]
+        healthy = [r for r in runs if r.healthy]
+        bad = ", ".join(f"`{r.name}` ({r.verdict})" for r in runs if r.verdict != OK) or "-"
+        lines.append(
+            f"| {seed} | {sum(r.detected for r in faulty)}/{len(faulty)} | "
+            f"{sum(r.false_alarm for r in healthy)}/{len(healthy)} | {bad} |"
+        )
+    lines.append("")
+    return lines
+
+
 # ====================================================================== healthy twins
 @dataclass(frozen=True)
 class TwinRow:
@@ -238,8 +283,9 @@ def write_results(
     seconds: float,
     twin_seconds: float,
     threads: int,
+    by_seed: Mapping[int, Sequence[CaseResult]] | None = None,
 ) -> None:
-    """Write the markdown report of a full run to ``path``."""
+    """Write the markdown report of a full run to ``path`` (``by_seed``: the zoo rerun with other seeds)."""
     import torch
 
     steps = step_summary(results)
@@ -260,7 +306,9 @@ def write_results(
         f"{_version('lightning-sentinel')}",
         f"- machine: {platform.system()} {platform.machine()}, {os.cpu_count()} CPUs "
         f"({platform.processor() or 'unknown processor'}), {threads} torch thread(s) per case, CPU only",
-        f"- wall time: zoo {seconds:.0f} s, healthy twins {twin_seconds:.0f} s",
+        f"- wall time: zoo {seconds:.0f} s"
+        + (f" ({1 + len(by_seed)} seeds)" if by_seed else "")
+        + f", healthy twins {twin_seconds:.0f} s",
         "",
         "## Summary",
         "",
@@ -269,6 +317,7 @@ def write_results(
         f"- recall counting the out-of-reach mutants (measurably worse, no case) as misses: "
         f"{recall}/{len(faulty) + len(out_of_reach)} = {recall / max(len(faulty) + len(out_of_reach), 1):.0%}",
         f"- false alarms: {false_alarms}/{len(healthy)} healthy runs",
+        *_all_seeds_line(results, by_seed or {}),
         f"- steps to the first right diagnosis, all detected faults (preflight trials count as step 0): "
         f"median {steps['median_first']:g}, max {steps['max_first']:g}",
         f"- steps to the first right diagnosis by a runtime check ({steps['runtime_cases']} faults): median "
@@ -279,6 +328,7 @@ def write_results(
         f"check's reach, see the notes), {len(twins) - len(twin_faulty)} harmless; "
         f"{sum(not t.agrees for t in twins)} disagree with the registry",
         "",
+        *seed_lines(results, by_seed or {}),
         "## Per check",
         "",
         "`reported`: cases with a warning/error finding of the id; `right`: of those, cases that list it as a "
