@@ -193,22 +193,6 @@ def test_a_linear_classifier_head_is_not_clipped(tmp_path):
     assert _own(trainer) == []
 
 
-def test_clipped_output_pools_the_pinned_share_over_its_streak():
-    # a tanh head on a batch of 32: one output near +-1 is 3%, and many batches have none at all
-    check, key, tanh = LossInputCheck(), "clipped-output|loss", (-1.0, 1.0)
-    verdicts = []
-    for streak, pinned in enumerate([0.0, 0.06, 0.0, 0.03], start=1):
-        streak, payload = check._pool_pinned(key, streak, (True, tanh, pinned, 0.3))
-        verdicts.append((streak, round(payload[2], 3), check._pinned_enough(key, payload)))
-    assert verdicts == [(1, 0.0, False), (2, 0.03, False), (3, 0.02, False), (4, 0.03, True)]
-    restored = LossInputCheck()
-    restored._load_extra_state(check._extra_state())
-    assert restored._pinned == check._pinned
-    streak, _ = check._pool_pinned(key, 5, (True, (0.0, math.inf), 0.5, 0.3))  # another range: a new streak
-    assert streak == 1 and len(check._pinned[key]) == 1
-    assert check._pool_pinned(key, 0, (False, None, 0.0, 0.0))[0] == 0 and key not in check._pinned
-
-
 def test_healthy_regressions_are_silent(tmp_path):
     trainer = fit(
         _Regressor(loss=nn.HuberLoss()), [LossInputCheck(every_n_steps=2)], root=tmp_path, max_steps=30

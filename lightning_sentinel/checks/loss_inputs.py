@@ -72,9 +72,8 @@ register(
         Severity.WARNING,
         "a regression output is confined to a bounded activation's range (>= 0, [0, 1], [-1, 1]) and pinned "
         "at its bound while the targets lie outside it; or cross-entropy logits pass through a ReLU",
-        "regression: >= 5% of targets outside the range on 3 sampled steps in a row, >= 1% of their outputs at "
-        "the bound (pooled, on 2+ of the steps); cross_entropy: every logit >= 0 and >= 1% exactly 0, 3 sampled "
-        "steps in a row",
+        "regression: >= 5% of targets outside the range and >= 1% of outputs at the bound; cross_entropy: every "
+        "logit >= 0 and >= 1% exactly 0; 3 sampled steps in a row",
     ),
 )
 
@@ -464,10 +463,9 @@ class LossInputCheck(SentinelCallback):
       expanded (``(N, 1)`` against ``(N,)`` compares every output with every target), warning when
       one non-scalar side is; a scalar target is accepted.
     - ``clipped-output`` (warning): a regression output inside ``[0, inf)``, ``[0, 1]`` or ``[-1, 1]``
-      with at least ``min_target_share`` of the targets outside that range, ``patience`` sampled
-      steps in a row, and at least ``min_pinned_share`` of those steps' outputs at the bound (exactly
-      0, or within 0.05 of 0/1/-1; pooled over the steps, and on at least two of them: with batches
-      of 32 a saturated tanh leaves some batches with no output that close). Also for ``cross_entropy``: every logit >= 0, some above 0 and at least
+      with at least ``min_pinned_share`` of it at the bound (exactly 0, or within 0.05 of 0/1/-1)
+      and at least ``min_target_share`` of the targets outside that range, ``patience`` sampled
+      steps in a row. Also for ``cross_entropy``: every logit >= 0, some above 0 and at least
       ``min_pinned_share`` exactly 0 (a ReLU after the classifier), ``patience`` sampled steps in a
       row. Calibration: no healthy run of the zoo gave an exactly-zero logit beside positive ones (a
       zero-initialised head is all 0 before its first step); the ReLU-on-logits mutant of the digits
@@ -525,7 +523,6 @@ class LossInputCheck(SentinelCallback):
         self.min_pinned_share = require_number("min_pinned_share", min_pinned_share, above=0, at_most=1)
         self._batches_seen = 0
         self._streaks: dict[str, int] = {}
-        self._pinned: dict[str, list[list[Any]]] = {}  # clipped-output: [range, pinned share] per streak step
         self._unseen_reported = False
         self._mode: _LossInterceptor | None = None
         self._module_names: dict[int, str] | None = None
@@ -539,7 +536,6 @@ class LossInputCheck(SentinelCallback):
         return {
             "batches_seen": self._batches_seen,
             "streaks": dict(self._streaks),
-            "pinned": {key: [list(entry) for entry in value] for key, value in self._pinned.items()},
             "unseen_reported": self._unseen_reported,
         }
 
@@ -547,10 +543,6 @@ class LossInputCheck(SentinelCallback):
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         self._batches_seen = int(state.get("batches_seen", 0))
         self._streaks = {str(key): int(value) for key, value in state.get("streaks", {}).items()}
-        self._pinned = {
-            str(key): [[[float(b) for b in bounds], float(share)] for bounds, share in value]
-            for key, value in state.get("pinned", {}).items()
-        }
         self._unseen_reported = bool(state.get("unseen_reported", False))
 
     # ------------------------------------------------------------------ hooks
@@ -643,24 +635,16 @@ class LossInputCheck(SentinelCallback):
                 held[key] = (before and probabilities, call, (stats[0], stats[1]))
             elif call.kind == _REGRESSION and stats:
                 key = (CLIPPED_OUTPUT, call.where)
-                # the range and the targets outside it must hold on every sampled step; the share pinned at
-                # the bound is pooled over the streak (one output in a batch of 32 is already 3%)
-                verdict = clipped_verdict(RegressionStats(*stats), self.min_target_share, 0.0)
+                verdict = clipped_verdict(
+                    RegressionStats(*stats), self.min_target_share, self.min_pinned_share
+                )
                 before = held.get(key, (True, call, None))[0]
                 held[key] = (before and verdict[0], call, verdict)
         for (check, where), (condition, call, payload) in held.items():
             streak_key = f"{check}|{where}"
             streak = self._streaks.get(streak_key, 0) + 1 if condition else 0
-            if check == CLIPPED_OUTPUT and call.kind == _REGRESSION:
-                streak, payload = self._pool_pinned(streak_key, streak, payload)
             self._streaks[streak_key] = streak
             if streak < self.patience and (check, where) not in certain:
-                continue
-            if (
-                check == CLIPPED_OUTPUT
-                and call.kind == _REGRESSION
-                and not self._pinned_enough(streak_key, payload)
-            ):
                 continue
             if check == SIGMOID_BEFORE_BCE:
                 self._report_sigmoid(trainer, call, payload, streak, (check, where) in certain)
@@ -668,31 +652,6 @@ class LossInputCheck(SentinelCallback):
                 self._report_relu_logits(trainer, call, payload, streak)
             else:
                 self._report_clipped(trainer, call, payload, streak)
-
-    def _pool_pinned(
-        self, streak_key: str, streak: int, verdict: tuple[bool, tuple[float, float] | None, float, float]
-    ) -> tuple[int, tuple[bool, tuple[float, float] | None, float, float]]:
-        """Keep the pinned shares of the current streak (the last ``patience``, all in the same range) and
-        return the streak and the verdict with the pinned share pooled over them."""
-        clipped, bounds, pinned, outside = verdict
-        recent = self._pinned.get(streak_key, []) if streak > 1 else []
-        if recent and recent[-1][0] != list(bounds or ()):
-            streak, recent = 1, []  # another range: a new streak
-        if streak == 0:
-            self._pinned.pop(streak_key, None)
-            return 0, verdict
-        recent = [*recent, [list(bounds or ()), pinned]][-self.patience :]
-        self._pinned[streak_key] = recent
-        pooled = sum(share for _, share in recent) / len(recent)
-        return streak, (clipped, bounds, pooled, outside)
-
-    def _pinned_enough(
-        self, streak_key: str, verdict: tuple[bool, tuple[float, float] | None, float, float]
-    ) -> bool:
-        """The pooled pinned share reaches ``min_pinned_share`` and outputs sat at the bound on at least two
-        of the streak's sampled steps (once could be a linear output passing by on its way out)."""
-        at_bound = sum(share > 0 for _, share in self._pinned.get(streak_key, []))
-        return verdict[2] >= self.min_pinned_share and at_bound >= min(2, self.patience)
 
     def _report_unseen(self, trainer: pl.Trainer, batch_idx: int) -> None:
         if self._unseen_reported or not self.active_checks:
