@@ -193,6 +193,41 @@ def test_a_linear_classifier_head_is_not_clipped(tmp_path):
     assert _own(trainer) == []
 
 
+class _HandWrittenTanh(nn.Module):
+    """``2 * sigmoid(2x) - 1``: a tanh the autograd graph does not name."""
+
+    def forward(self, x):
+        return 2.0 * torch.sigmoid(2.0 * x) - 1.0
+
+
+def test_clipped_output_trusts_the_graph(tmp_path):
+    # tanh seen in the graph: no output needs to sit at +-1, three sampled steps with targets beyond are enough
+    trainer = fit(_Regressor(head=nn.Tanh()), [LossInputCheck(every_n_steps=2)], root=tmp_path, max_steps=6)
+    found = _own(trainer)
+    assert [(f.check, f.where, f.step) for f in found] == [("clipped-output", "loss", 5)]
+    assert found[0].evidence["activation_in_graph"] == 1.0 and "autograd graph" in found[0].message
+
+    # a linear head whose outputs all sit at ~0.97, inside [0, 1] and at its bound: not an activation
+    linear = _Regressor()
+    nn.init.normal_(linear.net[2].weight, std=1e-4)
+    nn.init.constant_(linear.net[2].bias, 0.97)
+    linear.net[2].requires_grad_(False)  # keep it there (the layers before it still train)
+    trainer = fit(linear, [LossInputCheck(every_n_steps=2)], root=tmp_path, max_steps=6)
+    assert _own(trainer) == []
+
+
+def test_clipped_output_without_a_graph_needs_outputs_at_the_bound(tmp_path):
+    trainer = fit(
+        _Regressor(head=_HandWrittenTanh()), [LossInputCheck(every_n_steps=2)], root=tmp_path, max_steps=30
+    )
+    found = _own(trainer)
+    assert (
+        found
+        and found[0].evidence["activation_in_graph"] == 0.0
+        and found[0].evidence["pinned_share"] >= 0.01
+    )
+
+
 def test_healthy_regressions_are_silent(tmp_path):
     trainer = fit(
         _Regressor(loss=nn.HuberLoss()), [LossInputCheck(every_n_steps=2)], root=tmp_path, max_steps=30

@@ -386,7 +386,7 @@ STRUCTURAL = {
     "nll-on-logits": "inputs > 0.01 or row logsumexp > 0.1",
     "sigmoid-before-bce-with-logits": "a sigmoid in the input's autograd graph (else every input in [0, 1], 3 sampled steps)",
     "loss-broadcast": "input/target shapes broadcast",
-    "clipped-output": "regression: >= 5% targets out of range and >= 1% outputs at the bound",
+    "clipped-output": "regression: a bounded activation last in the graph and >= 5% targets out of range",
     "module-in-eval-during-training": "mode flag",
     "module-in-train-during-eval": "mode flag",
     "parameters-not-in-optimizer": "membership",

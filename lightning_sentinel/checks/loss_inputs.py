@@ -72,7 +72,8 @@ register(
         Severity.WARNING,
         "a regression output is confined to a bounded activation's range (>= 0, [0, 1], [-1, 1]) and pinned "
         "at its bound while the targets lie outside it; or cross-entropy logits pass through a ReLU",
-        "regression: >= 5% of targets outside the range and >= 1% of outputs at the bound; cross_entropy: every "
+        "regression: >= 5% of targets outside the range, and the autograd graph shows a bounded activation last "
+        "(without a graph: >= 1% of outputs at the bound; a linear output is never judged); cross_entropy: every "
         "logit >= 0 and >= 1% exactly 0; 3 sampled steps in a row",
     ),
 )
@@ -165,23 +166,33 @@ _PASS_THROUGH = re.compile(
     r"AsStrided|Alias|Index|Split\w*|Unbind|Contiguous)Backward\d*"
 )
 # nodes whose output is unbounded: a linear map (a logit), never a sigmoid's probability
+# nodes whose output is confined to a range: ReLU-family, tanh, hardtanh/ReLU6, clamp, softplus, hardsigmoid
+_BOUNDED = re.compile(r"(Relu|Tanh|Hardtanh|Clamp\w*|Softplus|Threshold|Hardsigmoid)Backward\d*")
 _UNBOUNDED = re.compile(
     r"(Addmm|Mm|Bmm|Baddbmm|Addmv|Mv|Matmul|Linear|Convolution\w*|Cudnn\w*|Mkldnn\w*)Backward\d*"
 )
-SIGMOID_ORIGIN, UNBOUNDED_ORIGIN, UNKNOWN_ORIGIN = "sigmoid", "unbounded", "unknown"
+SIGMOID_ORIGIN, BOUNDED_ORIGIN, UNBOUNDED_ORIGIN, UNKNOWN_ORIGIN = (
+    "sigmoid",
+    "bounded",
+    "unbounded",
+    "unknown",
+)
 
 
 def producer_of(values: Tensor, max_depth: int = 8) -> str:
     """What produced ``values``, read from its autograd graph behind reshapes, selections and casts:
-    ``"sigmoid"`` (``torch.sigmoid``/``nn.Sigmoid``), ``"unbounded"`` (a matrix product or convolution:
-    a linear layer's logits) or ``"unknown"`` (no graph, e.g. under ``no_grad`` or inside a compiled
-    region, or any other operation).
+    ``"sigmoid"`` (``torch.sigmoid``/``nn.Sigmoid``), ``"bounded"`` (another activation confined to a
+    range: ReLU-family, tanh, hardtanh, clamp, softplus), ``"unbounded"`` (a matrix product or
+    convolution: a linear layer's output) or ``"unknown"`` (no graph, e.g. under ``no_grad`` or inside
+    a compiled region, or any other operation).
 
     Example:
         >>> head = torch.nn.Linear(3, 1)
         >>> x = torch.randn(4, 3)
         >>> producer_of(torch.sigmoid(head(x)).squeeze(-1)), producer_of(head(x).view(-1))
         ('sigmoid', 'unbounded')
+        >>> producer_of(torch.tanh(head(x))), producer_of(torch.relu(head(x))[:, 0])
+        ('bounded', 'bounded')
         >>> producer_of(head(x).detach())
         'unknown'
     """
@@ -192,6 +203,8 @@ def producer_of(values: Tensor, max_depth: int = 8) -> str:
         name = node.name()
         if name.startswith("SigmoidBackward"):
             return SIGMOID_ORIGIN
+        if _BOUNDED.fullmatch(name):
+            return BOUNDED_ORIGIN
         if _UNBOUNDED.fullmatch(name):
             return UNBOUNDED_ORIGIN
         if not _PASS_THROUGH.fullmatch(name):
@@ -427,6 +440,7 @@ class _LossInterceptor(LossCallRecorder):
                 and target.numel() > 0
             ):
                 stats = regression_stats(values, target)
+                origin = producer_of(values)
         self.calls.append(
             LossCall(function, kind, where, site, tuple(values.shape), target_shape, stats, origin)
         )
@@ -463,9 +477,12 @@ class LossInputCheck(SentinelCallback):
       expanded (``(N, 1)`` against ``(N,)`` compares every output with every target), warning when
       one non-scalar side is; a scalar target is accepted.
     - ``clipped-output`` (warning): a regression output inside ``[0, inf)``, ``[0, 1]`` or ``[-1, 1]``
-      with at least ``min_pinned_share`` of it at the bound (exactly 0, or within 0.05 of 0/1/-1)
-      and at least ``min_target_share`` of the targets outside that range, ``patience`` sampled
-      steps in a row. Also for ``cross_entropy``: every logit >= 0, some above 0 and at least
+      with at least ``min_target_share`` of the targets outside that range, ``patience`` sampled
+      steps in a row, where the output's autograd graph shows a bounded activation last (ReLU-family,
+      sigmoid, tanh, hardtanh, clamp, softplus; behind reshapes and casts). A linear output (a matrix
+      product or convolution last) is never judged, whatever its range; without a graph, at least
+      ``min_pinned_share`` of the outputs must also sit at the bound (exactly 0, or within 0.05 of
+      0/1/-1) on each of those steps. Also for ``cross_entropy``: every logit >= 0, some above 0 and at least
       ``min_pinned_share`` exactly 0 (a ReLU after the classifier), ``patience`` sampled steps in a
       row. Calibration: no healthy run of the zoo gave an exactly-zero logit beside positive ones (a
       zero-initialised head is all 0 before its first step); the ReLU-on-logits mutant of the digits
@@ -635,11 +652,14 @@ class LossInputCheck(SentinelCallback):
                 held[key] = (before and probabilities, call, (stats[0], stats[1]))
             elif call.kind == _REGRESSION and stats:
                 key = (CLIPPED_OUTPUT, call.where)
-                verdict = clipped_verdict(
-                    RegressionStats(*stats), self.min_target_share, self.min_pinned_share
-                )
+                # an activation seen in the graph needs no output at its bound (a batch of 32 often has none
+                # within 0.05 of a tanh's +-1); a linear output is never clipped, whatever its range
+                seen = call.origin in (SIGMOID_ORIGIN, BOUNDED_ORIGIN)
+                pinned_needed = 0.0 if seen else self.min_pinned_share
+                verdict = clipped_verdict(RegressionStats(*stats), self.min_target_share, pinned_needed)
+                clipped = verdict[0] and call.origin != UNBOUNDED_ORIGIN
                 before = held.get(key, (True, call, None))[0]
-                held[key] = (before and verdict[0], call, verdict)
+                held[key] = (before and clipped, call, (*verdict, seen))
         for (check, where), (condition, call, payload) in held.items():
             streak_key = f"{check}|{where}"
             streak = self._streaks.get(streak_key, 0) + 1 if condition else 0
@@ -793,10 +813,10 @@ class LossInputCheck(SentinelCallback):
         self,
         trainer: pl.Trainer,
         call: LossCall,
-        verdict: tuple[bool, tuple[float, float] | None, float, float],
+        verdict: tuple[bool, tuple[float, float] | None, float, float, bool],
         streak: int,
     ) -> None:
-        _, bounds, pinned, outside = verdict
+        _, bounds, pinned, outside, seen = verdict
         assert bounds is not None
         low, high = bounds
         shown = f"[{low:g}, {high:g}]" if math.isfinite(high) else f"[{low:g}, inf)"
@@ -807,7 +827,11 @@ class LossInputCheck(SentinelCallback):
             Severity.WARNING,
             f"{call.function} output stays inside {shown} with {pinned:.0%} pinned at the bound, while "
             f"{outside:.0%} of the targets lie outside it, on {streak} sampled steps in a row, at {call.call_site}: "
-            f"the output seems to pass through {activation} and cannot reach those targets",
+            + (
+                "the autograd graph shows a bounded activation last, so the output cannot reach those targets"
+                if seen
+                else f"the output seems to pass through {activation} and cannot reach those targets"
+            ),
             where=call.where,
             evidence={
                 "range_low": low,
@@ -815,6 +839,7 @@ class LossInputCheck(SentinelCallback):
                 "pinned_share": pinned,
                 "targets_outside_share": outside,
                 "sampled_steps": float(streak),
+                "activation_in_graph": float(seen),
             },
             hint="remove the final activation of a regression head (use a linear output), or rescale the targets into "
             "the activation's range",
