@@ -256,11 +256,11 @@ class ParameterUpdateMonitor(SentinelCallback):
     0.2, ...), so the sustained rule misses it; its first steps are what ``burst_ratio`` catches
     (digits MLP with Adam lr 0.2: 2.7-3.9 on the first check; CNN with Adam lr 0.1: 3.9).
 
-    Calibration (``python -m benchmarks.detection --results``, 50 healthy runs): the largest healthy
-    update/weight ratio was 0.195 (``frozen-backbone-finetune``'s head; threshold 0.5, margin 2.6x);
-    the smallest, 3.9e-7 (< 1e-6), came from ``warmup-cosine-transformer`` while its lr warmed up or
+    Calibration (``python -m benchmarks.detection --results --seeds 1 2``: 50 healthy runs x 3 seeds): the largest healthy
+    update/weight ratio was 0.2 (``frozen-backbone-finetune``'s head; threshold 0.5, margin 2.5x);
+    the smallest, 3.7e-7 (< 1e-6), came from ``warmup-cosine-transformer`` while its lr warmed up or
     had decayed, where the low-ratio rule does not judge; every other healthy ratio is above 1e-6.
-    The single-check ``burst_ratio`` (2.0 by default) is 10x above that largest healthy ratio (0.195, on
+    The single-check ``burst_ratio`` (2.0 by default) is 10x above that largest healthy ratio (0.2, on
     any layer); the zoo's faults it catches move a layer 3.9-87x its norm in their first step (Adam at
     lr 0.1-2, SGD at lr 20-30), so their first check reports them.
 
