@@ -262,9 +262,7 @@ def test_sigmoid_seen_in_the_graph_is_reported_at_once_and_with_bf16_accumulatio
     trainer = fit(_Binary(sigmoid=True), [LossInputCheck(every_n_steps=5)], root=tmp_path, max_steps=3)
     found = [f for f in _own(trainer) if f.check == "sigmoid-before-bce-with-logits"]
     assert [(f.where, f.step) for f in found] == [("loss", 1)]  # the first sampled batch
-    assert (
-        found[0].evidence["sigmoid_in_graph"] == 1.0 and "comes straight from a sigmoid" in found[0].message
-    )
+    assert found[0].evidence["sigmoid_in_graph"] == 1.0 and "come straight from a sigmoid" in found[0].message
 
     accumulated = fit(
         _Binary(sigmoid=True),
@@ -277,6 +275,15 @@ def test_sigmoid_seen_in_the_graph_is_reported_at_once_and_with_bf16_accumulatio
     assert [f.check for f in _own(accumulated)] == ["sigmoid-before-bce-with-logits"]
     healthy = fit(_Binary(sigmoid=False), [LossInputCheck(every_n_steps=3)], root=tmp_path, max_steps=30)
     assert _own(healthy) == []
+
+
+def test_a_constant_sigmoid_output_is_not_reported(tmp_path):
+    # a zero-initialised head: the sigmoid is in the graph, but every value is 0.5 (no sigmoid signature yet)
+    model = _Binary(sigmoid=True)
+    nn.init.zeros_(model.net[2].weight)
+    nn.init.zeros_(model.net[2].bias)
+    trainer = fit(model, [LossInputCheck(every_n_steps=5)], root=tmp_path, max_steps=3)
+    assert _own(trainer) == []
 
 
 def test_logits_of_a_linear_head_inside_0_1_are_not_a_sigmoid(tmp_path):

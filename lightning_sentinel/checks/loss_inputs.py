@@ -165,9 +165,9 @@ _PASS_THROUGH = re.compile(
     r"(View|UnsafeView|Reshape\w*|Squeeze|Unsqueeze|Expand|Permute|Transpose|T|Clone|ToCopy|Select|Slice|"
     r"AsStrided|Alias|Index|Split\w*|Unbind|Contiguous)Backward\d*"
 )
-# nodes whose output is unbounded: a linear map (a logit), never a sigmoid's probability
 # nodes whose output is confined to a range: ReLU-family, tanh, hardtanh/ReLU6, clamp, softplus, hardsigmoid
 _BOUNDED = re.compile(r"(Relu|Tanh|Hardtanh|Clamp\w*|Softplus|Threshold|Hardsigmoid)Backward\d*")
+# nodes whose output is unbounded: a linear map (a logit), never a sigmoid's probability
 _UNBOUNDED = re.compile(
     r"(Addmm|Mm|Bmm|Baddbmm|Addmv|Mv|Matmul|Linear|Convolution\w*|Cudnn\w*|Mkldnn\w*)Backward\d*"
 )
@@ -402,7 +402,9 @@ class LossCall:
     input_shape: tuple[int, ...]
     target_shape: tuple[int, ...] | None
     stats: Tensor | None
-    origin: str = UNKNOWN_ORIGIN  # what produced the input (``producer_of``), for the sigmoid rule
+    origin: str = (
+        UNKNOWN_ORIGIN  # what produced the input (``producer_of``): sigmoid and clipped-output rules
+    )
 
 
 class _LossInterceptor(LossCallRecorder):
@@ -664,7 +666,7 @@ class LossInputCheck(SentinelCallback):
             streak_key = f"{check}|{where}"
             streak = self._streaks.get(streak_key, 0) + 1 if condition else 0
             self._streaks[streak_key] = streak
-            if streak < self.patience and (check, where) not in certain:
+            if not condition or (streak < self.patience and (check, where) not in certain):
                 continue
             if check == SIGMOID_BEFORE_BCE:
                 self._report_sigmoid(trainer, call, payload, streak, (check, where) in certain)
@@ -765,15 +767,15 @@ class LossInputCheck(SentinelCallback):
     ) -> None:
         minimum, maximum = extremes
         how = (
-            "comes straight from a sigmoid (its autograd graph)"
+            "come straight from a sigmoid (its autograd graph)"
             if seen
-            else f"stays inside [0, 1] on {streak} sampled steps in a row"
+            else f"stayed inside [0, 1] on {streak} sampled steps in a row"
         )
         self._report(
             trainer,
             SIGMOID_BEFORE_BCE,
             Severity.WARNING,
-            f"binary_cross_entropy_with_logits receives values in [{minimum:.3g}, {maximum:.3g}] whose input {how}, at "
+            f"binary_cross_entropy_with_logits receives values in [{minimum:.3g}, {maximum:.3g}] that {how}, at "
             f"{call.call_site}: it applies a sigmoid itself, so a probability passed in is squashed again into "
             "[0.5, 0.73]",
             where=call.where,
