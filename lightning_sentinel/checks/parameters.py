@@ -660,27 +660,49 @@ class ParameterUpdateMonitor(SentinelCallback):
         ]
         if not bursting:
             return
-        names = grouping.layer_names
         worst = max(bursting, key=lambda i: ratios[i])
+        self._report_high(
+            trainer,
+            state,
+            snapshot,
+            bursting,
+            (ratios, updates, weights),
+            f"changed by {ratios[worst]:.3g} times its own norm in one optimizer step (> {self.burst_ratio:g}; ~1e-3 "
+            f"is typical), lr {snapshot.lr:.3g}: the step is larger than the weights themselves",
+            "lower the learning rate (try 10x lower) or add warm-up; Adam-type optimizers move every weight by "
+            "about lr per step, so lr should stay well below the weights' own scale (1/sqrt(fan_in))",
+        )
+
+    def _report_high(
+        self,
+        trainer: pl.Trainer,
+        state: _OptimizerState,
+        snapshot: _Snapshot,
+        layers: list[int],
+        norms: tuple[list[float], list[float], list[float]],
+        how: str,
+        hint: str,
+    ) -> None:
+        """Report ``update-ratio-too-high`` for ``layers`` (indices), naming the one with the largest ratio."""
+        ratios, updates, weights = norms
+        names = snapshot.grouping.layer_names
+        worst = max(layers, key=lambda i: ratios[i])
         prefix = f"{state.view.key}:" if state.view.key else ""
         self._report(
             trainer,
             RATIO_HIGH,
             Severity.WARNING,
-            f"layer '{names[worst]}' changed by {ratios[worst]:.3g} times its own norm in one optimizer step "
-            f"(> {self.burst_ratio:g}; ~1e-3 is typical), lr {snapshot.lr:.3g}: the step is larger than the weights "
-            "themselves; "
-            f"{len(bursting)} of {len(names)} layers above: {_listing([names[i] for i in bursting])}",
+            f"layer '{names[worst]}' {how}; {len(layers)} of {len(names)} layers above: "
+            f"{_listing([names[i] for i in layers])}",
             where=prefix + names[worst],
             evidence={
                 "update_ratio": ratios[worst],
                 "update_norm": updates[worst],
                 "weight_norm": weights[worst],
                 "lr": snapshot.lr,
-                "layers_above": len(bursting),
+                "layers_above": len(layers),
             },
-            hint="lower the learning rate (try 10x lower) or add warm-up; Adam-type optimizers move every weight by "
-            "about lr per step, so lr should stay well below the weights' own scale (1/sqrt(fan_in))",
+            hint=hint,
             magnitude=ratios[worst],
             dedupe_as=f"{prefix}{RATIO_HIGH}",
         )
@@ -720,25 +742,16 @@ class ParameterUpdateMonitor(SentinelCallback):
         names = snapshot.grouping.layer_names
         if high_layers and RATIO_HIGH in self.active_checks:
             worst = max(high_layers, key=lambda i: ratios[i])
-            self._report(
+            self._report_high(
                 trainer,
-                RATIO_HIGH,
-                Severity.WARNING,
-                f"layer '{names[worst]}' changes by {ratios[worst]:.3g} of its norm per step (> {self.high_ratio:g}; "
-                f"~1e-3 is typical) on {self.patience} checks in a row, lr {lr:.3g}; "
-                f"{len(high_layers)} of {len(names)} layers above: {_listing([names[i] for i in high_layers])}",
-                where=prefix + names[worst],
-                evidence={
-                    "update_ratio": ratios[worst],
-                    "update_norm": updates[worst],
-                    "weight_norm": weights[worst],
-                    "lr": lr,
-                    "layers_above": len(high_layers),
-                },
-                hint="lower the learning rate (try 10x lower) or add warm-up; check the lr schedule (a warm-up "
-                "factor without its cap) and that inputs/targets are normalised",
-                magnitude=ratios[worst],
-                dedupe_as=f"{prefix}{RATIO_HIGH}",
+                state,
+                snapshot,
+                high_layers,
+                (ratios, updates, weights),
+                f"changes by {ratios[worst]:.3g} of its norm per step (> {self.high_ratio:g}; ~1e-3 is typical) on "
+                f"{self.patience} checks in a row, lr {lr:.3g}",
+                "lower the learning rate (try 10x lower) or add warm-up; check the lr schedule (a warm-up factor "
+                "without its cap) and that inputs/targets are normalised",
             )
         if low_layers and RATIO_LOW in self.active_checks:
             worst = min(low_layers, key=lambda i: ratios[i])
