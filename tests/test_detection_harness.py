@@ -6,8 +6,11 @@ runner as ``python -m benchmarks.detection``, and checks the runner's scoring an
 
 from __future__ import annotations
 
+import doctest
+import importlib
 import json
 import math
+import pkgutil
 import re
 from pathlib import Path
 
@@ -280,3 +283,17 @@ def test_calibration_probe_records_the_nearest_healthy_value() -> None:
 def test_every_check_id_is_the_expected_diagnosis_of_some_fault() -> None:
     expected = set().union(*(case.expected for case in CASES if not case.healthy))
     assert set(registered_checks()) <= expected
+
+
+@pytest.mark.parametrize(
+    "module_name",
+    sorted(
+        f"benchmarks.detection.{info.name}"
+        for info in pkgutil.iter_modules(importlib.import_module("benchmarks.detection").__path__)
+        if info.name != "__main__"
+    ),
+)
+def test_benchmark_docstring_examples_run(module_name: str) -> None:
+    """The examples in the benchmark's docstrings (outside the package's own doctest run) still hold."""
+    result = doctest.testmod(importlib.import_module(module_name), verbose=False)
+    assert result.failed == 0 and result.attempted > 0
