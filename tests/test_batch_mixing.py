@@ -120,6 +120,7 @@ def test_unknown_forward_gives_one_info_and_state_round_trips(tmp_path):
     trainer = fit(_TwoInputs(zoo_mixing.GRUSeq2Seq()), [check], loader, root=tmp_path, max_steps=2)
     [finding] = _mixing(trainer)
     assert finding.severity.value == "info" and "forward" in finding.message
+    assert finding.message.startswith("batch-independence check skipped") and "input_key=" in finding.hint
     restored = BatchIndependenceCheck(on_detect="raise")
     restored.load_state_dict(check.state_dict())
     assert restored._done

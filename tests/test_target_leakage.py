@@ -175,6 +175,7 @@ def test_what_cannot_be_checked_gives_one_info_and_never_raises(tmp_path):
     trainer = fit(_Manual(), [check], root=tmp_path, max_steps=2)
     [finding] = _leaks(trainer)
     assert finding.severity.value == "info" and "manual optimization" in finding.message
+    assert finding.message.startswith("target-leakage check skipped") and "target_key=" in finding.hint
     restored = TargetLeakageCheck(on_detect="raise")
     restored.load_state_dict(check.state_dict())
     assert restored._done

@@ -28,6 +28,7 @@ from typing_extensions import override
 
 from lightning_sentinel._hooks import silence_logging, uncompile_copy
 from lightning_sentinel.base import OnDetect, SentinelCallback
+from lightning_sentinel.findings import Severity
 
 
 @contextlib.contextmanager
@@ -98,7 +99,12 @@ class SkipCheck(Exception):
 
 class FirstBatchCheck(SentinelCallback):
     """A check that runs once, on the real first training batch (global step 0), never again after
-    a resume (the ``done`` flag is checkpointed). Subclasses implement ``_run_first_batch_check``."""
+    a resume (the ``done`` flag is checkpointed). Subclasses implement ``_run_first_batch_check``; a
+    :class:`SkipCheck` it raises becomes one ``info`` finding under the first id in ``CHECKS``, named
+    ``SKIP_NAME`` and followed by ``SKIP_HINT``."""
+
+    SKIP_NAME = "first-batch"
+    SKIP_HINT = ""
 
     def __init__(self, on_detect: OnDetect = "warn") -> None:
         super().__init__(on_detect=on_detect)
@@ -119,7 +125,16 @@ class FirstBatchCheck(SentinelCallback):
         if self._done or trainer.global_step != 0:
             return
         self._done = True
-        self._run_first_batch_check(trainer, pl_module, batch, batch_idx)
+        try:
+            self._run_first_batch_check(trainer, pl_module, batch, batch_idx)
+        except SkipCheck as skip:
+            self._report(
+                trainer,
+                self.CHECKS[0],
+                Severity.INFO,
+                f"{self.SKIP_NAME} check skipped: {skip}",
+                hint=self.SKIP_HINT,
+            )
         self._settle(trainer)
 
     def _run_first_batch_check(

@@ -113,6 +113,11 @@ class BatchIndependenceCheck(FirstBatchCheck):
     """
 
     CHECKS = (BATCH_MIXING,)
+    SKIP_NAME = "batch-independence"
+    SKIP_HINT = (
+        "pass `input_key=` to BatchIndependenceCheck, or give the LightningModule a `forward(inputs)` that returns "
+        "batch-first outputs"
+    )
 
     def __init__(
         self,
@@ -134,19 +139,8 @@ class BatchIndependenceCheck(FirstBatchCheck):
     def _run_first_batch_check(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        try:
-            with preserved_rng():
-                result = self._probe(pl_module, batch)
-        except SkipCheck as skip:
-            self._report(
-                trainer,
-                BATCH_MIXING,
-                Severity.INFO,
-                f"batch-independence check skipped: {skip}",
-                hint="pass `input_key=` to BatchIndependenceCheck, or give the LightningModule a "
-                "`forward(inputs)` that returns batch-first outputs",
-            )
-            return
+        with preserved_rng():
+            result = self._probe(pl_module, batch)
         if result is None:
             return
         input_name, via, norms, sample = result

@@ -219,6 +219,11 @@ class TargetLeakageCheck(FirstBatchCheck):
     """
 
     CHECKS = (TARGET_LEAKAGE,)
+    SKIP_NAME = "target-leakage"
+    SKIP_HINT = (
+        "pass `target_key=` to TargetLeakageCheck, or compute the loss with a torch.nn.functional loss on "
+        "(outputs, targets) taken from the batch"
+    )
 
     def __init__(
         self, on_detect: OnDetect = "warn", target_key: str | int | None = None, tolerance: float = 1e-4
@@ -235,19 +240,8 @@ class TargetLeakageCheck(FirstBatchCheck):
     def _run_first_batch_check(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        try:
-            with preserved_rng():
-                verdicts = self._probe(pl_module, batch, batch_idx)
-        except SkipCheck as skip:
-            self._report(
-                trainer,
-                TARGET_LEAKAGE,
-                Severity.INFO,
-                f"target-leakage check skipped: {skip}",
-                hint="pass `target_key=` to TargetLeakageCheck, or compute the loss with a torch.nn.functional "
-                "loss on (outputs, targets) taken from the batch",
-            )
-            return
+        with preserved_rng():
+            verdicts = self._probe(pl_module, batch, batch_idx)
         for where, message, evidence in verdicts:
             self._report(
                 trainer,
