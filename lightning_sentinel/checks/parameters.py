@@ -584,9 +584,15 @@ class ParameterUpdateMonitor(SentinelCallback):
             )
         if FROZEN in self.active_checks:
             self._judge_frozen(trainer, state, snapshot, param_updates)
-        self._judge_ratios(trainer, state, snapshot, ratios, layer_updates, layer_weights)
-        if RATIO_HIGH in self.active_checks and any(r > self.burst_ratio for r in finite):
-            self._judge_burst(trainer, state, snapshot, ratios, layer_updates, layer_weights)
+        # per-layer weight RMS, host-side and only when some ratio is high (the near-zero-init guard needs it)
+        rms = (
+            self._layer_rms(state, snapshot, layer_weights)
+            if any(r > self.high_ratio for r in finite)
+            else None
+        )
+        self._judge_ratios(trainer, state, snapshot, ratios, layer_updates, layer_weights, rms)
+        if rms is not None and RATIO_HIGH in self.active_checks and any(r > self.burst_ratio for r in finite):
+            self._judge_burst(trainer, state, snapshot, ratios, layer_updates, layer_weights, rms)
 
     def _judge_frozen(
         self, trainer: pl.Trainer, state: _OptimizerState, snapshot: _Snapshot, updates: list[float]
@@ -629,12 +635,12 @@ class ParameterUpdateMonitor(SentinelCallback):
         )
 
     @staticmethod
-    def _layer_sizes(state: _OptimizerState, snapshot: _Snapshot) -> list[int]:
-        """Elements per layer (host-side, only computed when a ratio is high)."""
+    def _layer_rms(state: _OptimizerState, snapshot: _Snapshot, weights: list[float]) -> list[float]:
+        """Root-mean-square weight per layer, from the layer norms and element counts."""
         sizes = [0] * len(snapshot.grouping.layer_names)
         for index, layer in zip(snapshot.indices, snapshot.grouping.parameter_layer, strict=True):
             sizes[layer] += state.view.parameters[index].numel()
-        return sizes
+        return [norm / math.sqrt(max(size, 1)) for norm, size in zip(weights, sizes, strict=True)]
 
     def _judge_burst(
         self,
@@ -644,19 +650,14 @@ class ParameterUpdateMonitor(SentinelCallback):
         ratios: list[float],
         updates: list[float],
         weights: list[float],
+        rms: list[float],
     ) -> None:
-        """One check with a layer moved by more than ``burst_ratio`` of its norm (rare: host-side sizes only then)."""
+        """One check with a layer moved by more than ``burst_ratio`` of its norm (rare)."""
         grouping = snapshot.grouping
-        sizes = self._layer_sizes(state, snapshot)
         bursting = [
             index
             for index in range(len(grouping.layer_names))
-            if burst_verdict(
-                ratios[index],
-                weights[index] / math.sqrt(max(sizes[index], 1)),
-                grouping.is_weight_layer[index],
-                self.burst_ratio,
-            )
+            if burst_verdict(ratios[index], rms[index], grouping.is_weight_layer[index], self.burst_ratio)
         ]
         if not bursting:
             return
@@ -715,6 +716,7 @@ class ParameterUpdateMonitor(SentinelCallback):
         ratios: list[float],
         updates: list[float],
         weights: list[float],
+        rms: list[float] | None,
     ) -> None:
         lr = snapshot.lr
         excused = lr_excuses_low_ratio(lr, state.previous_lr, max(state.peak_lr, lr), self.decayed_fraction)
@@ -722,14 +724,11 @@ class ParameterUpdateMonitor(SentinelCallback):
         state.peak_lr = max(state.peak_lr, lr)
         high_layers: list[int] = []
         low_layers: list[int] = []
-        sizes: list[int] | None = None
         for index, name in enumerate(snapshot.grouping.layer_names):
             streak = state.ratio_streak.get(name, 0)
             ratio = ratios[index]
-            if ratio > self.high_ratio:
-                sizes = sizes or self._layer_sizes(state, snapshot)
-                if weights[index] / math.sqrt(max(sizes[index], 1)) < TINY_WEIGHT_RMS:
-                    ratio = math.nan  # a near-zero init growing into its scale: not judged
+            if rms is not None and ratio > self.high_ratio and rms[index] < TINY_WEIGHT_RMS:
+                ratio = math.nan  # a near-zero init growing into its scale: not judged
             high, low = ratio_streak(ratio, streak, self.high_ratio, self.low_ratio)
             if low and excused:
                 low = 0
