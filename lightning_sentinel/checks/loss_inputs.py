@@ -402,9 +402,13 @@ class LossCall:
     input_shape: tuple[int, ...]
     target_shape: tuple[int, ...] | None
     stats: Tensor | None
-    origin: str = (
-        UNKNOWN_ORIGIN  # what produced the input (``producer_of``): sigmoid and clipped-output rules
-    )
+    # what produced the input (``producer_of``), for the sigmoid and clipped-output rules
+    origin: str = UNKNOWN_ORIGIN
+
+    @property
+    def classes(self) -> int:
+        """Number of classes of a classification input: dimension 1 of ``(N, C, ...)``, or ``C`` of ``(C,)``."""
+        return self.input_shape[1] if len(self.input_shape) >= 2 else self.input_shape[0]
 
 
 class _LossInterceptor(LossCallRecorder):
@@ -638,9 +642,8 @@ class LossInputCheck(SentinelCallback):
                 self._judge_classification(trainer, call, stats, batch_idx)
                 if call.function == "cross_entropy":
                     minimum, maximum, deviation, _, zero_share = stats
-                    classes = call.input_shape[1] if len(call.input_shape) >= 2 else call.input_shape[0]
                     relu = not looks_like_probabilities(
-                        minimum, maximum, deviation, classes, self.tolerance
+                        minimum, maximum, deviation, call.classes, self.tolerance
                     ) and relu_logits_verdict(minimum, maximum, zero_share, self.min_pinned_share)
                     key = (CLIPPED_OUTPUT, call.where)
                     before = held.get(key, (True, call, None))[0]
@@ -725,7 +728,7 @@ class LossInputCheck(SentinelCallback):
         self, trainer: pl.Trainer, call: LossCall, stats: list[float], batch_idx: int
     ) -> None:
         minimum, maximum, deviation, lse = stats[:4]
-        classes = call.input_shape[1] if len(call.input_shape) >= 2 else call.input_shape[0]
+        classes = call.classes
         evidence = {
             "min": minimum,
             "max": maximum,
