@@ -30,7 +30,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from benchmarks.detection import calibration, cases_mutations, zoo_mutations
-from benchmarks.detection.runner import OK, CaseResult, alarms, summary_line
+from benchmarks.detection.runner import OK, CaseResult, alarms, summary_line, tally
 from lightning_sentinel.catalog import registered_checks
 
 PREFLIGHT_CALLBACKS = frozenset(
@@ -158,12 +158,7 @@ def _all_seeds_line(results: Sequence[CaseResult], by_seed: Mapping[int, Sequenc
     if not by_seed:
         return []
     runs = [*results, *(run for seeded in by_seed.values() for run in seeded)]
-    faulty = [r for r in runs if not r.healthy]
-    healthy = [r for r in runs if r.healthy]
-    return [
-        f"- over {1 + len(by_seed)} seeds (see Seeds): recall {sum(r.detected for r in faulty)}/{len(faulty)}, "
-        f"false alarms {sum(r.false_alarm for r in healthy)}/{len(healthy)}"
-    ]
+    return [f"- over {1 + len(by_seed)} seeds (see Seeds): {summary_line(runs)}"]
 
 
 def seed_lines(results: Sequence[CaseResult], by_seed: Mapping[int, Sequence[CaseResult]]) -> list[str]:
@@ -188,13 +183,9 @@ def seed_lines(results: Sequence[CaseResult], by_seed: Mapping[int, Sequence[Cas
         "|---|---|---|---|",
     ]
     for seed, runs in [("cases' own (0)", results), *by_seed.items()]:
-        faulty = [r for r in runs if not r.healthy]
-        healthy = [r for r in runs if r.healthy]
+        recall, faulty, false_alarms, healthy = tally(runs)
         bad = ", ".join(f"`{r.name}` ({r.verdict})" for r in runs if r.verdict != OK) or "-"
-        lines.append(
-            f"| {seed} | {sum(r.detected for r in faulty)}/{len(faulty)} | "
-            f"{sum(r.false_alarm for r in healthy)}/{len(healthy)} | {bad} |"
-        )
+        lines.append(f"| {seed} | {recall}/{faulty} | {false_alarms}/{healthy} | {bad} |")
     lines.append("")
     return lines
 
@@ -289,10 +280,7 @@ def write_results(
     import torch
 
     steps = step_summary(results)
-    faulty = [r for r in results if not r.healthy]
-    healthy = [r for r in results if r.healthy]
-    recall = sum(r.detected for r in faulty)
-    false_alarms = sum(r.false_alarm for r in healthy)
+    recall, n_faulty, false_alarms, n_healthy = tally(results)
     twin_faulty = [t for t in twins if t.comparison.faulty]
     out_of_reach = [t for t in twins if t.declared == "out of reach"]
     lines = [
@@ -313,10 +301,10 @@ def write_results(
         "## Summary",
         "",
         f"- {summary_line(results)}",
-        f"- recall with the right diagnosis: {recall}/{len(faulty)} = {recall / max(len(faulty), 1):.0%}",
+        f"- recall with the right diagnosis: {recall}/{n_faulty} = {recall / max(n_faulty, 1):.0%}",
         f"- recall counting the out-of-reach mutants (measurably worse, no case) as misses: "
-        f"{recall}/{len(faulty) + len(out_of_reach)} = {recall / max(len(faulty) + len(out_of_reach), 1):.0%}",
-        f"- false alarms: {false_alarms}/{len(healthy)} healthy runs",
+        f"{recall}/{n_faulty + len(out_of_reach)} = {recall / max(n_faulty + len(out_of_reach), 1):.0%}",
+        f"- false alarms: {false_alarms}/{n_healthy} healthy runs",
         *_all_seeds_line(results, by_seed or {}),
         f"- steps to the first right diagnosis, all detected faults (preflight trials count as step 0): "
         f"median {steps['median_first']:g}, max {steps['max_first']:g}",

@@ -182,13 +182,18 @@ def score(
     return WRONG_DIAGNOSIS, None
 
 
-def summary_line(results: Sequence[CaseResult]) -> str:
-    """``recall R/N, false alarms F/H`` over faulty (N) and healthy (H) cases."""
+def tally(results: Sequence[CaseResult]) -> tuple[int, int, int, int]:
+    """``(R, N, F, H)``: R of the N faulty cases correctly diagnosed, F of the H healthy ones with an alarm."""
     faulty = [result for result in results if not result.healthy]
     healthy = [result for result in results if result.healthy]
     recall = sum(result.detected for result in faulty)
-    false_alarms = sum(result.false_alarm for result in healthy)
-    return f"recall {recall}/{len(faulty)}, false alarms {false_alarms}/{len(healthy)}"
+    return recall, len(faulty), sum(result.false_alarm for result in healthy), len(healthy)
+
+
+def summary_line(results: Sequence[CaseResult]) -> str:
+    """``recall R/N, false alarms F/H`` over faulty (N) and healthy (H) cases."""
+    recall, faulty, false_alarms, healthy = tally(results)
+    return f"recall {recall}/{faulty}, false alarms {false_alarms}/{healthy}"
 
 
 # ---------------------------------------------------------------------- architectures
