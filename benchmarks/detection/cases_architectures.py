@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from benchmarks.detection import zoo, zoo_architectures
+from benchmarks.detection import zoo, zoo_architectures, zoo_data
 from benchmarks.detection.cases import Built, Case
 from benchmarks.detection.cases_real_faults import LR_HIGH, NON_FINITE
 
@@ -66,7 +66,7 @@ CASES: tuple[Case, ...] = (
         "cnn-sorted-labels",
         False,
         frozenset({"single-label-batch"}),
-        lambda: _cnn(zoo_architectures.digits_images_sorted_loaders()),
+        lambda: _cnn(zoo_data.digits_sorted_loaders(images=True)),
         "batch-norm CNN on digit images sorted by label, loaded with shuffle=False: one digit per batch",
         {"max_steps": 60},
         fast=True,

@@ -286,6 +286,12 @@ class RecurrentClassifier(nn.Module):
         return self.head(outputs[:, -1])
 
 
+def token_encoder(width: int, heads: int, layers: int = 2) -> nn.TransformerEncoder:
+    """The zoo's small Transformer encoder: batch-first layers with dropout 0.1 and a 2x feed-forward."""
+    layer = nn.TransformerEncoderLayer(width, heads, dim_feedforward=2 * width, dropout=0.1, batch_first=True)
+    return nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+
+
 class TokenTransformer(nn.Module):
     """Token and learned position embeddings, a Transformer encoder with dropout, mean pooling, a head."""
 
@@ -295,10 +301,7 @@ class TokenTransformer(nn.Module):
         super().__init__()
         self.embed = nn.Embedding(vocab, width)
         self.position = nn.Parameter(0.02 * torch.randn(length, width))
-        layer = nn.TransformerEncoderLayer(
-            width, heads, dim_feedforward=2 * width, dropout=0.1, batch_first=True
-        )
-        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.encoder = token_encoder(width, heads, layers)
         self.head = nn.Linear(width, classes)
 
     def forward(self, tokens: Tensor) -> Tensor:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
 
 from benchmarks.detection import zoo
 
@@ -49,10 +48,7 @@ class PaddedTokenTransformer(nn.Module):
         super().__init__()
         self.embed = nn.Embedding(vocab, width, padding_idx=PAD)
         self.position = nn.Parameter(0.02 * torch.randn(length, width))
-        layer = nn.TransformerEncoderLayer(
-            width, heads, dim_feedforward=2 * width, dropout=0.1, batch_first=True
-        )
-        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.encoder = zoo.token_encoder(width, heads)
         self.pool = AttentionPool(width)
         self.head = nn.Linear(width, 2)
         self.inverted_pool_mask = inverted_pool_mask
@@ -77,10 +73,7 @@ class NormalizedTokenTransformer(nn.Module):
         super().__init__()
         self.embed = nn.Embedding(vocab, width)
         self.position = nn.Parameter(0.02 * torch.randn(length, width))
-        layer = nn.TransformerEncoderLayer(
-            width, heads, dim_feedforward=2 * width, dropout=0.1, batch_first=True
-        )
-        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.encoder = zoo.token_encoder(width, heads)
         self.head = nn.Linear(width, 2)
 
     def forward(self, tokens: Tensor) -> Tensor:
@@ -112,14 +105,6 @@ def padded_marker_loaders(
 
 
 # ====================================================================== CNN data faults
-def digits_images_sorted_loaders(batch_size: int = 64, seed: int = 0) -> zoo.Loaders:
-    """Standardised ``1x8x8`` digits sorted by label, loaded with ``shuffle=False``."""
-    train, _ = zoo.digits_loaders(batch_size=batch_size, images=True, seed=seed)
-    inputs, targets = train.dataset.tensors  # type: ignore[attr-defined]
-    order = torch.argsort(targets, stable=True)
-    return DataLoader(list(zip(inputs[order], targets[order], strict=True)), batch_size=batch_size), None
-
-
 def per_image_standardized_with_blanks_loaders(
     batch_size: int = 64, blank: float = 0.03, seed: int = 0
 ) -> zoo.Loaders:

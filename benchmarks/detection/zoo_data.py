@@ -83,9 +83,9 @@ def digits_same_batch_loaders(batch_size: int = 64, seed: int = 0) -> Loaders:
     ), None
 
 
-def digits_sorted_loaders(batch_size: int = 64, seed: int = 0) -> Loaders:
-    """Standardized digits sorted by label, loaded with ``shuffle=False``."""
-    train, _ = zoo.digits_loaders(batch_size=batch_size, seed=seed)
+def digits_sorted_loaders(batch_size: int = 64, seed: int = 0, images: bool = False) -> Loaders:
+    """Standardized digits (``1x8x8`` images with ``images=True``) sorted by label, loaded with ``shuffle=False``."""
+    train, _ = zoo.digits_loaders(batch_size=batch_size, images=images, seed=seed)
     inputs, targets = train.dataset.tensors  # type: ignore[attr-defined]
     order = torch.argsort(targets, stable=True)
     return DataLoader(list(zip(inputs[order], targets[order], strict=True)), batch_size=batch_size), None
