@@ -178,11 +178,11 @@ class HistogramLogger(SentinelCallback):
     uses no collectives. Without a :class:`~lightning.pytorch.loggers.TensorBoardLogger` among the
     trainer's loggers it emits one :class:`~lightning_sentinel.SentinelWarning` and does nothing.
 
-    Cost (``python -m benchmarks.histogram_cost``: CPU, one thread, a 2-core machine shared with other
-    jobs): one sampled step adds about one training step (MLP 64-256-256-10: +12.8 ms, 0.7 step;
-    small CNN on 32x32 images: +196 ms, 0.75 step), so the default ``every_n_steps=200`` costs about
-    0.4% of training time (under 2% even at 4 steps per sample, the worst run measured). Steps
-    that are not sampled do no tensor work (a few attribute tests per hook). On a GPU, binning stays on the device and the
+    Cost (``python -m benchmarks.overhead``, ``benchmarks/OVERHEAD.md``: CPU, one thread, with a
+    TensorBoard logger): sampling every step makes a step 2.6-5.3x as long (a sampled step adds 1.6-4.3
+    training steps on the 1.6-9.6 ms MLP and CNN workloads), so the default ``every_n_steps=200``
+    costs 0.8-2.1% of training time. Steps that are not sampled do no tensor work (a few attribute
+    tests per hook). On a GPU, binning stays on the device and the
     sampled step does one host read.
 
     Args:
