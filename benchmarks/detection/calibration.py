@@ -76,6 +76,12 @@ def _resolved(module: str, cls: str, attribute: str) -> Callable[[], float]:
     return read
 
 
+def _update_ratio(args: tuple[Any, ...], result: Any) -> float | None:
+    """The update/weight ratio ``ratio_streak`` judged (exactly-zero and non-finite ones are other checks')."""
+    ratio = args[0]
+    return ratio if math.isfinite(ratio) and ratio > 0 else None
+
+
 def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
@@ -230,7 +236,7 @@ PROBES: tuple[Probe, ...] = (
         "update/weight norm ratio",
         "parameters",
         "ratio_streak",
-        lambda a, r: a[0] if math.isfinite(a[0]) and a[0] > 0 else None,
+        _update_ratio,
         _default("parameters", "ParameterUpdateMonitor", "high_ratio"),
     ),
     Probe(
@@ -238,7 +244,7 @@ PROBES: tuple[Probe, ...] = (
         "update/weight norm ratio on a single check (any layer)",
         "parameters",
         "ratio_streak",
-        lambda a, r: a[0] if math.isfinite(a[0]) and a[0] > 0 else None,
+        _update_ratio,
         _resolved("parameters", "ParameterUpdateMonitor", "burst_ratio"),
         guard="only weight layers with RMS >= 1e-3 are judged on one check",
     ),
@@ -247,7 +253,7 @@ PROBES: tuple[Probe, ...] = (
         "update/weight norm ratio",
         "parameters",
         "ratio_streak",
-        lambda a, r: a[0] if math.isfinite(a[0]) and a[0] > 0 else None,
+        _update_ratio,
         _default("parameters", "ParameterUpdateMonitor", "low_ratio"),
         upper=False,
         guard="not judged while the lr warms up or has decayed below half its peak",
