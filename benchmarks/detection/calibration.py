@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import inspect
 import math
 import statistics
 from collections import defaultdict
@@ -58,20 +57,12 @@ class Probe:
     guard: str = ""
 
 
-def _default(module: str, cls: str, parameter: str) -> Callable[[], float]:
-    def read() -> float:
-        owner = getattr(importlib.import_module(f"lightning_sentinel.checks.{module}"), cls)
-        return float(inspect.signature(owner.__init__).parameters[parameter].default)
-
-    return read
-
-
-def _resolved(module: str, cls: str, attribute: str) -> Callable[[], float]:
-    """The value a default-constructed check resolves a setting to (for defaults given as ``None``)."""
+def _default(module: str, cls: str, setting: str) -> Callable[[], float]:
+    """The value a default-constructed check holds for ``setting`` (a ``None`` default resolved)."""
 
     def read() -> float:
         owner = getattr(importlib.import_module(f"lightning_sentinel.checks.{module}"), cls)
-        return float(getattr(owner(), attribute))
+        return float(getattr(owner(), setting))
 
     return read
 
@@ -245,7 +236,7 @@ PROBES: tuple[Probe, ...] = (
         "parameters",
         "ratio_streak",
         _update_ratio,
-        _resolved("parameters", "ParameterUpdateMonitor", "burst_ratio"),
+        _default("parameters", "ParameterUpdateMonitor", "burst_ratio"),
         guard="only weight layers with RMS >= 1e-3 are judged on one check",
     ),
     Probe(
