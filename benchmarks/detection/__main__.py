@@ -143,22 +143,21 @@ def _results(
     path: str, threads: int, strict: bool, argv: Sequence[str] | None, seeds: Sequence[int] = ()
 ) -> int:
     recorder = calibration.Recorder()
-    results: list[CaseResult] = []
-    by_seed: dict[int, list[CaseResult]] = {}
+    runs: dict[int | None, list[CaseResult]] = {}  # None: each case's own seed
     started = time.perf_counter()
     with calibration.probing(recorder):
-        for case in CASES:
-            recorder.case = case.name if case.healthy else ""
-            result = run_case(case, threads=threads)
-            results.append(result)
-            _progress(result)
-        for seed in seeds:
-            by_seed[seed] = []
+        for seed in (None, *seeds):
+            runs[seed] = []
             for case in CASES:
-                recorder.case = f"{case.name}@{seed}" if case.healthy else ""
-                result = run_case(dataclasses.replace(case, seed=seed), threads=threads)
-                by_seed[seed].append(result)
+                tag = case.name if seed is None else f"{case.name}@{seed}"
+                recorder.case = tag if case.healthy else ""
+                result = run_case(
+                    case if seed is None else dataclasses.replace(case, seed=seed), threads=threads
+                )
+                runs[seed].append(result)
                 _progress(result)
+    results = runs.pop(None)
+    by_seed = {seed: seeded for seed, seeded in runs.items() if seed is not None}
     seconds = time.perf_counter() - started
     recorder_rows = calibration.margins(_healthy_only(recorder))
     started = time.perf_counter()
