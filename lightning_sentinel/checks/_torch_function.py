@@ -1,5 +1,6 @@
-"""Helpers for the checks that intercept calls with a ``TorchFunctionMode`` (loss inputs, loss at
-init, activations): taking a mode off the stack wherever it sits, and naming a loss call's origin.
+"""Helpers for the checks that intercept calls with a ``TorchFunctionMode`` (loss inputs, label noise,
+loss at init, activations): taking a mode off the stack wherever it sits, naming a loss call's origin,
+and the sampling lifecycle shared by the checks that read loss calls on sampled training batches.
 
 Example:
     >>> from torch.overrides import TorchFunctionMode
@@ -15,11 +16,15 @@ import os
 import re
 import sys
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar
 
+import lightning.pytorch as pl
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
+from typing_extensions import override
+
+from lightning_sentinel.base import OnDetect, SentinelCallback
 
 
 class LossCallRecorder(TorchFunctionMode):
@@ -110,3 +115,88 @@ def loss_call_site(function: str, module_names: dict[int, str]) -> tuple[str, st
         name = module_names.get(id(loss_module))
         return (name or f"{type(loss_module).__name__} in {caller}"), site
     return f"F.{function} in {caller}", site
+
+
+RecorderT = TypeVar("RecorderT", bound=LossCallRecorder)
+
+
+class SampledLossCallCheck(SentinelCallback, Generic[RecorderT]):
+    """Base of the checks that read the loss calls of sampled training batches.
+
+    On every ``every_n_steps``-th training batch (micro-batch, after ``warmup_steps``) the recorder
+    made by :meth:`_new_recorder` is entered in ``on_train_batch_start``; it is removed in
+    ``on_before_backward`` under automatic optimization (backward and the optimizer step are not
+    intercepted), otherwise at batch end, and always on exception, epoch end and teardown, so it is
+    never left active. At batch end :meth:`_judge_calls` gets the recorder. Other batches cost a
+    counter.
+    """
+
+    def __init__(self, on_detect: OnDetect = "warn", every_n_steps: int = 10, warmup_steps: int = 0) -> None:
+        super().__init__(on_detect=on_detect, every_n_steps=every_n_steps, warmup_steps=warmup_steps)
+        self._batches_seen = 0
+        self._mode: RecorderT | None = None
+        self._module_names: dict[int, str] | None = None
+
+    def _new_recorder(self, module_names: dict[int, str]) -> RecorderT:
+        """The recorder to enter on a sampled batch (override)."""
+        raise NotImplementedError
+
+    def _judge_calls(self, trainer: pl.Trainer, recorder: RecorderT, batch_idx: int) -> None:
+        """Judge what ``recorder`` saw on the sampled batch ``batch_idx`` (override)."""
+        raise NotImplementedError
+
+    @override
+    def _extra_state(self) -> dict[str, Any]:
+        return {"batches_seen": self._batches_seen}
+
+    @override
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        self._batches_seen = int(state.get("batches_seen", 0))
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._module_names = None
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._release(trainer)  # a batch whose end hook never ran (an epoch cut short) leaves nothing behind
+        index = self._batches_seen
+        self._batches_seen += 1
+        if not self._is_due(index) or not self.active_checks:
+            return
+        if self._module_names is None:
+            self._module_names = {id(module): name for name, module in pl_module.named_modules() if name}
+        self._mode = self._new_recorder(self._module_names)
+        self._mode.__enter__()
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        mode = self._mode
+        if mode is None:
+            return
+        self._release(trainer)
+        if mode.error is not None:
+            raise mode.error  # the base class turns this into "disabled itself", once
+        self._judge_calls(trainer, mode, batch_idx)
+        self._settle(trainer)
+
+    @override
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
+        # automatic optimization: the loss of this batch is computed; backward and the optimizer step
+        # need not pay for the interception (the calls recorded so far are judged at batch end)
+        if self._mode is not None and pl_module.automatic_optimization:
+            remove_mode(self._mode)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._release(trainer)
+
+    @override
+    def _release(self, trainer: pl.Trainer) -> None:
+        if self._mode is not None:
+            mode, self._mode = self._mode, None
+            remove_mode(mode)

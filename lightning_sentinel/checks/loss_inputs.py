@@ -24,9 +24,9 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_sentinel._validate import require_int, require_number
-from lightning_sentinel.base import OnDetect, SentinelCallback
+from lightning_sentinel.base import OnDetect
 from lightning_sentinel.catalog import CheckSpec, add_to_presets, register
-from lightning_sentinel.checks._torch_function import LossCallRecorder, loss_call_site, remove_mode
+from lightning_sentinel.checks._torch_function import LossCallRecorder, SampledLossCallCheck, loss_call_site
 from lightning_sentinel.findings import Severity
 
 SOFTMAX_BEFORE_CE = "softmax-before-cross-entropy"
@@ -453,7 +453,7 @@ class _LossInterceptor(LossCallRecorder):
 
 
 # ---------------------------------------------------------------------- the callback
-class LossInputCheck(SentinelCallback):
+class LossInputCheck(SampledLossCallCheck[_LossInterceptor]):
     """Checks what the loss functions receive: probabilities where logits belong, logits where
     log-probabilities belong, shapes that broadcast, outputs clipped by a final activation.
 
@@ -544,11 +544,8 @@ class LossInputCheck(SentinelCallback):
         self.patience = require_int("patience", patience)
         self.min_target_share = require_number("min_target_share", min_target_share, above=0, at_most=1)
         self.min_pinned_share = require_number("min_pinned_share", min_pinned_share, above=0, at_most=1)
-        self._batches_seen = 0
         self._streaks: dict[str, int] = {}
         self._unseen_reported = False
-        self._mode: _LossInterceptor | None = None
-        self._module_names: dict[int, str] | None = None
 
     @override
     def _state_key_settings(self) -> dict[str, Any]:
@@ -557,68 +554,25 @@ class LossInputCheck(SentinelCallback):
     @override
     def _extra_state(self) -> dict[str, Any]:
         return {
-            "batches_seen": self._batches_seen,
+            **super()._extra_state(),
             "streaks": dict(self._streaks),
             "unseen_reported": self._unseen_reported,
         }
 
     @override
     def _load_extra_state(self, state: dict[str, Any]) -> None:
-        self._batches_seen = int(state.get("batches_seen", 0))
+        super()._load_extra_state(state)
         self._streaks = {str(key): int(value) for key, value in state.get("streaks", {}).items()}
         self._unseen_reported = bool(state.get("unseen_reported", False))
 
-    # ------------------------------------------------------------------ hooks
-    @override
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._module_names = None
-
-    @override
-    def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        self._release(trainer)  # a batch whose end hook never ran (an epoch cut short) leaves nothing behind
-        index = self._batches_seen
-        self._batches_seen += 1
-        if not self._is_due(index) or not self.active_checks:
-            return
-        if self._module_names is None:
-            self._module_names = {id(module): name for name, module in pl_module.named_modules() if name}
-        self._mode = _LossInterceptor(self._module_names)
-        self._mode.__enter__()
-
-    @override
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        mode = self._mode
-        if mode is None:
-            return
-        self._release(trainer)
-        if mode.error is not None:
-            raise mode.error  # the base class turns this into "disabled itself", once
-        self._run_loss_input_check(trainer, mode.calls, batch_idx)
-        self._settle(trainer)
-
-    @override
-    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
-        # automatic optimization: the loss of this batch is computed; backward and the optimizer step
-        # need not pay for the interception (the calls recorded so far are judged at batch end)
-        if self._mode is not None and pl_module.automatic_optimization:
-            remove_mode(self._mode)
-
-    @override
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._release(trainer)
-
-    @override
-    def _release(self, trainer: pl.Trainer) -> None:
-        if self._mode is not None:
-            mode, self._mode = self._mode, None
-            remove_mode(mode)
-
     # ------------------------------------------------------------------ the check
-    def _run_loss_input_check(self, trainer: pl.Trainer, calls: list[LossCall], batch_idx: int) -> None:
+    @override
+    def _new_recorder(self, module_names: dict[int, str]) -> _LossInterceptor:
+        return _LossInterceptor(module_names)
+
+    @override
+    def _judge_calls(self, trainer: pl.Trainer, recorder: _LossInterceptor, batch_idx: int) -> None:
+        calls = recorder.calls
         if not calls:
             self._report_unseen(trainer, batch_idx)
             return
