@@ -40,6 +40,7 @@ DUE: dict[str, Callable[[int, int], bool]] = {
     "checks/loss_at_init.py": lambda i, n: i == 0,
     "checks/activations.py": lambda i, n: i % n == 0,
     "checks/loss_inputs.py": lambda i, n: i % n == 0,
+    "checks/label_noise.py": lambda i, n: i % n == 0,
     "checks/modes.py": lambda i, n: i == 0 or i % n == 0,
     "checks/parameters.py": lambda i, n: i % n == 0,
     "checks/curves.py": lambda i, n: (i + 1) % n == 0,  # judges after its n-th step

@@ -25,6 +25,7 @@ from lightning_sentinel import (
     DeadReLUDetector,
     GradientNormMonitor,
     HistogramLogger,
+    LabelNoiseMonitor,
     LabelShuffleCheck,
     LearningCurveMonitor,
     LossAtInitCheck,
@@ -135,6 +136,15 @@ BAD_VALUES: dict[type, dict[str, Bad]] = {
         "patience": INT_1,
         "min_target_share": SHARE_CLOSED,
         "min_pinned_share": SHARE_CLOSED,
+    },
+    LabelNoiseMonitor: {
+        **COMMON,
+        "low_probability": SHARE_OPEN,
+        "max_share": SHARE_CLOSED,
+        "min_accuracy": SHARE_CLOSED,
+        "window": INT_1,
+        "min_samples": INT_1,
+        "min_classes": [*INT_1, (2, ValueError)],
     },
     TrainEvalModeChecker: {
         "on_detect": ON_DETECT,

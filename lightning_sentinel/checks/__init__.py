@@ -11,6 +11,7 @@ from lightning_sentinel.checks.curves import LearningCurveMonitor
 from lightning_sentinel.checks.data import BatchInspector
 from lightning_sentinel.checks.gradients import GradientNormMonitor
 from lightning_sentinel.checks.histograms import HistogramLogger
+from lightning_sentinel.checks.label_noise import LabelNoiseMonitor
 from lightning_sentinel.checks.loss_at_init import LossAtInitCheck
 from lightning_sentinel.checks.loss_inputs import LossInputCheck
 from lightning_sentinel.checks.modes import TrainEvalModeChecker
@@ -29,6 +30,7 @@ __all__ = [
     "DeadReLUDetector",
     "GradientNormMonitor",
     "HistogramLogger",
+    "LabelNoiseMonitor",
     "LabelShuffleCheck",
     "LearningCurveMonitor",
     "LossAtInitCheck",
