@@ -293,6 +293,14 @@ PROBES: tuple[Probe, ...] = (
         _default("loss_inputs", "LossInputCheck", "min_pinned_share"),
     ),
     Probe(
+        "noisy-labels",
+        "share of labels given p < 0.05 (window of learned batches)",
+        "label_noise",
+        "pool_recent",
+        lambda a, r: None if r is None else r.contradicted_share,
+        _default("label_noise", "LabelNoiseMonitor", "max_share"),
+    ),
+    Probe(
         "unnormalized-inputs",
         "largest |feature mean|",
         "data",

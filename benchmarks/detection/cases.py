@@ -493,6 +493,7 @@ _EXTENSIONS = (
     "cases_healthy_more",
     "cases_mutations",
     "cases_architectures",
+    "cases_labels",
 )
 
 

@@ -81,7 +81,6 @@ _TRAIN_ABOVE_VAL = (
     "purpose, so a warning on it would be a false alarm for those recipes"
 )
 OUT_OF_REACH: dict[tuple[str, str], str] = {
-    ("tcl-30", "digits-cnn"): _TRAIN_ABOVE_VAL.format("30% wrong training labels", "1.8-2.2x"),
     ("trd-90", "digits-mlp"): _FEWER_EXAMPLES.format("best 0.374, last 0.379"),
     ("trd-90", "digits-cnn"): _FEWER_EXAMPLES.format("best 0.224, last 0.225"),
     ("tan-1", "digits-cnn"): _TRAIN_ABOVE_VAL.format(

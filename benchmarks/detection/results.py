@@ -417,7 +417,7 @@ NOTES = (
     "healthy programs (benchmarks/detection/zoo_mutations.py). A mutant is a fault only if it measurably "
     "ends worse than its healthy twin; harmless mutants are listed above and are never scored.",
     "Out-of-reach mutants (below) are measurably worse but their runs are healthy-looking by construction: "
-    "fewer examples or steps, mild label or input noise, a slower but working configuration. We found no "
+    "fewer examples or steps, mild input noise, heavy dropout, a slower but working configuration. We found no "
     "signal in the loss, gradients, activations, updates or data that a runtime check could call a fault "
     "without knowing the better configuration, so they are reported here and left out of recall (rather "
     "than hidden behind a weaker strength). The same operators at stronger settings "

@@ -421,6 +421,8 @@ LR_LOW = frozenset(
 NO_SIGNAL = frozenset({"model-ignores-input"})
 # training data that mislead the model: it fits them while the held-out loss climbs
 MISLEADING_DATA = NO_SIGNAL | {"overfitting"}
+# wrong labels among right ones: the model that learns from the right ones contradicts the wrong ones
+WRONG_LABELS = MISLEADING_DATA | {"noisy-labels"}
 CANNOT_FIT = frozenset({"cannot-overfit-batch", "model-ignores-input", "loss-not-decreasing"})
 
 _CLASSIFIERS = ("digits-mlp", "digits-cnn", "breast-cancer-sgd")
@@ -439,7 +441,7 @@ _MUTATION_LIST: tuple[Mutation, ...] = (
         "TCL",
         "30% of the training labels moved to a wrong class",
         {"data_edits": [change_labels(0.3)]},
-        MISLEADING_DATA,
+        WRONG_LABELS,
         _CLASSIFIERS,
     ),
     Mutation(
@@ -487,7 +489,7 @@ _MUTATION_LIST: tuple[Mutation, ...] = (
         "TCO",
         "20% of the training rows duplicated with a wrong label",
         {"data_edits": [class_overlap(0.2)]},
-        MISLEADING_DATA,
+        WRONG_LABELS,
         _CLASSIFIERS,
     ),
     # ------------------------------------------------------------------ hyper-parameters
