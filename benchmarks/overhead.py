@@ -67,6 +67,7 @@ from lightning_sentinel import (
     DeadReLUDetector,
     GradientNormMonitor,
     HistogramLogger,
+    LabelNoiseMonitor,
     LearningCurveMonitor,
     LossAtInitCheck,
     LossInputCheck,
@@ -296,6 +297,7 @@ def variants(quick: bool) -> list[Variant]:
         DeadReLUDetector,
         LossInputCheck,
         TrainEvalModeChecker,
+        LabelNoiseMonitor,
         ParameterUpdateMonitor,
         LearningCurveMonitor,
     ]
