@@ -120,7 +120,41 @@ def loss_call_site(function: str, module_names: dict[int, str]) -> tuple[str, st
 RecorderT = TypeVar("RecorderT", bound=LossCallRecorder)
 
 
-class SampledLossCallCheck(SentinelCallback, Generic[RecorderT]):
+class InterceptingCheck(SentinelCallback, Generic[RecorderT]):
+    """Base of the checks that keep a loss-call recorder active during some training batches.
+
+    Holds the active recorder in ``_mode`` (``None`` when none is); :meth:`_release` takes it off the
+    torch-function mode stack, and runs at epoch end as well as on exception and teardown (the base
+    class), so a recorder whose batch never ended is never left active.
+    """
+
+    def __init__(self, on_detect: OnDetect = "warn", every_n_steps: int = 1, warmup_steps: int = 0) -> None:
+        super().__init__(on_detect=on_detect, every_n_steps=every_n_steps, warmup_steps=warmup_steps)
+        self._mode: RecorderT | None = None
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._release(trainer)
+
+    @override
+    def _release(self, trainer: pl.Trainer) -> None:
+        if self._mode is not None:
+            mode, self._mode = self._mode, None
+            remove_mode(mode)
+
+    def _take_recorder(self, trainer: pl.Trainer) -> RecorderT | None:
+        """At batch end: the active recorder taken off the stack (``None`` if none was), or the error
+        it kept, raised (the base class turns it into "disabled itself", once)."""
+        mode = self._mode
+        if mode is None:
+            return None
+        self._release(trainer)
+        if mode.error is not None:
+            raise mode.error
+        return mode
+
+
+class SampledLossCallCheck(InterceptingCheck[RecorderT]):
     """Base of the checks that read the loss calls of sampled training batches.
 
     On every ``every_n_steps``-th training batch (micro-batch, after ``warmup_steps``) the recorder
@@ -134,7 +168,6 @@ class SampledLossCallCheck(SentinelCallback, Generic[RecorderT]):
     def __init__(self, on_detect: OnDetect = "warn", every_n_steps: int = 10, warmup_steps: int = 0) -> None:
         super().__init__(on_detect=on_detect, every_n_steps=every_n_steps, warmup_steps=warmup_steps)
         self._batches_seen = 0
-        self._mode: RecorderT | None = None
         self._module_names: dict[int, str] | None = None
 
     def _new_recorder(self, module_names: dict[int, str]) -> RecorderT:
@@ -175,12 +208,9 @@ class SampledLossCallCheck(SentinelCallback, Generic[RecorderT]):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        mode = self._mode
+        mode = self._take_recorder(trainer)
         if mode is None:
             return
-        self._release(trainer)
-        if mode.error is not None:
-            raise mode.error  # the base class turns this into "disabled itself", once
         self._judge_calls(trainer, mode, batch_idx)
         self._settle(trainer)
 
@@ -190,13 +220,3 @@ class SampledLossCallCheck(SentinelCallback, Generic[RecorderT]):
         # need not pay for the interception (the calls recorded so far are judged at batch end)
         if self._mode is not None and pl_module.automatic_optimization:
             remove_mode(self._mode)
-
-    @override
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._release(trainer)
-
-    @override
-    def _release(self, trainer: pl.Trainer) -> None:
-        if self._mode is not None:
-            mode, self._mode = self._mode, None
-            remove_mode(mode)

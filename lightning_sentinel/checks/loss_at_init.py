@@ -30,9 +30,14 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_sentinel._validate import require_number
-from lightning_sentinel.base import OnDetect, SentinelCallback
+from lightning_sentinel.base import OnDetect
 from lightning_sentinel.catalog import CheckSpec, add_to_presets, register
-from lightning_sentinel.checks._torch_function import LossCallRecorder, loss_call_site, remove_mode
+from lightning_sentinel.checks._torch_function import (
+    InterceptingCheck,
+    LossCallRecorder,
+    loss_call_site,
+    remove_mode,
+)
 from lightning_sentinel.findings import Severity
 
 LOSS_AT_INIT = "loss-at-init"
@@ -260,7 +265,7 @@ class _InitLossInterceptor(LossCallRecorder):
 
 
 # ---------------------------------------------------------------------- the callback
-class LossAtInitCheck(SentinelCallback):
+class LossAtInitCheck(InterceptingCheck[_InitLossInterceptor]):
     """Compares the loss of the first training batch, before any optimizer step, with its expected value.
 
     On the first training batch of a fit (``trainer.global_step == 0``; a resumed run is not judged
@@ -334,7 +339,6 @@ class LossAtInitCheck(SentinelCallback):
         self.max_excess = require_number("max_excess", max_excess, above=0)
         self.max_regression_ratio = require_number("max_regression_ratio", max_regression_ratio, above=1)
         self._done = False
-        self._mode: _InitLossInterceptor | None = None
 
     @override
     def _state_key_settings(self) -> dict[str, Any]:
@@ -379,26 +383,14 @@ class LossAtInitCheck(SentinelCallback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        mode = self._mode
+        if self._mode is not None:
+            self._done = True  # judged once, also when the recorder failed
+        mode = self._take_recorder(trainer)
         if mode is None:
             return
-        self._release(trainer)
-        self._done = True
-        if mode.error is not None:
-            raise mode.error  # the base class turns this into "disabled itself", once
         returned = _returned_loss(outputs, trainer, pl_module)
         self._run_loss_at_init_check(trainer, mode, returned, batch_idx)
         self._settle(trainer)
-
-    @override
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._release(trainer)
-
-    @override
-    def _release(self, trainer: pl.Trainer) -> None:
-        if self._mode is not None:
-            mode, self._mode = self._mode, None
-            remove_mode(mode)
 
     # ------------------------------------------------------------------ the check
     def _run_loss_at_init_check(
