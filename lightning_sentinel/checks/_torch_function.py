@@ -61,6 +61,26 @@ class LossCallRecorder(TorchFunctionMode):
         raise NotImplementedError
 
 
+# position of ``ignore_index`` in the signatures of cross_entropy and nll_loss
+IGNORE_INDEX_POSITION = 4
+
+
+def call_argument(
+    args: tuple[Any, ...], kwargs: dict[str, Any], position: int, name: str, default: Any
+) -> Any:
+    """An intercepted call's argument ``name``, passed by keyword or at ``position``, else ``default``.
+
+    Example:
+        >>> call_argument(("logits", "target"), {}, 1, "target", None)
+        'target'
+        >>> call_argument(("logits",), {"ignore_index": 0}, IGNORE_INDEX_POSITION, "ignore_index", -100)
+        0
+    """
+    if name in kwargs:
+        return kwargs[name]
+    return args[position] if len(args) > position else default
+
+
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 _CHECKS_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 _LOSS_MODULES_FILE = os.path.join(_TORCH_DIR, "nn", "modules", "loss.py")

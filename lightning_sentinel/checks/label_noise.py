@@ -23,7 +23,13 @@ from typing_extensions import override
 from lightning_sentinel._validate import require_int, require_number
 from lightning_sentinel.base import OnDetect
 from lightning_sentinel.catalog import CheckSpec, add_to_presets, register
-from lightning_sentinel.checks._torch_function import LossCallRecorder, SampledLossCallCheck, loss_call_site
+from lightning_sentinel.checks._torch_function import (
+    IGNORE_INDEX_POSITION,
+    LossCallRecorder,
+    SampledLossCallCheck,
+    call_argument,
+    loss_call_site,
+)
 from lightning_sentinel.findings import Severity
 
 NOISY_LABELS = "noisy-labels"
@@ -39,11 +45,6 @@ register(
         "and >= 256 labels where the model's top class is the label for >= 50% of the samples; one label per "
         "sample, >= 3 classes",
     )
-)
-
-_DEFAULT_IGNORE_INDEX = -100
-_IGNORE_INDEX_POSITION = (
-    4  # cross_entropy(input, target, weight, size_average, ignore_index, ...), nll_loss alike
 )
 
 
@@ -145,8 +146,8 @@ class _LabelInterceptor(LossCallRecorder):
     def record(
         self, func: Callable[..., Any], label: str, args: tuple[Any, ...], kwargs: dict[str, Any], result: Any
     ) -> None:
-        scores = args[0] if args else kwargs.get("input")
-        targets = args[1] if len(args) > 1 else kwargs.get("target")
+        scores = call_argument(args, kwargs, 0, "input", None)
+        targets = call_argument(args, kwargs, 1, "target", None)
         if not (
             isinstance(scores, Tensor)
             and isinstance(targets, Tensor)
@@ -158,9 +159,7 @@ class _LabelInterceptor(LossCallRecorder):
             and scores.shape[1] >= self.min_classes
         ):
             return
-        ignore_index = kwargs.get("ignore_index", _DEFAULT_IGNORE_INDEX)
-        if len(args) > _IGNORE_INDEX_POSITION:
-            ignore_index = args[_IGNORE_INDEX_POSITION]
+        ignore_index = call_argument(args, kwargs, IGNORE_INDEX_POSITION, "ignore_index", -100)
         where, site = loss_call_site(label, self.module_names)
         with torch.no_grad():
             counts = label_counts(scores, targets.to(scores.device), int(ignore_index), self.low_probability)

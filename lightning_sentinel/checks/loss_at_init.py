@@ -33,8 +33,10 @@ from lightning_sentinel._validate import require_number
 from lightning_sentinel.base import OnDetect
 from lightning_sentinel.catalog import CheckSpec, add_to_presets, register
 from lightning_sentinel.checks._torch_function import (
+    IGNORE_INDEX_POSITION,
     InterceptingCheck,
     LossCallRecorder,
+    call_argument,
     loss_call_site,
     remove_mode,
 )
@@ -67,8 +69,6 @@ _INTERCEPTED: dict[Callable[..., Any], str] = {
     F.binary_cross_entropy: _BCE,
     F.mse_loss: _MSE,
 }
-# position of ``ignore_index`` in the signatures of cross_entropy and nll_loss
-_IGNORE_INDEX_POSITION = 4
 
 
 # ---------------------------------------------------------------------- pure rules
@@ -213,12 +213,6 @@ class InitLossCall:
     stats: Tensor
 
 
-def _argument(args: tuple[Any, ...], kwargs: dict[str, Any], position: int, name: str, default: Any) -> Any:
-    if name in kwargs:
-        return kwargs[name]
-    return args[position] if len(args) > position else default
-
-
 class _InitLossInterceptor(LossCallRecorder):
     """Reduces the arguments of the intercepted losses to statistics; every call runs unchanged."""
 
@@ -238,8 +232,8 @@ class _InitLossInterceptor(LossCallRecorder):
         kwargs: dict[str, Any],
         result: Any,
     ) -> None:
-        scores = _argument(args, kwargs, 0, "input", None)
-        target = _argument(args, kwargs, 1, "target", None)
+        scores = call_argument(args, kwargs, 0, "input", None)
+        target = call_argument(args, kwargs, 1, "target", None)
         if not isinstance(scores, Tensor) or not isinstance(target, Tensor):
             return
         if not scores.is_floating_point() or scores.numel() == 0 or target.numel() == 0:
@@ -248,7 +242,7 @@ class _InitLossInterceptor(LossCallRecorder):
             if function in (_CROSS_ENTROPY, _NLL):
                 if scores.shape[_class_dim(scores)] < 2:
                     return
-                ignore_index = _argument(args, kwargs, _IGNORE_INDEX_POSITION, "ignore_index", -100)
+                ignore_index = call_argument(args, kwargs, IGNORE_INDEX_POSITION, "ignore_index", -100)
                 stats = classification_init_stats(scores, target, function == _NLL, int(ignore_index))
             elif function in (_BCE_LOGITS, _BCE):
                 if not target.is_floating_point():
