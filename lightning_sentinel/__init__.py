@@ -27,6 +27,7 @@ from lightning_sentinel.checks import (
     ParameterUpdateMonitor,
     TargetLeakageCheck,
     TrainEvalModeChecker,
+    WeightDecayMonitor,
 )
 from lightning_sentinel.findings import (
     Finding,
@@ -64,6 +65,7 @@ __all__ = [
     "Severity",
     "TargetLeakageCheck",
     "TrainEvalModeChecker",
+    "WeightDecayMonitor",
     "__version__",
     "findings",
     "load_findings",

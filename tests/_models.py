@@ -109,3 +109,33 @@ def fit(
         finally:
             trainer.sentinel_warnings = [w for w in caught if issubclass(w.category, SentinelWarning)]  # type: ignore[attr-defined]
     return trainer
+
+
+class TwoOptimizers(Classifier):
+    """Manual optimization: a body and a head, each with its own optimizer, both stepped every batch.
+
+    ``make_optimizers(module)`` returns the (body, head) optimizers; default SGD at lr 0.01 each.
+    """
+
+    def __init__(self, make_optimizers: Callable[[TwoOptimizers], Any] | None = None) -> None:
+        super().__init__(net=nn.Sequential(nn.Linear(8, 32), nn.ReLU()))
+        self.head = nn.Linear(32, 3)
+        self.automatic_optimization = False
+        self.make_optimizers = make_optimizers
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        body, head = self.optimizers()
+        x, y = batch
+        loss = nn.functional.cross_entropy(self.head(self.net(x)), y)
+        body.zero_grad()
+        head.zero_grad()
+        self.manual_backward(loss)
+        body.step()
+        head.step()
+
+    def configure_optimizers(self) -> Any:
+        if self.make_optimizers is not None:
+            return self.make_optimizers(self)
+        return torch.optim.SGD(self.net.parameters(), lr=0.01), torch.optim.SGD(
+            self.head.parameters(), lr=0.01
+        )

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from _models import Classifier, fit
+from _models import Classifier, TwoOptimizers, fit
 from lightning.pytorch import Callback
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins import MixedPrecision
@@ -326,30 +326,6 @@ def test_hooks_are_removed_when_training_fails_on_a_sampled_step(tmp_path):
             logger=_tensorboard(tmp_path),
         )
     assert _forward_hooks(module) == 0
-
-
-class TwoOptimizers(Classifier):
-    """Manual optimization: a body and a head, each with its own optimizer."""
-
-    def __init__(self):
-        super().__init__(net=nn.Sequential(nn.Linear(8, 32), nn.ReLU()))
-        self.head = nn.Linear(32, 3)
-        self.automatic_optimization = False
-
-    def training_step(self, batch, batch_idx):
-        body, head = self.optimizers()
-        x, y = batch
-        loss = nn.functional.cross_entropy(self.head(self.net(x)), y)
-        body.zero_grad()
-        head.zero_grad()
-        self.manual_backward(loss)
-        body.step()
-        head.step()
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.net.parameters(), lr=0.01), torch.optim.SGD(
-            self.head.parameters(), lr=0.01
-        )
 
 
 def test_manual_optimization_with_two_optimizers_logs_both_at_the_batch_step(tmp_path):

@@ -44,6 +44,7 @@ DUE: dict[str, Callable[[int, int], bool]] = {
     "checks/modes.py": lambda i, n: i == 0 or i % n == 0,
     "checks/parameters.py": lambda i, n: i % n == 0,
     "checks/curves.py": lambda i, n: (i + 1) % n == 0,  # judges after its n-th step
+    "checks/weight_decay.py": lambda i, n: i % n == 0,  # reads plain floats off the optimizer: nothing
 }
 # the reads a CPU tensor gets at once by design (no device to sync with): (module, function) -> at most per step
 CPU_READS_AT_ONCE = {

@@ -37,6 +37,7 @@ from lightning_sentinel import (
     SentinelCallback,
     TargetLeakageCheck,
     TrainEvalModeChecker,
+    WeightDecayMonitor,
 )
 from lightning_sentinel._validate import require_number
 
@@ -145,6 +146,11 @@ BAD_VALUES: dict[type, dict[str, Bad]] = {
         "window": INT_1,
         "min_samples": INT_1,
         "min_classes": [*INT_1, (2, ValueError)],
+    },
+    WeightDecayMonitor: {
+        **COMMON,
+        "max_decay_per_step": SHARE_OPEN,
+        "patience": INT_1,
     },
     TrainEvalModeChecker: {
         "on_detect": ON_DETECT,

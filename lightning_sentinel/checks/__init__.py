@@ -19,6 +19,7 @@ from lightning_sentinel.checks.non_finite import NonFiniteGuard
 from lightning_sentinel.checks.parameters import ParameterUpdateMonitor
 from lightning_sentinel.checks.preflight import LabelShuffleCheck, OverfitBatchCheck
 from lightning_sentinel.checks.target_leakage import TargetLeakageCheck
+from lightning_sentinel.checks.weight_decay import WeightDecayMonitor
 
 for _module in pkgutil.iter_modules(__path__):
     if not _module.name.startswith("_"):
@@ -40,4 +41,5 @@ __all__ = [
     "ParameterUpdateMonitor",
     "TargetLeakageCheck",
     "TrainEvalModeChecker",
+    "WeightDecayMonitor",
 ]
