@@ -76,6 +76,7 @@ from lightning_sentinel import (
     Sentinel,
     SentinelCallback,
     TrainEvalModeChecker,
+    WeightDecayMonitor,
 )
 from lightning_sentinel.suite import preset_checks
 
@@ -299,6 +300,7 @@ def variants(quick: bool) -> list[Variant]:
         TrainEvalModeChecker,
         LabelNoiseMonitor,
         ParameterUpdateMonitor,
+        WeightDecayMonitor,
         LearningCurveMonitor,
     ]
     assert [type(check) for check in preset_checks("fast")] == members, "the fast preset changed: update"

@@ -301,6 +301,14 @@ PROBES: tuple[Probe, ...] = (
         _default("label_noise", "LabelNoiseMonitor", "max_share"),
     ),
     Probe(
+        "weight-decay-too-strong",
+        "share of a weight decayed per step (lr x weight decay)",
+        "weight_decay",
+        "decay_per_step",
+        lambda a, r: r,
+        _default("weight_decay", "WeightDecayMonitor", "max_decay_per_step"),
+    ),
+    Probe(
         "unnormalized-inputs",
         "largest |feature mean|",
         "data",

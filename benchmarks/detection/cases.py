@@ -494,6 +494,7 @@ _EXTENSIONS = (
     "cases_mutations",
     "cases_architectures",
     "cases_labels",
+    "cases_weight_decay",
 )
 
 

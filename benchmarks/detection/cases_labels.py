@@ -13,23 +13,22 @@ from torch import nn
 
 from benchmarks.detection import zoo
 from benchmarks.detection.cases import Built, Case
+from benchmarks.detection.zoo_mutations import change_labels
 
 NOISY_LABELS = "noisy-labels"
 
 
 def _gru_digits_rows(wrong_share: float) -> Built:
     """A GRU reading the 8x8 digits row by row (8 steps of 8 pixels); ``wrong_share`` of the training
-    labels replaced by another class, drawn uniformly (annotation errors)."""
+    labels moved to another class (annotation errors), as DeepCrime's TCL mutation does."""
     train, val = zoo.digits_loaders(batch_size=64, val_fraction=0.25)
     for loader in (train, val):
         inputs, targets = loader.dataset.tensors  # type: ignore[attr-defined]
         loader.dataset.tensors = (inputs.view(-1, 8, 8), targets)  # type: ignore[attr-defined]
     if wrong_share > 0:
-        inputs, targets = train.dataset.tensors  # type: ignore[attr-defined]
-        generator = torch.Generator().manual_seed(7)
-        wrong = torch.rand(len(targets), generator=generator) < wrong_share
-        other = (targets + torch.randint(1, 10, (len(targets),), generator=generator)) % 10
-        train.dataset.tensors = (inputs, torch.where(wrong, other, targets))  # type: ignore[attr-defined]
+        edit = change_labels(wrong_share)
+        tensors = train.dataset.tensors  # type: ignore[attr-defined]
+        train.dataset.tensors = edit(*tensors, "multiclass", torch.Generator().manual_seed(7))  # type: ignore[attr-defined]
     net = zoo.RecurrentClassifier(features=8, hidden=64, classes=10)
     return zoo.ZooModule(net, nn.CrossEntropyLoss(), "adam", lr=1e-2), train, val
 

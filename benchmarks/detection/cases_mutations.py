@@ -103,11 +103,6 @@ OUT_OF_REACH: dict[tuple[str, str], str] = {
         "ach-sigmoid",
         "digits-cnn",
     ): "sigmoid after batch-norm, whose units stay in the sigmoid's linear range: " + _SLOWER,
-    (
-        "rcw-x1000",
-        "digits-cnn",
-    ): "weight decay 10 on scale-invariant batch-normalised convolutions: the training "
-    "loss settles at 0.7-0.8 (twin 0.05) and creeps up 12% over the last quarter, far from a divergence (2x)",
     ("rcd-90", "digits-cnn"): _TRAIN_ABOVE_VAL.format("dropout 0.9 before the head only", "2.3-2.7x"),
     ("och-sgd", "digits-cnn"): "plain SGD at Adam's 2e-3 on a batch-norm CNN: the loss falls steadily "
     "(2.37 -> 1.06 in 150 steps); " + _SLOWER,
