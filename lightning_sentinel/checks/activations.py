@@ -215,7 +215,7 @@ class DeadReLUDetector(SentinelCallback):
       forever. A last layer (a zero-initialised head) or one whose consumer treats its units
       differently is fine: gradient descent tells the units apart.
 
-    Calibration (``benchmarks/RESULTS.md``, 51 healthy runs x 3 seeds): the most dead units
+    Calibration (``benchmarks/RESULTS.md``, 53 healthy runs x 3 seeds): the most dead units
     in a healthy layer was 14% (threshold 50%, margin 3.6x); no healthy unit was saturated (the
     5-layer ``tanh-mlp-digits`` included); the init depth ratio stayed in 0.17-1.74 (``tanh-mlp-digits``
     and ``resnet-digits``; thresholds 0.1 and 10, margins 1.7x and 5.7x).

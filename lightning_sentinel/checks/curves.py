@@ -249,7 +249,7 @@ class LearningCurveMonitor(SentinelCallback):
     optimizer step's loss is the mean of its micro-batches; under manual optimization a step ends at
     the first ``optimizer.step()`` of a batch; under DDP the losses are averaged over ranks at the check.
 
-    Calibration (``benchmarks/RESULTS.md``, 51 healthy runs x 3 seeds): the healthy smoothed
+    Calibration (``benchmarks/RESULTS.md``, 53 healthy runs x 3 seeds): the healthy smoothed
     loss rose at most 0.57 of the way to a divergence (``lstm-sequences``; margin 1.8x); the largest
     median swing was 0.66 of the loss scale (``regression-validation-long``; threshold 0.8, 1.2x); the
     largest validation rise over its best with the training loss falling was 16% (threshold 20%,

@@ -274,7 +274,7 @@ class BatchInspector(SentinelCallback):
       of the features/channels are shifted (a preprocessing difference moves most of them; a few rare
       features move by chance).
 
-    Calibration (``benchmarks/RESULTS.md``, 51 healthy runs x 3 seeds): the largest healthy
+    Calibration (``benchmarks/RESULTS.md``, 53 healthy runs x 3 seeds): the largest healthy
     feature |mean| was 0.31 (``data-digits-unit-pixels-cnn``; bound 5, margin 16x) and std 2.5
     (``noisy-batch8-adam-long``, batches of 8; bound 5, 2x); the train/val shift score reached by a
     quarter of the features at most 1.59 (``gru-digits-rows``, 8 rows of 8 pixels; threshold 3, 1.9x); the largest unweighted class ratio 1.76 (threshold 10, 5.7x); at most 40%

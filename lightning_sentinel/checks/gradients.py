@@ -172,7 +172,7 @@ class GradientNormMonitor(SentinelCallback):
       weight layer's ratio < ``depth_ratio_threshold`` x the last one's, on ``patience`` checks in a
       row, while the loss is above ``converged_fraction`` of its first value.
 
-    Calibration (``benchmarks/RESULTS.md``, 51 healthy runs x 3 seeds): the largest healthy
+    Calibration (``benchmarks/RESULTS.md``, 53 healthy runs x 3 seeds): the largest healthy
     spike was 7.7x the running median (``lstm-sequences``; threshold 10x, margin 1.3x), the largest
     total norm 45 (bound 1e4, 223x); the smallest layer grad/weight ratio 2.2e-4 (threshold 1e-7,
     2150x), the smallest first/last-layer ratio 7.8e-4 (``mlp-zero-init-head``; threshold 1e-5, 78x).

@@ -189,10 +189,10 @@ class LabelNoiseMonitor(SampledLossCallCheck[_LabelInterceptor]):
     the data with its classes systematically swapped is learned as a second mode and is not seen;
     nor are labels the model has memorised (long training on a small set).
 
-    Calibration (``benchmarks/RESULTS.md``, 51 healthy runs x 3 seeds): the healthy run nearest to
+    Calibration (``benchmarks/RESULTS.md``, 53 healthy runs x 3 seeds): the healthy run nearest to
     alarming gave 2.7% of its pooled labels a probability < 0.05 (``warmup-cosine-restarts-sgd``, seed 1;
     threshold 10%, 3.7x); with 30% of the training labels moved to another class the digits CNN
-    (DeepCrime ``tcl-30``) reaches 17% and a GRU reading the digits row by row 20% (step 50-60).
+    (DeepCrime ``tcl-30``) reaches 17% and a GRU reading the digits row by row 16% (steps 51 and 61).
 
     Mixup and CutMix written as two losses on one prediction (``lam * ce(out, y_a) + (1 - lam) *
     ce(out, y_b)``) stay quiet: the label set of the smaller share is not the model's top class for

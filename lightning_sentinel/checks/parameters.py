@@ -256,7 +256,7 @@ class ParameterUpdateMonitor(SentinelCallback):
     0.2, ...), so the sustained rule misses it; its first steps are what ``burst_ratio`` catches
     (digits MLP with Adam lr 0.2: 2.7-3.9 on the first check; CNN with Adam lr 0.1: 3.9).
 
-    Calibration (``benchmarks/RESULTS.md``, 51 healthy runs x 3 seeds): the largest healthy
+    Calibration (``benchmarks/RESULTS.md``, 53 healthy runs x 3 seeds): the largest healthy
     update/weight ratio was 0.2 (``frozen-backbone-finetune``'s head; threshold 0.5, margin 2.5x);
     the smallest, 3.7e-7 (< 1e-6), came from ``warmup-cosine-transformer`` while its lr warmed up or
     had decayed, where the low-ratio rule does not judge; every other healthy ratio is above 1e-6.

@@ -196,7 +196,7 @@ class OverfitBatchCheck(_PreflightCheck):
     the whole data set: capacity, regularisation (dropout, weight decay), learning rate or loss are wrong.
     The real model, its optimizer, the random states and the dataloader order are left untouched.
 
-    Calibration (``benchmarks/RESULTS.md``, 51 healthy runs x 3 seeds): the worst healthy
+    Calibration (``benchmarks/RESULTS.md``, 53 healthy runs x 3 seeds): the worst healthy
     one-batch trial ended at 45% of its start (``ce-sum-reduction-mlp``; threshold 55%, margin 1.2x).
     ``max_steps`` is the budget; ``max_seconds`` only caps a trial on a model so slow that the steps
     would take longer (then the verdict is ``info``, inconclusive). Keeping the cap well above the
@@ -326,7 +326,7 @@ class LabelShuffleCheck(_PreflightCheck):
     inputs do not reach the output (a bug in ``forward``/``training_step``) or the labels do not belong to
     the inputs (a data pipeline that shuffles one without the other).
 
-    Calibration (``benchmarks/RESULTS.md``, 51 healthy runs x 3 seeds): the healthy run
+    Calibration (``benchmarks/RESULTS.md``, 53 healthy runs x 3 seeds): the healthy run
     nearest to alarming still beat its baselines by 14% (``gru-seq2seq-shifted``; margin 5%, 2.8x).
 
     Args:
