@@ -73,7 +73,9 @@ _SLOWER = (
 # numbers are from seed 0 (training loss per step, validation loss per epoch, no callback).
 _FEWER_EXAMPLES = (
     "a clean but 10x smaller training set: the training loss reaches ~0.02 while the validation loss "
-    "levels off without rising ({}): overfitting a small set looks like converging on it"
+    "levels off without rising ({}): overfitting a small set looks like converging on it; the validation "
+    "loss ends 12-35x the training loss over seeds 0-2, but the healthy GRU on digits rows ends at 8-13x, so "
+    "no train/validation ratio spares healthy runs"
 )
 _TRAIN_ABOVE_VAL = (
     "{}: the training loss stays {} the validation loss over the run (healthy zoo: at most 1.36x held over 4 "

@@ -179,9 +179,9 @@ class HistogramLogger(SentinelCallback):
     trainer's loggers it emits one :class:`~lightning_sentinel.SentinelWarning` and does nothing.
 
     Cost (``python -m benchmarks.overhead``, ``benchmarks/OVERHEAD.md``: CPU, one thread, with a
-    TensorBoard logger): sampling every step makes a step 2.6-4.8x as long (a sampled step adds 1.6-3.8
-    training steps on the 1.5-8.0 ms MLP and CNN workloads), so the default ``every_n_steps=200``
-    costs 0.8-1.9% of training time. Steps that are not sampled do no tensor work (a few attribute
+    TensorBoard logger): sampling every step makes a step 2.5-4.8x as long (a sampled step adds 1.5-3.8
+    training steps on the 1.5-8.6 ms MLP and CNN workloads), so the default ``every_n_steps=200``
+    costs 0.7-1.9% of training time. Steps that are not sampled do no tensor work (a few attribute
     tests per hook). On a GPU, binning stays on the device and the
     sampled step does one host read.
 
