@@ -34,6 +34,7 @@ from __future__ import annotations
 import math
 import numbers
 import re
+import sys
 from collections.abc import Iterable, Sequence
 from typing import Any, TypeVar
 
@@ -82,6 +83,10 @@ def require_int(argument: str, value: Any, *, minimum: int = 1, allow_none: bool
         raise _wrong_type(argument, allowed, value)
     if value < minimum:
         raise _out_of_range(argument, allowed, value)
+    if value > sys.maxsize:  # counts size deques and ranges: beyond ssize_t they overflow
+        raise _out_of_range(
+            argument, _or_none(f"an integer from {minimum} to {sys.maxsize}", allow_none), value
+        )
     return int(value)
 
 

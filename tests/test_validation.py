@@ -46,8 +46,16 @@ NAN, INF = math.nan, math.inf
 Bad = list[tuple[Any, type[Exception]]]
 
 ON_DETECT: Bad = [("shout", ValueError), (None, ValueError), (1, ValueError)]
-INT_1: Bad = [(0, ValueError), (-3, ValueError), ("3", TypeError), (2.5, TypeError), (True, TypeError)]
-INT_0: Bad = [(-1, ValueError), ("3", TypeError), (1.0, TypeError), (None, TypeError)]
+# a count beyond sys.maxsize would overflow the deque or range it sizes
+INT_1: Bad = [
+    (0, ValueError),
+    (-3, ValueError),
+    ("3", TypeError),
+    (2.5, TypeError),
+    (True, TypeError),
+    (2**63, ValueError),
+]
+INT_0: Bad = [(-1, ValueError), ("3", TypeError), (1.0, TypeError), (None, TypeError), (2**63, ValueError)]
 POSITIVE: Bad = [
     (0.0, ValueError),
     (-1.0, ValueError),
