@@ -33,10 +33,17 @@ def optimizer_view(
         for parameter in group["params"]:
             names.append(names_by_id.get(id(parameter), f"<unnamed parameter {len(names)}>"))
             parameters.append(parameter)
+    return OptimizerView(key=optimizer_key(trainer, optimizer), names=names, parameters=parameters)
+
+
+def optimizer_key(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> str:
+    """``""`` when the trainer has one optimizer, else ``"optimizer_<index>"`` (see :class:`OptimizerView`)."""
     optimizers = list(trainer.optimizers)
-    index = next((i for i, candidate in enumerate(optimizers) if _unwrap(candidate) is optimizer), 0)
-    key = "" if len(optimizers) <= 1 else f"optimizer_{index}"
-    return OptimizerView(key=key, names=names, parameters=parameters)
+    if len(optimizers) <= 1:
+        return ""
+    real = _unwrap(optimizer)
+    index = next((i for i, candidate in enumerate(optimizers) if _unwrap(candidate) is real), 0)
+    return f"optimizer_{index}"
 
 
 def _unwrap(optimizer: object) -> object:

@@ -27,6 +27,7 @@ from typing_extensions import override
 from lightning_sentinel._validate import require_int, require_number
 from lightning_sentinel.base import OnDetect, SentinelCallback
 from lightning_sentinel.catalog import CheckSpec, add_to_presets, register
+from lightning_sentinel.checks._optimizers import optimizer_key
 from lightning_sentinel.findings import Severity
 
 WEIGHT_DECAY_TOO_STRONG = "weight-decay-too-strong"
@@ -185,7 +186,7 @@ class WeightDecayMonitor(SentinelCallback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        key = _optimizer_key(trainer, optimizer)
+        key = optimizer_key(trainer, optimizer)
         step_index = self._steps_seen.get(key, 0)
         self._steps_seen[key] = step_index + 1
         if WEIGHT_DECAY_TOO_STRONG not in self.active_checks or not self._is_due(step_index):
@@ -237,19 +238,6 @@ class WeightDecayMonitor(SentinelCallback):
             "keeps raising it), lower that instead; leave biases and normalisation weights out of the decayed group",
             magnitude=rate,
         )
-
-
-def _optimizer_key(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> str:
-    """``""`` with one optimizer, else ``optimizer_<index>`` (as in the other checks' ``where``)."""
-    optimizers = list(trainer.optimizers)
-    if len(optimizers) <= 1:
-        return ""
-    real = getattr(optimizer, "_optimizer", optimizer)
-    index = next(
-        (i for i, candidate in enumerate(optimizers) if getattr(candidate, "_optimizer", candidate) is real),
-        0,
-    )
-    return f"optimizer_{index}"
 
 
 def _trains(group: Mapping[str, Any]) -> bool:
