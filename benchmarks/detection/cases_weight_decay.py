@@ -50,6 +50,7 @@ CASES: tuple[Case, ...] = (
         _adamw_strong_decay_cnn,
         "BatchNorm CNN on digits, AdamW lr 5e-3 with weight decay 0.2 (1e-3 of each weight per step)",
         {"max_steps": 200},
+        fast=True,
     ),
     Case(
         "sgd-decay-resnet",
@@ -66,5 +67,6 @@ CASES: tuple[Case, ...] = (
         _sgd_decay_copied_from_adamw,
         "MLP on digits, SGD 0.1 momentum 0.9 with AdamW's weight decay 0.1 kept: 10% of each weight decayed per step",
         {"max_steps": 200},
+        fast=True,
     ),
 )

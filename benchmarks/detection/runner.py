@@ -45,8 +45,7 @@ FALSE_ALARM = "FALSE-ALARM"
 WRONG_DIAGNOSIS = "WRONG-DIAGNOSIS"
 CRASHED = "CRASHED"
 
-# Checks whose findings name a place (a module, parameter or layer): their ``where`` must be set.
-# ids whose findings must name a place (a module, parameter, layer or batch)
+# ids whose findings must name a place (a module, parameter, layer, param group or batch): ``where`` set
 LOCATING_CHECKS = frozenset(
     {
         "non-finite-activation",
@@ -63,6 +62,7 @@ LOCATING_CHECKS = frozenset(
         "frozen-parameters",
         "update-ratio-too-high",
         "update-ratio-too-low",
+        "weight-decay-too-strong",
     }
 )
 
