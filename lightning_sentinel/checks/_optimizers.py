@@ -41,12 +41,13 @@ def optimizer_key(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> str:
     optimizers = list(trainer.optimizers)
     if len(optimizers) <= 1:
         return ""
-    real = _unwrap(optimizer)
-    index = next((i for i, candidate in enumerate(optimizers) if _unwrap(candidate) is real), 0)
+    real = unwrap_optimizer(optimizer)
+    index = next((i for i, candidate in enumerate(optimizers) if unwrap_optimizer(candidate) is real), 0)
     return f"optimizer_{index}"
 
 
-def _unwrap(optimizer: object) -> object:
+def unwrap_optimizer(optimizer: object) -> object:
+    """The torch optimizer inside a ``LightningOptimizer`` (any other object as it is)."""
     return getattr(optimizer, "_optimizer", optimizer)
 
 

@@ -27,7 +27,7 @@ from typing_extensions import override
 from lightning_sentinel._validate import require_int, require_number
 from lightning_sentinel.base import OnDetect, SentinelCallback
 from lightning_sentinel.catalog import CheckSpec, add_to_presets, register
-from lightning_sentinel.checks._optimizers import optimizer_key
+from lightning_sentinel.checks._optimizers import optimizer_key, unwrap_optimizer
 from lightning_sentinel.findings import Severity
 
 WEIGHT_DECAY_TOO_STRONG = "weight-decay-too-strong"
@@ -71,7 +71,7 @@ def decay_per_step(optimizer: torch.optim.Optimizer, group: Mapping[str, Any]) -
     weight_decay, lr = _plain_number(group.get("weight_decay")), _plain_number(group.get("lr"))
     if weight_decay is None or lr is None or weight_decay <= 0 or lr <= 0:
         return None
-    optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer wraps the real one
+    optimizer = unwrap_optimizer(optimizer)  # type: ignore[assignment]
     if isinstance(optimizer, torch.optim.SGD):
         momentum = _plain_number(group.get("momentum")) or 0.0
         dampening = _plain_number(group.get("dampening")) or 0.0
@@ -216,13 +216,14 @@ class WeightDecayMonitor(SentinelCallback):
         lr, weight_decay = _plain_number(group.get("lr")), _plain_number(group.get("weight_decay"))
         momentum = _plain_number(group.get("momentum")) or 0.0
         carried = f" / (1 - momentum {momentum:g})" if momentum > 0 else ""
+        halving = steps_to_halve(rate)
         self._report(
             trainer,
             WEIGHT_DECAY_TOO_STRONG,
             Severity.WARNING,
             f"weight decay removes {rate:.2%} of every decayed weight per optimizer step (lr {lr:.3g} x weight_decay "
             f"{weight_decay:.3g}{carried}) on {self.patience} checks in a row: without the gradient pushing back, "
-            f"the weights of {where} ({shown}) halve every {steps_to_halve(rate):.0f} steps, so the decay, not the "
+            f"the weights of {where} ({shown}) halve every {halving:.0f} steps, so the decay, not the "
             "loss, decides where they settle",
             where=where,
             evidence={
@@ -230,7 +231,7 @@ class WeightDecayMonitor(SentinelCallback):
                 "lr": lr if lr is not None else math.nan,
                 "weight_decay": weight_decay if weight_decay is not None else math.nan,
                 "momentum": momentum,
-                "steps_to_halve": steps_to_halve(rate),
+                "steps_to_halve": halving,
             },
             hint=f"lower weight_decay so that lr x weight_decay stays below {self.max_decay_per_step:g} (AdamW: 0.01-0.1 "
             "at lr ~1e-3; SGD: 1e-4 to 5e-4 at lr ~0.1); a value meant for Adam's coupled L2 or for another "
