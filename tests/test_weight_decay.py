@@ -99,6 +99,15 @@ def test_decay_far_too_strong_is_reported_after_patience_checks():
     assert trainer.sentinel_warnings  # warned
 
 
+def test_the_message_states_the_formula_of_the_rate():
+    def dampened(module):
+        return torch.optim.SGD(module.parameters(), lr=0.1, momentum=0.9, dampening=0.5, weight_decay=0.1)
+
+    (finding,) = _own(fit(Decayed(dampened), [WeightDecayMonitor(every_n_steps=5)], max_steps=12))
+    assert finding.evidence["decay_per_step"] == pytest.approx(0.05)
+    assert "(lr 0.1 x weight_decay 0.1 x (1 - dampening 0.5) / (1 - momentum 0.9))" in finding.message
+
+
 @pytest.mark.parametrize(
     "make",
     [

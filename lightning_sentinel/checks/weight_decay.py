@@ -215,7 +215,10 @@ class WeightDecayMonitor(SentinelCallback):
         shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
         lr, weight_decay = _plain_number(group.get("lr")), _plain_number(group.get("weight_decay"))
         momentum = _plain_number(group.get("momentum")) or 0.0
+        dampening = _plain_number(group.get("dampening")) or 0.0
         carried = f" / (1 - momentum {momentum:g})" if momentum > 0 else ""
+        if momentum > 0 and dampening > 0:
+            carried = f" x (1 - dampening {dampening:g}){carried}"
         halving = steps_to_halve(rate)
         self._report(
             trainer,
