@@ -1,11 +1,13 @@
-"""``python -m benchmarks.detection [--fast] [--case NAME ...] [--json PATH] [--root-dir DIR] [--threads N]``.
+"""``python -m benchmarks.detection [--fast] [--case NAME ...] [--shard K/N] [--accelerator gpu] [--json PATH]
+[--root-dir DIR] [--threads N]``.
 
 Trains the selected cases under ``Sentinel(preset="full", on_detect="warn")``, prints one row per
 case and the line ``recall R/N, false alarms F/H``. Exits with 1 only with ``--strict`` and a
 verdict other than ``ok``.
 
 ``--twins`` instead trains every mutant and its healthy twin without the sentinel and prints the
-comparison; ``--results PATH`` runs the whole zoo (recording the calibration margins) and the twins,
+comparison; ``--shard K/N`` runs every N-th selected case from the K-th (1-based), so that N processes
+share the zoo; ``--results PATH`` runs the whole zoo (recording the calibration margins) and the twins,
 and writes the markdown report (``benchmarks/RESULTS.md``).
 """
 
@@ -51,6 +53,18 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--threads", type=int, default=1, metavar="N", help="torch intra-op threads per case (default: 1)"
     )
+    parser.add_argument(
+        "--shard",
+        type=_shard,
+        metavar="K/N",
+        help="run only every N-th selected case, from the K-th (1-based): N processes share the zoo",
+    )
+    parser.add_argument(
+        "--accelerator",
+        choices=("cpu", "gpu"),
+        default="cpu",
+        help="the Trainer's accelerator (default: cpu, where the published numbers come from)",
+    )
     parser.add_argument("--list", action="store_true", help="list the cases and exit")
     parser.add_argument(
         "--twins",
@@ -75,6 +89,17 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _shard(text: str) -> tuple[int, int]:
+    """``"K/N"`` -> ``(K, N)`` with ``1 <= K <= N``."""
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected K/N, e.g. 2/4, got {text!r}") from None
+    if not 1 <= index <= count:
+        raise argparse.ArgumentTypeError(f"K/N needs 1 <= K <= N, got {text!r}")
+    return index, count
+
+
 def _progress(result: CaseResult) -> None:
     print(f"  {result.name}: {result.verdict} ({result.seconds:.1f}s)", file=sys.stderr, flush=True)
 
@@ -96,11 +121,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyError as error:
         print(error.args[0], file=sys.stderr)
         return 2
+    if args.shard is not None:
+        index, count = args.shard
+        cases = cases[index - 1 :: count]
     if not cases:
         print("no case selected", file=sys.stderr)
         return 2
     started = time.perf_counter()
-    results = run_cases(cases, root_dir=args.root_dir, progress=_progress, threads=args.threads)
+    results = run_cases(
+        cases, root_dir=args.root_dir, progress=_progress, threads=args.threads, accelerator=args.accelerator
+    )
     total = time.perf_counter() - started
     print(format_table(results))
     print(f"total {total:.1f}s")

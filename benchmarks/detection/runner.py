@@ -264,9 +264,9 @@ def _quiet() -> Iterator[list[warnings.WarningMessage]]:
             logging.getLogger(name).setLevel(level)
 
 
-def _trainer(case: Case, root_dir: str, callbacks: list[Callback]) -> pl.Trainer:
+def _trainer(case: Case, root_dir: str, callbacks: list[Callback], accelerator: str = "cpu") -> pl.Trainer:
     settings: dict[str, Any] = {
-        "accelerator": "cpu",
+        "accelerator": accelerator,
         "devices": 1,
         "logger": False,
         "default_root_dir": root_dir,
@@ -291,22 +291,25 @@ def _torch_threads(threads: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def run_case(case: Case, root_dir: str | None = None, threads: int | None = 1) -> CaseResult:
+def run_case(
+    case: Case, root_dir: str | None = None, threads: int | None = 1, accelerator: str = "cpu"
+) -> CaseResult:
     """Train ``case`` with ``Sentinel(preset="full", on_detect="warn")`` and score its findings.
 
     Findings are also written to ``<root_dir>/sentinel/findings.json``; ``root_dir`` defaults to a
     temporary directory removed afterwards. ``threads`` defaults to one intra-op thread: the zoo's
     models are too small to gain from more, and on a busy machine several threads per process
-    fight for the cores and make a run tens of times slower.
+    fight for the cores and make a run tens of times slower. ``accelerator`` is the Trainer's (the
+    benchmark's numbers are the CPU's; ``"gpu"`` reruns the zoo on CUDA).
     """
     with _torch_threads(threads):
         if root_dir is not None:
-            return _run_in(case, root_dir)
+            return _run_in(case, root_dir, accelerator)
         with tempfile.TemporaryDirectory(prefix=f"sentinel-bench-{case.name}-") as temporary:
-            return _run_in(case, temporary)
+            return _run_in(case, temporary, accelerator)
 
 
-def _run_in(case: Case, root_dir: str) -> CaseResult:
+def _run_in(case: Case, root_dir: str, accelerator: str = "cpu") -> CaseResult:
     recorder = LossRecorder()
     error: str | None = None
     started = time.perf_counter()
@@ -314,7 +317,7 @@ def _run_in(case: Case, root_dir: str) -> CaseResult:
         pl.seed_everything(case.seed, verbose=False)
         module, train_loader, val_loader = case.build()
         architecture = architecture_of(module)
-        trainer = _trainer(case, root_dir, [Sentinel(preset="full", on_detect="warn"), recorder])
+        trainer = _trainer(case, root_dir, [Sentinel(preset="full", on_detect="warn"), recorder], accelerator)
         try:
             trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader)
         except Exception as exception:  # a benchmark row, not a crash of the whole benchmark
@@ -349,15 +352,17 @@ def run_cases(
     root_dir: str | None = None,
     progress: Callable[[CaseResult], None] | None = None,
     threads: int | None = 1,
+    accelerator: str = "cpu",
 ) -> list[CaseResult]:
     """Run every case in order (each under ``<root_dir>/<case name>`` when ``root_dir`` is given).
 
-    ``progress`` is called with each result as soon as its case finishes; ``threads`` as in :func:`run_case`.
+    ``progress`` is called with each result as soon as its case finishes; ``threads`` and
+    ``accelerator`` as in :func:`run_case`.
     """
     results: list[CaseResult] = []
     for case in cases:
         case_dir = None if root_dir is None else os.path.join(root_dir, case.name)
-        result = run_case(case, case_dir, threads)
+        result = run_case(case, case_dir, threads, accelerator)
         results.append(result)
         if progress is not None:
             progress(result)
