@@ -12,6 +12,7 @@ from benchmarks.detection import zoo, zoo_mixing
 from benchmarks.detection.cases import get_case
 from benchmarks.detection.runner import run_case
 from lightning_sentinel import findings
+from lightning_sentinel.checks._copy_probe import differentiable_in_eval
 from lightning_sentinel.checks.batch_mixing import BatchIndependenceCheck, leaking_samples, per_sample_norms
 
 
@@ -131,3 +132,14 @@ def test_harness_cases(name, tmp_path):
     result = run_case(get_case(name), root_dir=str(tmp_path))
     assert result.verdict == "ok", result
     assert "batch-mixing" in result.reported and result.first_detection_step == 0
+
+
+def test_the_probe_of_a_recurrent_model_runs_without_cudnn():
+    """cuDNN's RNN kernels refuse backward in eval mode: the probe switches cuDNN off for recurrent models only
+    (the CUDA run itself: ``test_cuda.py``)."""
+    assert torch.backends.cudnn.enabled
+    with differentiable_in_eval(nn.Sequential(nn.Linear(4, 4), nn.GRU(4, 4))):
+        assert not torch.backends.cudnn.enabled
+    assert torch.backends.cudnn.enabled
+    with differentiable_in_eval(nn.Sequential(nn.Conv1d(4, 4, 3), nn.Linear(4, 4))):
+        assert torch.backends.cudnn.enabled

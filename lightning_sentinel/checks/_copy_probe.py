@@ -50,6 +50,18 @@ def preserved_rng() -> Iterator[None]:
         random.setstate(python_state)
 
 
+def differentiable_in_eval(module: nn.Module) -> contextlib.AbstractContextManager[Any]:
+    """A context in which an eval-mode ``module`` can be differentiated.
+
+    cuDNN's recurrent kernels refuse a backward pass in eval mode ("cudnn RNN backward can only be
+    called in training mode"); for a module holding a recurrent layer, cuDNN is switched off for the
+    probe (PyTorch's own kernels differentiate in either mode). Anything else runs unchanged.
+    """
+    if any(isinstance(child, nn.RNNBase) for child in module.modules()):
+        return torch.backends.cudnn.flags(enabled=False)
+    return contextlib.nullcontext()
+
+
 def eval_copy(pl_module: pl.LightningModule) -> pl.LightningModule:
     """A deep copy of ``pl_module`` (without its trainer) in eval mode, with ``log``/``log_dict`` silenced.
 

@@ -27,6 +27,7 @@ from lightning_sentinel.checks._batch_split import Key, named_tensors, split_bat
 from lightning_sentinel.checks._copy_probe import (
     FirstBatchCheck,
     SkipCheck,
+    differentiable_in_eval,
     eval_copy,
     first_embedding,
     preserved_rng,
@@ -219,7 +220,7 @@ class BatchIndependenceCheck(FirstBatchCheck):
             handle = embedding.register_forward_hook(capture)
             model_input = inputs
         try:
-            with torch.inference_mode(False), torch.enable_grad():
+            with torch.inference_mode(False), torch.enable_grad(), differentiable_in_eval(duplicate):
                 try:
                     output = duplicate(model_input)
                 except Exception as error:
