@@ -6,7 +6,10 @@ from _models import Classifier, classification_loader, fit
 from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import nn
 
+from benchmarks.detection.cases import get_case
+from benchmarks.detection.runner import run_case
 from lightning_sentinel import NonFiniteGuard, SentinelError, findings
+from lightning_sentinel.checks import non_finite
 
 
 class LogCompressor(nn.Module):
@@ -162,3 +165,30 @@ def test_replay_leaves_buffers_rng_and_logging_untouched():
     assert torch.equal(before_rng, torch.get_rng_state())
     assert "log" not in vars(module)
     assert [(f.check, f.where) for f in guard._own_findings] == [("non-finite-activation", "net.2")]
+
+
+@pytest.mark.parametrize(
+    ("case", "module"), [("exp-activation-overflow", "net.3"), ("transformer-inverted-pool-mask", "net.pool")]
+)
+def test_accelerator_path_localises_a_nan_of_a_check_step_like_the_cpu(case, module, monkeypatch):
+    """On an accelerator the loss stays on the device between checks; a check step reads its own loss with
+    the norms, so a NaN there (step 0 here) is replayed and named before the update spreads it. (Found on an
+    H100: these cases reported only `non-finite-weights` at step 10.)"""
+    monkeypatch.setattr(non_finite, "on_host", lambda tensor: False)
+    result = run_case(get_case(case))
+    serious = [(f.check, f.step, f.where) for f in result.findings if f.severity.value == "error"]
+    assert ("non-finite-loss", 0, "batch 0") in serious
+    assert ("non-finite-activation", 0, module) in serious
+
+
+def test_accelerator_path_reports_a_nan_between_checks_at_the_next_check(tmp_path, monkeypatch):
+    """A NaN from step 5 is read at step 10 on an accelerator: the message says it appeared before this
+    step, names no batch (the first bad one is gone) and gives the loss of the check step."""
+    monkeypatch.setattr(non_finite, "on_host", lambda tensor: False)
+    nan_from_5 = lambda logits, step: logits / 0.0 if step >= 5 else logits  # noqa: E731
+    trainer = fit(
+        Classifier(transform=nan_from_5), [NonFiniteGuard(on_detect="warn")], root=tmp_path, max_steps=12
+    )
+    loss = next(f for f in findings(trainer) if f.check == "non-finite-loss")
+    assert (loss.step, loss.where) == (10, None)
+    assert "non-finite in the 10 steps before step 10; loss is nan at step 10" in loss.message

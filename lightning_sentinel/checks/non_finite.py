@@ -70,7 +70,10 @@ class NonFiniteGuard(SentinelCallback):
     forward hooks (single process, automatic optimization; the user's ``self.log`` calls are
     silenced, buffers and the RNG restored) and reports ``non-finite-activation`` for the first
     module, in execution order, whose output is non-finite while its input is finite. Otherwise
-    hooks are armed for the next training batch.
+    hooks are armed for the next training batch. On an accelerator the loss of a check step is read
+    with its norms, so a NaN that appears on a check step (step 0 included: NaN in the data, an
+    overflowing first forward) is localised the same way; one that appears between check steps is
+    reported at the next one, where an SGD update has usually made the weights NaN already.
 
     Under a GradScaler (``precision="16-mixed"``), non-finite gradients make the scaler skip the step
     and halve its scale; that is normal, so ``non-finite-gradients`` is reported only once the scale
@@ -112,6 +115,8 @@ class NonFiniteGuard(SentinelCallback):
         self._steps_seen = 0
         self._loss_flag: Tensor | None = None  # accumulated on an accelerator until a check reads it
         self._loss_bad_now: float | None = None  # a CPU loss found non-finite on this optimizer step
+        self._loss_now: Tensor | None = None  # an accelerator loss of this step, read only if a check is due
+        self._loss_flag_earlier: Tensor | None = None  # the flag before that loss was folded in
         self._batch: Any = None
         self._batch_idx = 0
         self._probe: FiniteProbe | None = None
@@ -155,7 +160,9 @@ class NonFiniteGuard(SentinelCallback):
                 self._loss_bad_now = value
             return
         bad = ~torch.isfinite(detached).all()  # stays on the accelerator until a check step reads it
+        self._loss_flag_earlier = self._loss_flag
         self._loss_flag = bad if self._loss_flag is None else (self._loss_flag | bad)
+        self._loss_now = detached
 
     @override
     def on_train_batch_end(
@@ -178,10 +185,11 @@ class NonFiniteGuard(SentinelCallback):
         step_index = self._steps_seen
         self._steps_seen += 1
         loss_bad_now, self._loss_bad_now = self._loss_bad_now, None
+        loss_now, self._loss_now = self._loss_now, None
         due = self._is_due(step_index)
         if loss_bad_now is None and not due:
             return
-        self._run_non_finite_check(trainer, pl_module, optimizer, view, loss_bad_now, due)
+        self._run_non_finite_check(trainer, pl_module, optimizer, view, loss_bad_now, loss_now)
         if due or trainer.world_size == 1:  # the stop/raise collective runs only on steps every rank checks
             self._settle(trainer)
 
@@ -200,34 +208,53 @@ class NonFiniteGuard(SentinelCallback):
         optimizer: torch.optim.Optimizer,
         view: OptimizerView,
         loss_bad_now: float | None,
-        due: bool,
+        loss_now: Tensor | None,
     ) -> None:
+        """``loss_bad_now``: this step's CPU loss, already read and non-finite. ``loss_now``: this step's
+        accelerator loss, read with the norms so that a NaN of the check step itself is localised as on a CPU."""
         parameters = view.parameters
         with_grad = [i for i, p in enumerate(parameters) if p.grad is not None]
         weight_norms = tensor_norms(parameters)
         grad_norms = tensor_norms([parameters[i].grad for i in with_grad], device=weight_norms.device)  # type: ignore[misc]
-        loss_flag = self._loss_flag if self._loss_flag is not None else torch.zeros((), dtype=torch.bool)
-        self._loss_flag = None
+        no = torch.zeros((), dtype=torch.bool)
+        loss_flag = self._loss_flag if self._loss_flag is not None else no
+        earlier = self._loss_flag_earlier if self._loss_flag_earlier is not None else no
+        self._loss_flag = self._loss_flag_earlier = None
+        current = torch.zeros(1) if loss_now is None else loss_now.float().sum().view(1)
+        device = weight_norms.device
         # the one host read of this check
         values = torch.cat(
-            [loss_flag.float().view(1).to(weight_norms.device), weight_norms, grad_norms]
+            [
+                torch.stack([loss_flag, earlier]).float().to(device),
+                current.to(device),
+                weight_norms,
+                grad_norms,
+            ]
         ).tolist()
+        bad_before_now = values[1] > 0  # an earlier micro-batch since the last check had a non-finite loss
+        if loss_bad_now is None and not math.isfinite(values[2]):
+            loss_bad_now = values[2]  # the check step's own loss: its batch is still here to replay
         loss_bad = loss_bad_now is not None or values[0] > 0
-        weights = values[1 : 1 + len(parameters)]
-        grads = values[1 + len(parameters) :]
+        weights = values[3 : 3 + len(parameters)]
+        grads = values[3 + len(parameters) :]
         bad_weights = [view.names[i] for i, norm in enumerate(weights) if not math.isfinite(norm)]
         bad_grads = [view.names[with_grad[k]] for k, norm in enumerate(grads) if not math.isfinite(norm)]
 
         if loss_bad:
             value = loss_bad_now if loss_bad_now is not None else float("nan")
+            first_now = loss_bad_now is not None and not bad_before_now
+            now = f"loss is {value:g} at step {trainer.global_step} (batch {self._batch_idx})"
+            earlier = f"training loss became non-finite in the {self.every_n_steps} steps before step {trainer.global_step}"
+            if first_now:
+                message = f"training {now}"
+            else:
+                message = f"{earlier}; {now}" if loss_bad_now is not None else earlier
             self._report(
                 trainer,
                 LOSS,
                 Severity.ERROR,
-                f"training loss is {value:g} at step {trainer.global_step} (batch {self._batch_idx})"
-                if loss_bad_now is not None
-                else f"training loss became non-finite in the {self.every_n_steps} steps before step {trainer.global_step}",
-                where=f"batch {self._batch_idx}" if loss_bad_now is not None else None,
+                message,
+                where=f"batch {self._batch_idx}" if first_now else None,
                 evidence={"loss": value, "batch_idx": float(self._batch_idx)},
                 hint=_LOSS_HINT,
             )
