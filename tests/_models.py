@@ -23,6 +23,25 @@ def classification_loader(n: int = 256, features: int = 8, batch_size: int = 32,
     return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=True, generator=generator)
 
 
+def deep_mlp(
+    depth: int, activation: Callable[[], nn.Module] = nn.ReLU, randn_init: bool = False
+) -> nn.Sequential:
+    """An MLP 8 -> 32 x (depth - 1) -> 3 with ``depth`` linear layers (``net.0``, ``net.2``, ...).
+
+    ``randn_init``: the classic bad init, N(0, 1) weights instead of ~1/sqrt(fan_in); with ReLU the signal
+    grows ~4x per layer, so gradients explode with depth.
+    """
+    layers: list[nn.Module] = [nn.Linear(8, 32), activation()]
+    for _ in range(depth - 2):
+        layers += [nn.Linear(32, 32), activation()]
+    net = nn.Sequential(*layers, nn.Linear(32, 3))
+    if randn_init:
+        for layer in net:
+            if isinstance(layer, nn.Linear):
+                nn.init.normal_(layer.weight, std=1.0)
+    return net
+
+
 class Classifier(pl.LightningModule):
     """An MLP classifier; ``transform`` may corrupt the logits inside ``training_step``."""
 

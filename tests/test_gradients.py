@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from _models import Classifier, MetricsRecorder, fit
+from _models import Classifier, MetricsRecorder, deep_mlp, fit
 from torch import nn
 
 from lightning_sentinel import GradientNormMonitor, findings
@@ -38,19 +38,8 @@ def test_healthy_run_is_silent_and_logs_the_total_norm(tmp_path):
     assert 0 < recorder.metrics["sentinel/grad_norm/total"] < 100
 
 
-def _deep_mlp(depth, activation):
-    layers = [nn.Linear(8, 32), activation()]
-    for _ in range(depth - 2):
-        layers += [nn.Linear(32, 32), activation()]
-    layers.append(nn.Linear(32, 3))
-    return nn.Sequential(*layers)
-
-
 def test_bad_init_explodes_and_names_a_layer(tmp_path):
-    net = _deep_mlp(8, nn.ReLU)
-    for layer in net:
-        if isinstance(layer, nn.Linear):
-            nn.init.normal_(layer.weight, std=1.0)  # the classic: randn weights instead of 1/sqrt(fan_in)
+    net = deep_mlp(8, randn_init=True)  # the classic: randn weights instead of 1/sqrt(fan_in)
     trainer = fit(Classifier(net=net, lr=1e-6), [GradientNormMonitor()], root=tmp_path, max_steps=5)
     found = [f for f in findings(trainer) if f.check == "exploding-gradients"]
     assert found and found[0].step == 0
@@ -71,7 +60,7 @@ def test_a_spike_over_the_running_median_is_caught(tmp_path):
 
 
 def test_deep_sigmoid_net_has_vanishing_gradients(tmp_path):
-    net = _deep_mlp(16, nn.Sigmoid)
+    net = deep_mlp(16, nn.Sigmoid)
     trainer = fit(Classifier(net=net, lr=0.01), [GradientNormMonitor()], root=tmp_path, max_steps=30)
     found = [f for f in findings(trainer) if f.check == "vanishing-gradients"]
     assert found and found[0].where == "net.0"
@@ -84,7 +73,7 @@ def test_deep_sigmoid_net_has_vanishing_gradients(tmp_path):
 def test_relu_net_of_the_same_depth_with_he_init_is_silent(tmp_path):
     # (with PyTorch's default Linear init, 16 plain ReLU layers really do shrink the first layer's
     # gradient ~1e-6x relative to the last: He initialisation is the cure)
-    net = _deep_mlp(16, nn.ReLU)
+    net = deep_mlp(16, nn.ReLU)
     for layer in net:
         if isinstance(layer, nn.Linear):
             nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")

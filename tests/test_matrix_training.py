@@ -12,7 +12,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from _models import Classifier, classification_loader, fit
+from _models import Classifier, classification_loader, deep_mlp, fit
 from lightning.pytorch.plugins import MixedPrecision
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
@@ -128,6 +128,24 @@ def test_fp16_scaler_skipped_steps_are_not_faults(tmp_path):
     )
     assert scaler.get_scale() < 2.0**40  # steps were skipped
     assert _serious(trainer) == []
+
+
+def test_fp16_exploding_gradients_are_judged_unscaled_once_the_scaler_stops_skipping(tmp_path):
+    """Scaled fp16 gradients of a randn-initialised net overflow: the GradScaler skips and halves (no finding on
+    those steps) until they fit; the norm then judged is the unscaled one, above the absolute bound."""
+    scaler = torch.amp.GradScaler("cpu")
+    trainer = fit(
+        Classifier(net=deep_mlp(7, randn_init=True), lr=1e-6),
+        [GradientNormMonitor(every_n_steps=1)],
+        root=tmp_path,
+        max_steps=24,
+        plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)],
+    )
+    found = [f for f in findings(trainer) if f.check == "exploding-gradients"]
+    assert scaler.get_scale() < 2.0**16  # steps were skipped
+    assert found and found[0].step > 0 and found[0].where.startswith("net.")
+    # unscaled: ~2.2e4 here; still multiplied by the scale (8 or more by then) it would be above 1.7e5
+    assert 1e4 < found[0].evidence["grad_norm"] < 1e5
 
 
 def test_exploding_gradients_are_reported_pre_clip(tmp_path):
