@@ -19,8 +19,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from _models import Classifier, MetricsRecorder, deep_mlp, fit
-from lightning.pytorch.plugins import MixedPrecision
-from test_matrix_training import Quiet, _nan_from
+from test_matrix_training import Quiet, _nan_from, _serious, fp16_exploding_run, overflowing_scaler_run
 from torch import nn
 
 from benchmarks.detection.cases import get_case, select_cases
@@ -32,10 +31,6 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 GPU: dict[str, Any] = {"accelerator": "gpu", "devices": 1}
 PRECISIONS = ("32-true", "16-mixed", "bf16-mixed")
-
-
-def _alarms(trainer: Any) -> list[tuple[str, str | None, int]]:
-    return [(f.check, f.where, f.step) for f in findings(trainer) if f.severity.value != "info"]
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
@@ -58,18 +53,9 @@ def test_a_nan_loss_is_found_at_its_step_on_cuda(tmp_path, precision):
 
 
 def test_fp16_overflow_steps_skipped_by_the_scaler_are_not_faults_on_cuda(tmp_path):
-    """A scale of 2**40 overflows fp16 gradients; the scaler skips those steps and halves: normal AMP."""
-    scaler = torch.amp.GradScaler("cuda", init_scale=2.0**40)
-    trainer = fit(
-        Quiet(),
-        [Sentinel(preset="full")],
-        root=tmp_path,
-        max_steps=24,
-        plugins=[MixedPrecision("16-mixed", "cuda", scaler=scaler)],
-        **GPU,
-    )
+    trainer, scaler = overflowing_scaler_run(tmp_path, "cuda", **GPU)
     assert scaler.get_scale() < 2.0**40  # steps were skipped
-    assert _alarms(trainer) == []
+    assert _serious(trainer) == []
 
 
 def test_gradient_norm_is_reported_unscaled_under_fp16(tmp_path):
@@ -106,20 +92,11 @@ def test_exploding_gradients_are_found_under_bf16(tmp_path):
 
 
 def test_exploding_gradients_are_found_under_fp16_once_the_scaler_stops_overflowing(tmp_path):
-    """In fp16 the scaled gradients overflow first: the GradScaler skips and halves until they fit (no
-    finding on those steps), then the unscaled norm is judged like any other."""
-    trainer = fit(
-        Classifier(net=deep_mlp(7, randn_init=True), lr=1e-6),
-        [GradientNormMonitor(every_n_steps=1)],
-        root=tmp_path,
-        max_steps=24,
-        precision="16-mixed",
-        **GPU,
-    )
+    trainer, scaler = fp16_exploding_run(tmp_path, "cuda", **GPU)
     found = [f for f in findings(trainer) if f.check == "exploding-gradients"]
+    assert scaler.get_scale() < 2.0**16  # the skipped steps happened
     assert found and found[0].step > 0 and found[0].where.startswith("net.")
     assert found[0].evidence["grad_norm"] > 1e4  # unscaled: the absolute bound
-    assert trainer.precision_plugin.scaler.get_scale() < 2.0**16  # the skipped steps happened
 
 
 def test_compiled_with_inductor_healthy_is_silent_and_a_nan_is_found(tmp_path):
@@ -140,7 +117,7 @@ def test_softmax_before_cross_entropy_is_found_on_cuda_as_on_the_cpu(tmp_path):
         trainer = fit(
             Classifier(transform=softmax), [Sentinel()], root=tmp_path / device, max_steps=10, **settings
         )
-        runs[device] = [a for a in _alarms(trainer) if a[0] == "softmax-before-cross-entropy"]
+        runs[device] = [a for a in _serious(trainer) if a[0] == "softmax-before-cross-entropy"]
     assert runs["cpu"] and runs["cpu"][0][1] == "F.cross_entropy in training_step"
     assert runs["gpu"] == runs["cpu"]
 

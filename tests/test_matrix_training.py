@@ -116,31 +116,44 @@ def test_a_nan_loss_is_found_at_its_step_and_stops_the_run(tmp_path, config):
     assert (tmp_path / "sentinel" / "findings.json").exists()
 
 
-def test_fp16_scaler_skipped_steps_are_not_faults(tmp_path):
-    """A GradScaler whose scale starts absurdly high overflows and skips steps, halving its scale: normal."""
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40)
+def overflowing_scaler_run(
+    root: Any, device: str, **trainer_kwargs: Any
+) -> tuple[pl.Trainer, torch.amp.GradScaler]:
+    """The full preset on a healthy model under a GradScaler whose scale starts absurdly high (2**40): it
+    overflows and skips steps, halving its scale, which is normal fp16 AMP. ``device``: the scaler's."""
+    scaler = torch.amp.GradScaler(device, init_scale=2.0**40)
+    plugin = MixedPrecision("16-mixed", device, scaler=scaler)
     trainer = fit(
-        Quiet(),
-        [Sentinel(preset="full")],
-        root=tmp_path,
-        max_steps=24,
-        plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)],
+        Quiet(), [Sentinel(preset="full")], root=root, max_steps=24, plugins=[plugin], **trainer_kwargs
     )
+    return trainer, scaler
+
+
+def test_fp16_scaler_skipped_steps_are_not_faults(tmp_path):
+    trainer, scaler = overflowing_scaler_run(tmp_path, "cpu")
     assert scaler.get_scale() < 2.0**40  # steps were skipped
     assert _serious(trainer) == []
 
 
-def test_fp16_exploding_gradients_are_judged_unscaled_once_the_scaler_stops_skipping(tmp_path):
-    """Scaled fp16 gradients of a randn-initialised net overflow: the GradScaler skips and halves (no finding on
-    those steps) until they fit; the norm then judged is the unscaled one, above the absolute bound."""
-    scaler = torch.amp.GradScaler("cpu")
+def fp16_exploding_run(
+    root: Any, device: str, **trainer_kwargs: Any
+) -> tuple[pl.Trainer, torch.amp.GradScaler]:
+    """A randn-initialised 7-layer MLP under fp16 AMP, gradient norms checked every step: its scaled
+    gradients overflow, so the GradScaler skips and halves (no finding on those steps) until they fit."""
+    scaler = torch.amp.GradScaler(device)
     trainer = fit(
         Classifier(net=deep_mlp(7, randn_init=True), lr=1e-6),
         [GradientNormMonitor(every_n_steps=1)],
-        root=tmp_path,
+        root=root,
         max_steps=24,
-        plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)],
+        plugins=[MixedPrecision("16-mixed", device, scaler=scaler)],
+        **trainer_kwargs,
     )
+    return trainer, scaler
+
+
+def test_fp16_exploding_gradients_are_judged_unscaled_once_the_scaler_stops_skipping(tmp_path):
+    trainer, scaler = fp16_exploding_run(tmp_path, "cpu")
     found = [f for f in findings(trainer) if f.check == "exploding-gradients"]
     assert scaler.get_scale() < 2.0**16  # steps were skipped
     assert found and found[0].step > 0 and found[0].where.startswith("net.")
