@@ -237,72 +237,72 @@ class _BatchRecord:
 
 class BatchInspector(SentinelCallback):
     """Inspects sampled batches for NaN/Inf, unnormalized or constant inputs, a batch that repeats, label
-        order and imbalance, and validation inputs preprocessed differently from training's.
+    order and imbalance, and validation inputs preprocessed differently from training's.
 
-        Finding inputs and targets: ``(inputs, targets, ...)`` tuples/lists, mappings with keys ``x``/
-        ``input``/``inputs``/``features``/``image``/``images`` and ``y``/``target``/``targets``/``label``/
-        ``labels``, or ``input_key``/``target_key`` (a key, an index or an attribute name). A layout it cannot
-        split gives one ``info`` finding, and only ``non-finite-inputs`` keeps running. Scale checks skip
-        integer inputs (token ids); images ``(N, C, H, W)`` are judged per channel, ``(N, F)`` per feature,
-        ``(N, T, F)`` per last-dim feature. Label checks take one label per sample: integer targets ``(N,)``
-        or ``(N, 1)``, or float ones holding only 0 and 1.
+    Finding inputs and targets: ``(inputs, targets, ...)`` tuples/lists, mappings with keys ``x``/
+    ``input``/``inputs``/``features``/``image``/``images`` and ``y``/``target``/``targets``/``label``/
+    ``labels``, or ``input_key``/``target_key`` (a key, an index or an attribute name). A layout it cannot
+    split gives one ``info`` finding, and only ``non-finite-inputs`` keeps running. Scale checks skip
+    integer inputs (token ids); images ``(N, C, H, W)`` are judged per channel, ``(N, F)`` per feature,
+    ``(N, T, F)`` per last-dim feature. Label checks take one label per sample: integer targets ``(N,)``
+    or ``(N, 1)``, or float ones holding only 0 and 1.
 
-        Cost: every ``every_n_steps``-th training batch (micro-batch) is reduced on the device to a few
-        statistics (per-feature moments merged across batches, min/max, a content fingerprint, label
-        counts); the batch just before a sampled one is fingerprinted only. The host reads everything
-        back once per ``window_batches`` sampled batches (NaN/Inf counts are read at once on a CPU, and on
+    Cost: every ``every_n_steps``-th training batch (micro-batch) is reduced on the device to a few
+    statistics (per-feature moments merged across batches, min/max, a content fingerprint, label
+    counts); the batch just before a sampled one is fingerprinted only. The host reads everything
+    back once per ``window_batches`` sampled batches (NaN/Inf counts are read at once on a CPU, and on
     an accelerator for the first sampled batch of a fit).
-        Validation batches (all of them, during ``fit``) feed per-feature moments read once per
-        validation epoch. Statistics are per rank under DDP; the stop/raise decision is shared.
+    Validation batches (all of them, during ``fit``) feed per-feature moments read once per
+    validation epoch. Statistics are per rank under DDP; the stop/raise decision is shared.
 
-        Rules (calibrated on the detection benchmark, see ``benchmarks/detection/cases_data.py``):
+    Rules (calibrated on the detection benchmark, see ``benchmarks/detection/cases_data.py``):
 
-        - ``unnormalized-inputs`` (warning): over >= ``min_samples`` samples, a channel/feature has
-          ``|mean| > mean_bound`` (5) or ``std > std_bound`` (5), or at least half of the varying
-          features vary by less than ``min_std`` (0.01) while staying within +-0.1 (pixels divided by
-          255 twice). ``std_bound`` is 5, not the usual 20: digits pixels 0..16 as images have a channel
-          std of 6.0, while standardized digits/breast-cancer/diabetes features stay below 1.9 over 256
-          samples even with rare outliers (and [0, 1] pixels below 0.5).
-        - ``constant-inputs`` (error): every sampled batch of a window (at least two) has min == max.
-        - ``repeated-batch`` (warning): each sampled batch has the same content (in any order) as the batch
-          just before it, for a whole window; skipped when an epoch has a single batch (full-batch training).
-        - ``single-label-batch`` (warning): see :func:`single_label_verdict`.
-        - ``class-imbalance``: max/min class count > ``imbalance_ratio`` (10) over >= 500 labels. A
-          warning when no loss module of the LightningModule has class weights (``weight=``/``pos_weight=``),
-          else info (already handled). Not judged once label order looked sorted (sampled counts of
-          sorted data alias with the order; fix the shuffling first).
-        - ``train-val-shift`` (warning): see :func:`shifted_features`; reported when >= ``shift_fraction``
-          of the features/channels are shifted (a preprocessing difference moves most of them; a few rare
-          features move by chance).
+    - ``unnormalized-inputs`` (warning): over >= ``min_samples`` samples, a channel/feature has
+      ``|mean| > mean_bound`` (5) or ``std > std_bound`` (5), or at least half of the varying
+      features vary by less than ``min_std`` (0.01) while staying within +-0.1 (pixels divided by
+      255 twice). ``std_bound`` is 5, not the usual 20: digits pixels 0..16 as images have a channel
+      std of 6.0, while standardized digits/breast-cancer/diabetes features stay below 1.9 over 256
+      samples even with rare outliers (and [0, 1] pixels below 0.5).
+    - ``constant-inputs`` (error): every sampled batch of a window (at least two) has min == max.
+    - ``repeated-batch`` (warning): each sampled batch has the same content (in any order) as the batch
+      just before it, for a whole window; skipped when an epoch has a single batch (full-batch training).
+    - ``single-label-batch`` (warning): see :func:`single_label_verdict`.
+    - ``class-imbalance``: max/min class count > ``imbalance_ratio`` (10) over >= 500 labels. A
+      warning when no loss module of the LightningModule has class weights (``weight=``/``pos_weight=``),
+      else info (already handled). Not judged once label order looked sorted (sampled counts of
+      sorted data alias with the order; fix the shuffling first).
+    - ``train-val-shift`` (warning): see :func:`shifted_features`; reported when >= ``shift_fraction``
+      of the features/channels are shifted (a preprocessing difference moves most of them; a few rare
+      features move by chance).
 
-        Calibration (``benchmarks/RESULTS.md``, 53 healthy runs x 3 seeds): the largest healthy
-        feature |mean| was 0.31 (``data-digits-unit-pixels-cnn``; bound 5, margin 16x) and std 2.5
-        (``noisy-batch8-adam-long``, batches of 8; bound 5, 2x); the train/val shift score reached by a
-        quarter of the features at most 1.59 (``gru-digits-rows``, 8 rows of 8 pixels; threshold 3, 1.9x); the largest unweighted class ratio 1.76 (threshold 10, 5.7x); at most 40%
-        single-label batches (the 20:1 ``data-imbalance-weighted-loss``; the rule also needs such batches
-        to be unlikely by chance).
+    Calibration (``benchmarks/RESULTS.md``, 53 healthy runs x 3 seeds): the largest healthy
+    feature |mean| was 0.31 (``data-digits-unit-pixels-cnn``; bound 5, margin 16x) and std 2.5
+    (``noisy-batch8-adam-long``, batches of 8; bound 5, 2x); the train/val shift score reached by a
+    quarter of the features at most 1.59 (``gru-digits-rows``, 8 rows of 8 pixels; threshold 3, 1.9x); the largest unweighted class ratio 1.76 (threshold 10, 5.7x); at most 40%
+    single-label batches (the 20:1 ``data-imbalance-weighted-loss``; the rule also needs such batches
+    to be unlikely by chance).
 
-        Args:
-            on_detect: ``"warn"`` (default), ``"stop"`` or ``"raise"``.
-            every_n_steps: inspect every n-th training batch (micro-batch); an integer >= 1.
-            window_batches: sampled batches per host read and verdict; an integer >= 1.
-            input_key: key (string), index or attribute of the inputs in a batch (``None``: the convention).
-            target_key: key (string), index or attribute of the targets (``None``: the convention).
-            mean_bound: largest normal ``|mean|`` of a feature/channel; a finite number > 0.
-            std_bound: largest normal std of a feature/channel; a finite number > 0.
-            min_std: smallest normal std of a feature that varies; a finite number > 0.
-            min_samples: samples seen before the scale of the inputs is judged; an integer >= 1.
-            single_label_batches: single-class batches in a window needed for ``single-label-batch``; >= 1.
-            imbalance_ratio: max/min class count above which labels count as imbalanced; a finite number > 1.
-            imbalance_min_samples: labels seen before the imbalance is judged; an integer >= 1.
-            shift_std: ``train-val-shift`` threshold in training standard deviations (and std ratio); > 1.
-            shift_fraction: share of features/channels that must be shifted; in (0, 1].
+    Args:
+        on_detect: ``"warn"`` (default), ``"stop"`` or ``"raise"``.
+        every_n_steps: inspect every n-th training batch (micro-batch); an integer >= 1.
+        window_batches: sampled batches per host read and verdict; an integer >= 1.
+        input_key: key (string), index or attribute of the inputs in a batch (``None``: the convention).
+        target_key: key (string), index or attribute of the targets (``None``: the convention).
+        mean_bound: largest normal ``|mean|`` of a feature/channel; a finite number > 0.
+        std_bound: largest normal std of a feature/channel; a finite number > 0.
+        min_std: smallest normal std of a feature that varies; a finite number > 0.
+        min_samples: samples seen before the scale of the inputs is judged; an integer >= 1.
+        single_label_batches: single-class batches in a window needed for ``single-label-batch``; >= 1.
+        imbalance_ratio: max/min class count above which labels count as imbalanced; a finite number > 1.
+        imbalance_min_samples: labels seen before the imbalance is judged; an integer >= 1.
+        shift_std: ``train-val-shift`` threshold in training standard deviations (and std ratio); > 1.
+        shift_fraction: share of features/channels that must be shifted; in (0, 1].
 
-        Example:
-            >>> import lightning.pytorch as pl
-            >>> from lightning_sentinel.checks.data import BatchInspector
-            >>> inspector = BatchInspector(input_key="pixels", target_key="label", every_n_steps=10)
-            >>> trainer = pl.Trainer(callbacks=[inspector], logger=False)
+    Example:
+        >>> import lightning.pytorch as pl
+        >>> from lightning_sentinel.checks.data import BatchInspector
+        >>> inspector = BatchInspector(input_key="pixels", target_key="label", every_n_steps=10)
+        >>> trainer = pl.Trainer(callbacks=[inspector], logger=False)
     """
 
     CHECKS = (NON_FINITE_INPUTS, UNNORMALIZED, CONSTANT, REPEATED, SINGLE_LABEL, IMBALANCE, SHIFT)

@@ -216,21 +216,18 @@ class NonFiniteGuard(SentinelCallback):
         with_grad = [i for i, p in enumerate(parameters) if p.grad is not None]
         weight_norms = tensor_norms(parameters)
         grad_norms = tensor_norms([parameters[i].grad for i in with_grad], device=weight_norms.device)  # type: ignore[misc]
-        no = torch.zeros((), dtype=torch.bool)
-        loss_flag = self._loss_flag if self._loss_flag is not None else no
-        earlier = self._loss_flag_earlier if self._loss_flag_earlier is not None else no
-        self._loss_flag = self._loss_flag_earlier = None
-        current = torch.zeros(1) if loss_now is None else loss_now.float().sum().view(1)
         device = weight_norms.device
+        # (all since the last check, all but this step's last micro-batch, that micro-batch's loss), on device
+        loss_state = torch.zeros(3, device=device)
+        if self._loss_flag is not None:
+            loss_state[0] = self._loss_flag.to(device)
+        if self._loss_flag_earlier is not None:
+            loss_state[1] = self._loss_flag_earlier.to(device)
+        if loss_now is not None:
+            loss_state[2] = loss_now.float().sum().to(device)
+        self._loss_flag = self._loss_flag_earlier = None
         # the one host read of this check
-        values = torch.cat(
-            [
-                torch.stack([loss_flag, earlier]).float().to(device),
-                current.to(device),
-                weight_norms,
-                grad_norms,
-            ]
-        ).tolist()
+        values = torch.cat([loss_state, weight_norms, grad_norms]).tolist()
         bad_before_now = values[1] > 0  # an earlier micro-batch since the last check had a non-finite loss
         if loss_bad_now is None and not math.isfinite(values[2]):
             loss_bad_now = values[2]  # the check step's own loss: its batch is still here to replay
@@ -244,11 +241,11 @@ class NonFiniteGuard(SentinelCallback):
             value = loss_bad_now if loss_bad_now is not None else float("nan")
             first_now = loss_bad_now is not None and not bad_before_now
             now = f"loss is {value:g} at step {trainer.global_step} (batch {self._batch_idx})"
-            earlier = f"training loss became non-finite in the {self.every_n_steps} steps before step {trainer.global_step}"
+            since_check = f"training loss became non-finite in the {self.every_n_steps} steps before step {trainer.global_step}"
             if first_now:
                 message = f"training {now}"
             else:
-                message = f"{earlier}; {now}" if loss_bad_now is not None else earlier
+                message = f"{since_check}; {now}" if loss_bad_now is not None else since_check
             self._report(
                 trainer,
                 LOSS,
