@@ -192,3 +192,12 @@ def test_accelerator_path_reports_a_nan_between_checks_at_the_next_check(tmp_pat
     loss = next(f for f in findings(trainer) if f.check == "non-finite-loss")
     assert (loss.step, loss.where) == (10, None)
     assert "non-finite in the 10 steps before step 10; loss is nan at step 10" in loss.message
+
+
+def test_accelerator_path_every_step_localises_a_nan_between_default_checks(tmp_path, monkeypatch):
+    """``every_n_steps=1`` reads each step's loss: a NaN from step 5 is replayed and named at step 5."""
+    monkeypatch.setattr(non_finite, "on_host", lambda tensor: False)
+    module = Classifier(transform=lambda logits, step: torch.log(logits) if step >= 5 else logits)
+    trainer = fit(module, [NonFiniteGuard(every_n_steps=1)], root=tmp_path)
+    assert ("non-finite-loss", "batch 5") in _checks(trainer)
+    assert ("non-finite-activation", "Classifier.training_step") in _checks(trainer)

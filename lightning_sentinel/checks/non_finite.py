@@ -73,7 +73,8 @@ class NonFiniteGuard(SentinelCallback):
     hooks are armed for the next training batch. On an accelerator the loss of a check step is read
     with its norms, so a NaN that appears on a check step (step 0 included: NaN in the data, an
     overflowing first forward) is localised the same way; one that appears between check steps is
-    reported at the next one, where an SGD update has usually made the weights NaN already.
+    reported at the next one, where an SGD update has usually made the weights NaN already
+    (``every_n_steps=1`` localises every first NaN there too, at the price of one sync per step).
 
     Under a GradScaler (``precision="16-mixed"``), non-finite gradients make the scaler skip the step
     and halve its scale; that is normal, so ``non-finite-gradients`` is reported only once the scale
