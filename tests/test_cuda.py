@@ -4,11 +4,12 @@ Inductor, and no host-device sync on steps where no check is due.
 Skipped without a CUDA GPU (CI has none); on a GPU machine run ``python -m pytest tests/test_cuda.py``.
 The CPU rows of the same matrix are in ``test_matrix_training.py``.
 
-Last run on one H100 (torch 2.11+cu130, Lightning 2.6.6) on 2026-11-24, where every row passed except
-two written after that run, so not yet run on a GPU: the fp16 exploding-gradients row at depth 7 (the same
-scenario passes on the CPU with a real GradScaler, ``test_matrix_training.py``) and the zoo cases whose
-CUDA run differed from the CPU's before the fixes it led to (checked on the CPU with the accelerator path
-forced, ``test_non_finite.py`` / ``test_data.py``).
+Last run on one H100 (torch 2.11+cu130, Lightning 2.6.6) on 2026-11-24; every row that existed then
+passed. Not yet run on a GPU: rows written after that run (fp16 exploding gradients at depth 7, which
+passes on the CPU with a real GradScaler in ``test_matrix_training.py``; the fast zoo subset as a test,
+whose cases all passed in the zoo's CUDA run; the zoo cases whose CUDA run differed from the CPU's),
+and the NonFiniteGuard/BatchInspector accelerator-path changes made after it (checked on the CPU with
+the accelerator path forced, ``test_non_finite.py`` / ``test_data.py``).
 """
 
 from __future__ import annotations
