@@ -4,8 +4,8 @@ Inductor, and no host-device sync on steps where no check is due.
 Skipped without a CUDA GPU (CI has none); on a GPU machine run ``python -m pytest tests/test_cuda.py``.
 The CPU rows of the same matrix are in ``test_matrix_training.py``.
 
-Last run on one H100 (torch 2.11+cu130, Lightning 2.6.6) on 2026-11-24; every row that existed then
-passed. Not yet run on a GPU: rows written after that run (fp16 exploding gradients at depth 7, which
+Last run on one H100 (torch 2.11+cu130, Lightning 2.6.6) on 2026-11-24, where the rows that existed
+then passed (the NaN rows once their expected step was set to the accelerator's read at step 10). Not yet run on a GPU: rows written after that run (fp16 exploding gradients at depth 7, which
 passes on the CPU with a real GradScaler in ``test_matrix_training.py``; the fast zoo subset as a test,
 whose cases all passed in the zoo's CUDA run; the zoo cases whose CUDA run differed from the CPU's),
 and the NonFiniteGuard/BatchInspector accelerator-path changes made after it (checked on the CPU with
