@@ -148,6 +148,25 @@ def test_command_line_rejects_unknown_case(capsys: pytest.CaptureFixture[str]) -
     assert "unknown case" in capsys.readouterr().err
 
 
+def test_command_line_shards_split_the_selection(tmp_path: Path) -> None:
+    names = ["mlp-digits", "cnn-bn-dropout-digits", "lr-too-high-sgd"]
+    seen = []
+    for shard in ("1/2", "2/2"):
+        path = tmp_path / f"{shard.replace('/', '-')}.json"
+        assert main(["--case", *names, "--shard", shard, "--json", str(path)]) == 0
+        seen.append([record["name"] for record in json.loads(path.read_text())["results"]])
+    assert seen == [["mlp-digits", "lr-too-high-sgd"], ["cnn-bn-dropout-digits"]]
+
+
+@pytest.mark.parametrize(
+    "argv", [["--shard", "3/2"], ["--shard", "two"], ["--results", "x.md", "--accelerator", "gpu"]]
+)
+def test_command_line_refuses_bad_shards_and_gpu_results(argv: list[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+
+
 # ---------------------------------------------------------------------- mutations, twins, results
 DEEPCRIME_OPERATORS = {
     "TCL", "TRD", "TUD", "TAN", "TCO", "HBS", "HLR", "HNE", "HDB", "ACH", "ARM", "AAL",

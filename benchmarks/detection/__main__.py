@@ -106,7 +106,12 @@ def _progress(result: CaseResult) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark from the command line; returns the exit status."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if (args.twins or args.results) and (args.shard is not None or args.accelerator != "cpu"):
+        parser.error(
+            "--shard and --accelerator apply to plain runs, not to --twins or --results (CPU numbers)"
+        )
     if args.list:
         for case in CASES:
             kind = "healthy" if case.healthy else "faulty "
