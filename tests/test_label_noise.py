@@ -66,27 +66,24 @@ def test_bad_settings_name_the_argument(argument, value):
 
 
 # ---------------------------------------------------------------------- on a Trainer
-def test_wrong_labels_are_reported_and_clean_ones_are_not(tmp_path):
-    noisy = fit(
+def _fit_on_clusters(root, noise, monitor=None, max_steps=120):
+    """An Adam MLP on the cluster data with a share ``noise`` of wrong labels, watched by ``monitor``."""
+    return fit(
         Classifier(_net(), lr=1e-2, optimizer="adam"),
-        [LabelNoiseMonitor(every_n_steps=4)],
-        root=tmp_path / "noisy",
-        max_steps=120,
-        loader=clusters_loader(noise=0.3),
+        [monitor if monitor is not None else LabelNoiseMonitor(every_n_steps=4)],
+        root=root,
+        max_steps=max_steps,
+        loader=clusters_loader(noise=noise),
     )
-    found = _own(noisy)
+
+
+def test_wrong_labels_are_reported_and_clean_ones_are_not(tmp_path):
+    found = _own(_fit_on_clusters(tmp_path / "noisy", noise=0.3))
     assert [finding.check for finding in found] == [NOISY]
     assert found[0].where == "F.cross_entropy in training_step"
     assert 0.1 <= found[0].evidence["contradicted_share"] <= 0.35
     assert found[0].evidence["accuracy"] >= 0.5
-    clean = fit(
-        Classifier(_net(), lr=1e-2, optimizer="adam"),
-        [LabelNoiseMonitor(every_n_steps=4)],
-        root=tmp_path / "clean",
-        max_steps=120,
-        loader=clusters_loader(noise=0.0),
-    )
-    assert _own(clean) == []
+    assert _own(_fit_on_clusters(tmp_path / "clean", noise=0.0)) == []
 
 
 class _Mixup(Classifier):
@@ -156,13 +153,7 @@ def test_two_classes_and_token_labels_are_never_judged(tmp_path):
 
 def test_the_window_survives_a_resume(tmp_path):
     monitor = LabelNoiseMonitor(every_n_steps=4)
-    fit(
-        Classifier(_net(), lr=1e-2, optimizer="adam"),
-        [monitor],
-        root=tmp_path,
-        max_steps=60,
-        loader=clusters_loader(noise=0.3),
-    )
+    _fit_on_clusters(tmp_path, noise=0.3, monitor=monitor, max_steps=60)
     restored = LabelNoiseMonitor(every_n_steps=4)
     restored.load_state_dict(monitor.state_dict())
     assert restored._history == monitor._history and restored._history
