@@ -29,6 +29,36 @@ def on_host(tensor: Tensor) -> bool:
     return tensor.device.type == "cpu"
 
 
+@contextlib.contextmanager
+def float32_default() -> Iterator[None]:
+    """Within the block, tensors made without a ``dtype`` are float32, whatever the run's default.
+
+    Lightning's ``precision="64-true"``/``"bf16-true"``/``"16-true"`` set the default dtype for the
+    length of ``training_step``, and a user may set it for a whole script; the checks' own counters
+    and flags must not follow it (``index_add_`` and friends refuse mixed dtypes). The recorders that
+    run inside the user's forward wrap their work in this block; it costs nothing when the default
+    is float32 already.
+
+    Example:
+        >>> torch.set_default_dtype(torch.float64)
+        >>> with float32_default():
+        ...     torch.zeros(1).dtype
+        torch.float32
+        >>> torch.zeros(1).dtype
+        torch.float64
+        >>> torch.set_default_dtype(torch.float32)
+    """
+    previous = torch.get_default_dtype()
+    if previous is torch.float32:
+        yield
+        return
+    torch.set_default_dtype(torch.float32)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
 # set by ``shared_norms`` for the length of one hook call: (output device, the tensors, their norms)
 _shared: list[tuple[torch.device, list[Tensor], Tensor]] | None = None
 
@@ -67,7 +97,7 @@ def tensor_norms(tensors: Sequence[Tensor], device: torch.device | None = None) 
     gives a NaN or Inf norm. No autograd graph is recorded.
     """
     if not tensors:
-        return torch.zeros(0, device=device)
+        return torch.zeros(0, dtype=torch.float32, device=device)
     out_device = device if device is not None else tensors[0].device
     shared = _shared
     if shared is not None:
@@ -90,17 +120,40 @@ def _tensor_norms(tensors: Sequence[Tensor], out_device: torch.device) -> Tensor
     if all(
         t.device == first.device and t.dtype == first.dtype for t in tensors
     ):  # usual case: one fused call
-        return torch.stack(torch._foreach_norm(list(tensors), 2, dtype=torch.float32)).to(out_device)
+        return _fused_norms(list(tensors), first.dtype).to(out_device)
     groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
     for index, tensor in enumerate(tensors):
         groups.setdefault((tensor.device, tensor.dtype), []).append(index)
     result = torch.empty(len(tensors), dtype=torch.float32, device=out_device)
-    for (group_device, _), indices in groups.items():
-        members = [tensors[i].detach() for i in indices]
-        norms = torch.stack(torch._foreach_norm(members, 2, dtype=torch.float32))
-        index_tensor = torch.tensor(indices, device=out_device)
+    for (group_device, dtype), indices in groups.items():
+        norms = _fused_norms([tensors[i].detach() for i in indices], dtype)
+        index_tensor = torch.tensor(indices, dtype=torch.long, device=out_device)
         result.index_copy_(0, index_tensor, norms.to(out_device) if group_device != out_device else norms)
     return result
+
+
+_FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
+def _fused_norms(tensors: list[Tensor], dtype: torch.dtype) -> Tensor:
+    """float32 norms of same-dtype tensors, for every floating dtype torch trains in.
+
+    Half types accumulate in float32 (fp16 values cannot overflow the norm); float64 accumulates in
+    float64 (``_foreach_norm`` refuses to narrow) and a finite norm beyond float32's range is kept
+    finite (saturated), so only a real NaN/Inf reads as non-finite.
+
+    Example:
+        >>> _fused_norms([torch.full((4,), 1e100, dtype=torch.float64)], torch.float64)
+        tensor([3.4028e+38])
+        >>> _fused_norms([torch.tensor([3.0, 4.0], dtype=torch.bfloat16)], torch.bfloat16)
+        tensor([5.])
+    """
+    if dtype == torch.float64:
+        norms = torch.stack(torch._foreach_norm(tensors, 2))
+        return torch.where(torch.isfinite(norms), norms.clamp(max=_FLOAT32_MAX), norms).float()
+    if not dtype.is_floating_point:  # integer or bool buffers: exact enough in float32
+        tensors = [t.float() for t in tensors]
+    return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32))
 
 
 def shard_norms(tensors: Sequence[Tensor | None], device: torch.device) -> Tensor:
@@ -114,7 +167,7 @@ def shard_norms(tensors: Sequence[Tensor | None], device: torch.device) -> Tenso
     result = torch.zeros(len(tensors), dtype=torch.float32, device=device)
     if present:
         norms = tensor_norms([tensors[i] for i in present], device=device)  # type: ignore[misc]
-        result.index_copy_(0, torch.tensor(present, device=device), norms)
+        result.index_copy_(0, torch.tensor(present, dtype=torch.long, device=device), norms)
     return result
 
 
@@ -197,7 +250,7 @@ class LayerGrouping:
         index = self._index.get(parameter_norms.device)
         if index is None:
             index = self._index[parameter_norms.device] = torch.tensor(
-                self.parameter_layer, device=parameter_norms.device
+                self.parameter_layer, dtype=torch.long, device=parameter_norms.device
             )
         squares = torch.zeros(
             len(self.layer_names), dtype=parameter_norms.dtype, device=parameter_norms.device

@@ -22,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import warnings
@@ -64,22 +65,74 @@ _SYNC_HOOKS = frozenset({"on_train_start", "on_train_batch_end", "on_validation_
 
 def _guard_hook(name: str, hook: Callable[..., Any]) -> Callable[..., Any]:
     sync = name in _SYNC_HOOKS
+    starts_fit = name == "setup"
 
     @functools.wraps(hook)
     def guarded(self: SentinelCallback, *args: Any, **kwargs: Any) -> Any:
         result = None
+        outermost = self.__dict__.get("_hook_depth", 0) == 0
+        if starts_fit and outermost and _stage(args, kwargs) == "fit":
+            self._start_fit()  # a fresh judgement for every fit; a resume's state is loaded after this
         if not self._failed or name in _CLEANUP_HOOKS:
+            self.__dict__["_hook_depth"] = self.__dict__.get("_hook_depth", 0) + 1
             try:
                 result = hook(self, *args, **kwargs)
-            except SentinelError:
+            except (SentinelError, SentinelWarning):  # a raise policy, or a warnings filter set to "error"
                 raise
             except Exception as error:  # a check must never kill the user's training
-                self._disable_after_error(name, error)
+                self._disable_after_error(_trainer_of(args, kwargs), name, error)
+            finally:
+                self.__dict__["_hook_depth"] -= 1
         if sync and self._sync_log is not None:  # a disabled check still takes part
             self._sync_point(args[0] if args else kwargs["trainer"], name)
         return result
 
     return guarded
+
+
+def _stage(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """The ``stage`` argument of a ``setup(trainer, pl_module, stage)`` call."""
+    return kwargs.get("stage", args[2] if len(args) > 2 else None)
+
+
+def _trainer_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> pl.Trainer | None:
+    """The trainer a hook was called with (every Lightning hook takes it first)."""
+    trainer = kwargs.get("trainer", args[0] if args else None)
+    return trainer if isinstance(trainer, pl.Trainer) else None
+
+
+# Private attributes that are not per-fit state: never reset between fits.
+_KEPT_ACROSS_FITS = frozenset({"_state_key_cache", "_hook_depth", "_init_depth", "_pristine"})
+
+
+def _wrap_init(init: Callable[..., None]) -> Callable[..., None]:
+    """``__init__`` that, when the outermost constructor returns, keeps a copy of the per-fit state."""
+
+    @functools.wraps(init)
+    def init_and_snapshot(self: SentinelCallback, *args: Any, **kwargs: Any) -> None:
+        depth = self.__dict__.get("_init_depth", 0)
+        self.__dict__["_init_depth"] = depth + 1
+        try:
+            init(self, *args, **kwargs)
+        finally:
+            self.__dict__["_init_depth"] = depth
+        if depth == 0:
+            self.__dict__["_pristine"] = _copy_run_state(self.__dict__)
+
+    init_and_snapshot.__sentinel_snapshot__ = True  # type: ignore[attr-defined]
+    return init_and_snapshot
+
+
+def _copy_run_state(attributes: dict[str, Any]) -> dict[str, Any]:
+    """Deep copies of the private attributes (the per-fit state; public ones are settings)."""
+    state = {}
+    for attribute, value in attributes.items():
+        if attribute.startswith("_") and attribute not in _KEPT_ACROSS_FITS:
+            try:
+                state[attribute] = copy.deepcopy(value)
+            except Exception:  # an object that cannot be copied is kept as it is
+                state[attribute] = value
+    return state
 
 
 def validate_on_detect(on_detect: str | None, allow_none: bool = False) -> None:
@@ -124,6 +177,9 @@ class SentinelCallback(Callback):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is not None and not getattr(init, "__sentinel_snapshot__", False):
+            cls.__init__ = _wrap_init(init)  # type: ignore[method-assign]
         for name in _GUARDED_HOOKS:
             hook = cls.__dict__.get(name)
             if hook is not None and not getattr(hook, "__sentinel_guarded__", False):
@@ -195,6 +251,20 @@ class SentinelCallback(Callback):
         self._load_extra_state(state_dict.get("extra", {}))
 
     # ------------------------------------------------------------------ lifecycle shared by all checks
+    def _start_fit(self) -> None:
+        """Forget everything the previous fit left: each fit is judged afresh.
+
+        Called when ``setup(stage="fit")`` starts, before Lightning restores a checkpoint's callback
+        state (``load_state_dict``), so a resume keeps what it loads while a reused instance (a
+        notebook, a sweep, ``trainer.fit`` called again) starts as if new. Every private attribute
+        made by the constructor (the per-fit state, by this project's convention: checks create all
+        their state in ``__init__``) is set back to a copy of its value right after construction;
+        public attributes are settings and stay.
+        """
+        pristine = self.__dict__.get("_pristine")
+        if pristine is not None:
+            self.__dict__.update(_copy_run_state(pristine))
+
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         log = finding_log(trainer)
@@ -206,7 +276,7 @@ class SentinelCallback(Callback):
             log.directory = trainer.log_dir or trainer.default_root_dir
         log.checks_run.update(self.active_checks)
         if stage == "fit":
-            write_scalar_layout(trainer)  # the "sentinel" Custom Scalars section, once per trainer
+            self._emit(trainer, "TensorBoard's custom scalar layout", write_scalar_layout, trainer)
         self._sync_log = log if trainer.world_size > 1 else None
         if self._sync_log is not None and self not in log.members:
             log.members.append(self)
@@ -254,13 +324,27 @@ class SentinelCallback(Callback):
         """Remove hooks and other resources (override; must be safe to call twice)."""
 
     def _finish(self, trainer: pl.Trainer, print_report: bool) -> None:
+        """Write findings.json and, once per fit, print the report (rank zero). Never raises."""
         if trainer.global_rank != 0:
             return
         log = finding_log(trainer)
-        log.write()
+        if not log.checks_run and not log.findings:
+            return  # nothing ran in this process (e.g. the launcher of ddp_spawn): nothing true to say
+        path = log.write()
         if print_report and not log.report_printed:
             log.report_printed = True
-            rank_zero_info(format_report(log.findings, sorted(log.checks_run), log.path))
+            report = format_report(log.findings, sorted(log.checks_run), path, unwatched=log.unwatched)
+            self._emit(trainer, "the console", rank_zero_info, report)
+
+    def _emit(self, trainer: pl.Trainer, output: str, write: Callable[..., Any], *args: Any) -> None:
+        """Call ``write(*args)``; if it fails, say so once per output and go on (recording never stops detection)."""
+        log = finding_log(trainer)
+        if not log.can_write(output):
+            return
+        try:
+            write(*args)
+        except Exception as error:
+            log.output_failed(output, error, f"nothing more is written to {output} in this run")
 
     # ------------------------------------------------------------------ cadence
     def _is_due(self, step_index: int) -> bool:
@@ -316,17 +400,17 @@ class SentinelCallback(Callback):
         )
         finding_log(trainer).add(finding)
         self._own_findings.append(finding)
+        # the policy first: whatever happens to the outputs below, a stop or raise still acts
+        if severity is not Severity.INFO:  # advice (or a check that could not run) never stops or fails a run
+            if self.on_detect == "stop":
+                self._pending_stop = True
+            elif self.on_detect == "raise" and self._pending_raise is None:
+                self._pending_raise = finding
         if trainer.global_rank == 0:
             warnings.warn(
                 SentinelWarning(finding.format() + (f" Hint: {hint}" if hint else "")), stacklevel=2
             )
             self._log_findings_text(trainer)
-        if severity is Severity.INFO:
-            return finding  # advice (or a check that could not run) never stops or fails a run
-        if self.on_detect == "stop":
-            self._pending_stop = True
-        elif self.on_detect == "raise" and self._pending_raise is None:
-            self._pending_raise = finding
         return finding
 
     def _settle(self, trainer: pl.Trainer) -> None:
@@ -376,7 +460,9 @@ class SentinelCallback(Callback):
         stop = any(member._pending_stop for member in log.members)
         first_raise = next((m._pending_raise for m in log.members if m._pending_raise is not None), None)
         flags = torch.tensor(
-            [float(stop), float(first_raise is not None)], device=trainer.strategy.root_device
+            [float(stop), float(first_raise is not None)],
+            dtype=torch.float32,
+            device=trainer.strategy.root_device,
         )
         stop_votes, raise_votes = trainer.strategy.reduce(flags, reduce_op="sum").tolist()
         for member in log.members:
@@ -393,10 +479,16 @@ class SentinelCallback(Callback):
             self._finish(trainer, print_report=False)
 
     def _log_findings_text(self, trainer: pl.Trainer) -> None:
+        text = None
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_text(
-                    "sentinel/findings", findings_markdown(finding_log(trainer).findings), trainer.global_step
+                text = text or findings_markdown(finding_log(trainer).findings)
+                self._emit(
+                    trainer,
+                    f"{type(logger).__name__}.experiment.add_text",
+                    functools.partial(
+                        logger.experiment.add_text, "sentinel/findings", text, trainer.global_step
+                    ),
                 )
 
     def _log_scalars(
@@ -421,20 +513,25 @@ class SentinelCallback(Callback):
             return
         self._next_log_step[key] = (step // every + 1) * every
         for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
+            self._emit(trainer, f"{type(logger).__name__}.log_metrics", logger.log_metrics, metrics, step)
 
-    def _disable_after_error(self, hook: str, error: Exception) -> None:
+    def _disable_after_error(self, trainer: pl.Trainer | None, hook: str, error: Exception) -> None:
+        """This check's own code failed: it switches itself off alone, and the report names what it no longer watches."""
         self._failed = True
+        reason = f"{type(self).__name__} failed in `{hook}` ({type(error).__name__}: {error})"
+        if trainer is not None:
+            finding_log(trainer).stop_watching(self.active_checks, reason)
         warnings.warn(
             SentinelWarning(
-                f"{type(self).__name__} failed in `{hook}` ({type(error).__name__}: {error}) and disabled itself; "
-                "training goes on without it. Please report this with the traceback."
+                f"{reason} and disabled itself; training goes on without it, and these checks are no longer "
+                f"watched: {', '.join(self.active_checks) or 'none'}. Please report this with the traceback."
             ),
             stacklevel=3,
         )
 
 
-# the base class's own hooks are guarded like its subclasses'
+# the base class's own hooks are guarded like its subclasses', and its constructor keeps the pristine state
+SentinelCallback.__init__ = _wrap_init(SentinelCallback.__init__)  # type: ignore[method-assign]
 for _name in _GUARDED_HOOKS:
     if _name in SentinelCallback.__dict__:
         setattr(SentinelCallback, _name, _guard_hook(_name, SentinelCallback.__dict__[_name]))

@@ -24,13 +24,16 @@ import dataclasses
 import json
 import math
 import os
+import tempfile
+import warnings
 import weakref
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_info
 
 
 class Severity(str, Enum):
@@ -132,7 +135,16 @@ class SentinelError(RuntimeError):
 class FindingLog:
     """All findings of one trainer, in the order they were reported, and where they are written.
 
-    The log is shared by every sentinel callback attached to the same trainer.
+    The log is shared by every sentinel callback attached to the same trainer. It also keeps what the
+    report must say besides the findings: the check ids that stopped being watched after a check's own
+    error (:attr:`unwatched`), and where ``findings.json`` really went when its usual place could not
+    be written.
+
+    Example:
+        >>> log = FindingLog()
+        >>> log.stop_watching(["dead-relu"], "DeadReLUDetector failed in `on_train_batch_end` (KeyError: 'x')")
+        >>> log.unwatched
+        {'dead-relu': "DeadReLUDetector failed in `on_train_batch_end` (KeyError: 'x')"}
     """
 
     FILE_NAME = "findings.json"
@@ -142,6 +154,12 @@ class FindingLog:
         self.directory: str | None = None
         self.checks_run: set[str] = set()
         self.report_printed = False
+        # check id -> why it is no longer watched (its callback failed and switched itself off)
+        self.unwatched: dict[str, str] = {}
+        # outputs (a file, a logger's method, the console) that failed once: told once, then skipped
+        self.failed_outputs: dict[str, str] = {}
+        self.written_to: str | None = None  # where findings.json was last written (None: nowhere yet)
+        self._printed_payload: str | None = None  # the JSON last printed when no file could be written
         # under DDP: the sentinel callbacks of this trainer, in hook order, and the sync bookkeeping
         self.members: list[Any] = []
         self.batches_since_sync = 0
@@ -151,23 +169,89 @@ class FindingLog:
         """Append ``finding`` to the record."""
         self.findings.append(finding)
 
+    def stop_watching(self, checks: Iterable[str], reason: str) -> None:
+        """Record that ``checks`` are no longer watched in this fit, and why (the report names them)."""
+        for check in checks:
+            self.unwatched.setdefault(check, reason)
+
+    def output_failed(self, output: str, error: BaseException, consequence: str) -> bool:
+        """Note that writing to ``output`` failed; returns whether this is its first failure.
+
+        The caller warns (once, on the first failure) with ``consequence``: what happens instead.
+        Detection goes on either way: an output that fails is a recording problem, never a reason
+        to stop watching.
+        """
+        if output in self.failed_outputs:
+            return False
+        self.failed_outputs[output] = f"{type(error).__name__}: {error}"
+        warnings.warn(
+            SentinelWarning(
+                f"lightning-sentinel could not write to {output} ({type(error).__name__}: {error}); "
+                f"{consequence}. Detection goes on: every check still watches and acts."
+            ),
+            stacklevel=3,
+        )
+        return True
+
+    def can_write(self, output: str) -> bool:
+        """Whether ``output`` has not failed before (a failed output is skipped from then on)."""
+        return output not in self.failed_outputs
+
     @property
     def path(self) -> str | None:
         """Where ``findings.json`` goes, once the trainer's log directory is known."""
         return None if self.directory is None else os.path.join(self.directory, "sentinel", self.FILE_NAME)
 
+    def fallback_path(self) -> str:
+        """The writable place ``findings.json`` falls back to when :attr:`path` cannot be written.
+
+        A folder of its own under the system's temporary directory, named after the process and this
+        log, so two runs never overwrite each other's file.
+        """
+        name = f"run-{os.getpid()}-{id(self):x}"
+        return os.path.join(tempfile.gettempdir(), "lightning-sentinel", name, self.FILE_NAME)
+
     def write(self) -> str | None:
-        """Write every finding as JSON (a list of records). Returns the path, or ``None`` if unknown."""
+        """Write every finding as JSON (a list of records); never raises.
+
+        Returns the path written: :attr:`path`, or, when that cannot be written (a read-only
+        directory, a full disk), :meth:`fallback_path`, said once in a :class:`SentinelWarning`.
+        When no place can be written, the findings go to the console as JSON (said in the same
+        warning) and ``None`` is returned. ``None`` too when the log directory is not known yet.
+        """
         path = self.path
         if path is None:
             return None
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        payload = [finding.to_dict() for finding in self.findings]
-        temporary = path + ".tmp"
-        with open(temporary, "w", encoding="utf-8") as handle:
-            json.dump(payload, handle, indent=2)
-        os.replace(temporary, path)
-        return path
+        payload = json.dumps([finding.to_dict() for finding in self.findings], indent=2)
+        places = [path] if self.can_write(path) else []
+        fallback = self.fallback_path()
+        places.append(fallback)
+        for place in places:
+            try:
+                _write_atomically(place, payload)
+            except OSError as error:
+                if place == path:
+                    self.output_failed(path, error, f"findings.json goes to {fallback} instead")
+                    continue
+                self.output_failed(fallback, error, "the findings are printed to the console as JSON instead")
+                if payload != self._printed_payload:  # each new state of the record once
+                    self._printed_payload = payload
+                    rank_zero_info(
+                        f"lightning-sentinel findings (JSON, no file could be written):\n{payload}"
+                    )
+                self.written_to = None
+                return None
+            self.written_to = place
+            return place
+        return None  # pragma: no cover  (the fallback is always tried)
+
+
+def _write_atomically(path: str, text: str) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    temporary = path + ".tmp"
+    with open(temporary, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    os.replace(temporary, path)
 
 
 _LOGS: weakref.WeakKeyDictionary[pl.Trainer, FindingLog] = weakref.WeakKeyDictionary()

@@ -24,7 +24,7 @@ import io
 import shutil
 import textwrap
 import weakref
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import lightning.pytorch as pl
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -141,6 +141,7 @@ def format_report(
     *,
     use_rich: bool | None = None,
     width: int | None = None,
+    unwatched: Mapping[str, str] | None = None,
 ) -> str:
     """The end-of-fit console report.
 
@@ -150,12 +151,22 @@ def format_report(
         path: where ``findings.json`` was written (named at the end), if known.
         use_rich: draw a ``rich`` table; default: when ``rich`` is importable.
         width: text width; default: the terminal's, between 80 and 160 columns.
+        unwatched: check ids that stopped watching during the run (their callback failed), with why.
 
-    One line (``all N checks passed``) when nothing was found; otherwise each (check, where) once,
-    errors first, with its message and remedy.
+    One line (``all N checks passed``) when nothing was found and every check watched to the end;
+    otherwise each (check, where) once, errors first, with its message and remedy, and the ids that
+    were no longer watched, so that silence is never mistaken for health.
+
+    Example:
+        >>> print(format_report([], ["dead-relu", "non-finite-loss"], None,
+        ...                     unwatched={"dead-relu": "DeadReLUDetector failed in `on_train_batch_end`"}))
+        lightning-sentinel: no findings, but 1 of 2 checks stopped watching during the run: dead-relu (DeadReLUDetector failed in `on_train_batch_end`).
     """
     checks = sorted(set(checks_run))
+    stopped = _unwatched_line(unwatched or {}, len(checks))
     if not findings:
+        if stopped:
+            return f"lightning-sentinel: no findings, but {stopped}."
         return f"lightning-sentinel: all {len(checks)} checks passed ({', '.join(checks)})."
     if width is None:
         width = min(max(shutil.get_terminal_size((100, 24)).columns, 80), 160)
@@ -164,9 +175,23 @@ def format_report(
     summary = summarize(findings)
     lines = [_headline(summary, len(checks)), ""]
     lines += _rich(summary, width) if use_rich else _plain(summary, width)
+    if stopped:
+        lines += ["", *textwrap.wrap(f"Not watched to the end: {stopped}.", width)]
     if path:
         lines += ["", f"findings written to {path}"]
     return "\n".join(lines)
+
+
+def _unwatched_line(unwatched: Mapping[str, str], n_checks: int) -> str:
+    """``"K of N checks stopped watching during the run: ids (why); ..."``, or ``""`` when none did."""
+    if not unwatched:
+        return ""
+    by_reason: dict[str, list[str]] = {}
+    for check, reason in unwatched.items():
+        by_reason.setdefault(reason, []).append(check)
+    parts = "; ".join(f"{', '.join(sorted(ids))} ({reason})" for reason, ids in by_reason.items())
+    total = max(n_checks, len(unwatched))
+    return f"{len(unwatched)} of {total} check{'s' if total != 1 else ''} stopped watching during the run: {parts}"
 
 
 def findings_markdown(findings: Sequence[Finding]) -> str:

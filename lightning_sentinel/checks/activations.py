@@ -484,7 +484,7 @@ class DeadReLUDetector(SentinelCallback):
         device = sites[0].counts.device  # type: ignore[union-attr]
         packed = torch.cat(
             [site.counts.to(device) for site in sites]  # type: ignore[union-attr]
-            + [torch.tensor([float(site.samples) for site in sites], device=device)]
+            + [torch.tensor([float(site.samples) for site in sites], dtype=torch.float32, device=device)]
         )
         if trainer.world_size > 1:  # every rank samples the same batches: this collective lines up
             packed = trainer.strategy.reduce(packed, reduce_op="sum")

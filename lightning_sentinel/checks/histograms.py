@@ -11,6 +11,7 @@ whole weight, gradient or activation tensor.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import warnings
@@ -24,6 +25,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
+from lightning_sentinel._eager import eager_while_observed, stop_observing
 from lightning_sentinel._stats import LayerGrouping, tensor_norms
 from lightning_sentinel._validate import require_bool, require_int, require_regex
 from lightning_sentinel.base import SentinelCallback
@@ -272,7 +274,12 @@ class HistogramLogger(SentinelCallback):
         self._select(pl_module)
         if self.custom_scalar_layout:
             assert self._tensorboard is not None
-            self._tensorboard.experiment.add_custom_scalars(SENTINEL_LAYOUT)
+            logger = self._tensorboard
+            self._emit(
+                trainer,
+                "TensorBoard's custom scalar layout",
+                lambda: logger.experiment.add_custom_scalars(SENTINEL_LAYOUT),
+            )
 
     def _select(self, pl_module: pl.LightningModule) -> None:
         """Choose the layers to log (modules that own parameters or have no children; root params too)."""
@@ -382,6 +389,7 @@ class HistogramLogger(SentinelCallback):
     def _attach(self) -> None:
         if self._handles:
             return
+        eager_while_observed(self)  # hooks added after compilation would be traced into the graph
         for name, module in self._hook_modules:
             self._handles.append(module.register_forward_hook(self._make_hook(name)))
 
@@ -389,6 +397,7 @@ class HistogramLogger(SentinelCallback):
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        stop_observing(self)
 
     def _make_hook(self, name: str) -> Any:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
@@ -429,7 +438,7 @@ class HistogramLogger(SentinelCallback):
             return
         device = parts[0].device
         values = torch.cat([part.to(device) for part in parts]).tolist()  # the one host read
-        experiment = self._tensorboard.experiment
+        logger = self._tensorboard
         offset = 0
         width = _SUMMARY_HEAD + self.bins
         for tag, _ in sample.histograms:
@@ -439,16 +448,22 @@ class HistogramLogger(SentinelCallback):
             if num <= 0:
                 continue  # nothing finite to show (NaN/Inf are NonFiniteGuard's business)
             limits = bucket_limits(low, high, self.bins)
-            experiment.add_histogram_raw(
-                tag,
-                min=low,
-                max=high,
-                num=int(num),
-                sum=total,
-                sum_squares=squares,
-                bucket_limits=limits,
-                bucket_counts=counts if len(limits) == self.bins else [num],
-                global_step=sample.step,
+            self._emit(
+                trainer,
+                f"{type(self._tensorboard).__name__}.experiment.add_histogram_raw",
+                functools.partial(
+                    _add_histogram_raw,
+                    logger,
+                    tag,
+                    min=low,
+                    max=high,
+                    num=int(num),
+                    sum=total,
+                    sum_squares=squares,
+                    bucket_limits=limits,
+                    bucket_counts=counts if len(limits) == self.bins else [num],
+                    global_step=sample.step,
+                ),
             )
         ratios: dict[str, float] = {}
         for layer_names, _, _ in sample.update_norms:
@@ -461,7 +476,13 @@ class HistogramLogger(SentinelCallback):
                     ratios[f"sentinel/update_ratio/{layer}"] = update / weight
         if ratios:
             for logger in trainer.loggers:
-                logger.log_metrics(ratios, step=sample.step)
+                self._emit(
+                    trainer, f"{type(logger).__name__}.log_metrics", logger.log_metrics, ratios, sample.step
+                )
+
+
+def _add_histogram_raw(logger: TensorBoardLogger, tag: str, **fields: Any) -> None:
+    logger.experiment.add_histogram_raw(tag, **fields)
 
 
 def _first_floating(value: Any) -> Tensor | None:

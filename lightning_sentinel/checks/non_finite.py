@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import lightning.pytorch as pl
@@ -16,7 +17,7 @@ from lightning_sentinel._validate import require_bool, require_number
 from lightning_sentinel.base import OnDetect, SentinelCallback
 from lightning_sentinel.catalog import CheckSpec, add_to_presets, register
 from lightning_sentinel.checks._optimizers import OptimizerView, optimizer_view, scaler_of
-from lightning_sentinel.findings import Finding, Severity
+from lightning_sentinel.findings import Finding, SentinelWarning, Severity, finding_log
 
 LOSS = "non-finite-loss"
 GRADIENTS = "non-finite-gradients"
@@ -123,6 +124,9 @@ class NonFiniteGuard(SentinelCallback):
         self._probe: FiniteProbe | None = None
         self._armed = False
         self._localized = False
+        # after an error of its own: only the loss is watched, with nothing that can fail on a dtype
+        self._minimal = False
+        self._minimal_flag: Tensor | None = None
 
     @override
     def _state_key_settings(self) -> dict[str, Any]:
@@ -146,13 +150,16 @@ class NonFiniteGuard(SentinelCallback):
     ) -> None:
         self._batch = batch  # a reference only, for a possible replay
         self._batch_idx = batch_idx
-        if self._armed and not self._localized:
+        if self._armed and not self._localized and not self._minimal:
             self._probe = FiniteProbe(pl_module)
             self._probe.attach()
 
     @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
         if LOSS not in self.active_checks and ACTIVATION not in self.active_checks:
+            return
+        if self._minimal:
+            self._fold_loss_minimally(trainer, loss)
             return
         detached = loss.detach()
         if on_host(detached):  # a host read of a CPU tensor: no device to sync with
@@ -180,6 +187,9 @@ class NonFiniteGuard(SentinelCallback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
+        if self._minimal:
+            self._read_loss_minimally(trainer)
+            return
         view = self._views.get(id(optimizer))
         if view is None:
             view = self._views[id(optimizer)] = optimizer_view(trainer, pl_module, optimizer)
@@ -192,6 +202,67 @@ class NonFiniteGuard(SentinelCallback):
             return
         self._run_non_finite_check(trainer, pl_module, optimizer, view, loss_bad_now, loss_now)
         if due or trainer.world_size == 1:  # the stop/raise collective runs only on steps every rank checks
+            self._settle(trainer)
+
+    # ------------------------------------------------------------------ the minimal path
+    @override
+    def _disable_after_error(self, trainer: pl.Trainer | None, hook: str, error: Exception) -> None:
+        """The last line of defence does not switch itself off: it falls back to the minimal path.
+
+        After an error in its own code (an odd dtype, an unforeseen model), the guard goes on testing
+        the training loss for NaN/Inf with one ``torch.isfinite`` per micro-batch (read at once on a
+        CPU, folded into a device flag and read every ``every_n_steps`` steps on an accelerator) and
+        still stops or raises as configured. Gradients, weights and localisation are no longer
+        watched, and the report says so. Only if that path fails too does the guard switch off.
+        """
+        if self._minimal or LOSS not in self.active_checks:
+            super()._disable_after_error(trainer, hook, error)
+            return
+        self._minimal = True
+        self._release(trainer)  # type: ignore[arg-type]  (it only removes hooks)
+        lost = [check for check in self.active_checks if check != LOSS]
+        reason = f"NonFiniteGuard failed in `{hook}` ({type(error).__name__}: {error})"
+        if trainer is not None:
+            finding_log(trainer).stop_watching(lost, f"{reason}; non-finite-loss is still watched")
+        warnings.warn(
+            SentinelWarning(
+                f"{reason}; it goes on watching the training loss for NaN/Inf (non-finite-loss) on a minimal "
+                f"path, and these checks are no longer watched: {', '.join(lost) or 'none'}. Please report "
+                "this with the traceback."
+            ),
+            stacklevel=3,
+        )
+
+    def _fold_loss_minimally(self, trainer: pl.Trainer, loss: Tensor) -> None:
+        bad = ~torch.isfinite(loss.detach()).all()
+        if on_host(bad):
+            if bool(bad) and self._loss_bad_now is None:
+                self._loss_bad_now = float("nan")
+            return
+        self._minimal_flag = bad if self._minimal_flag is None else (self._minimal_flag | bad)
+
+    def _read_loss_minimally(self, trainer: pl.Trainer) -> None:
+        step_index = self._steps_seen
+        self._steps_seen += 1
+        bad_now, self._loss_bad_now = self._loss_bad_now is not None, None
+        due = self._is_due(step_index)
+        if not bad_now and not due:
+            return
+        flag, self._minimal_flag = self._minimal_flag, None
+        if bad_now or (flag is not None and bool(flag)):  # bool(): the read of a check step
+            self._report(
+                trainer,
+                LOSS,
+                Severity.ERROR,
+                f"training loss is NaN/Inf at step {trainer.global_step} (batch {self._batch_idx})"
+                if bad_now
+                else f"training loss became non-finite in the {self.every_n_steps} steps before step "
+                f"{trainer.global_step}",
+                where=f"batch {self._batch_idx}" if bad_now else None,
+                evidence={"loss": float("nan"), "batch_idx": float(self._batch_idx)},
+                hint=_LOSS_HINT,
+            )
+        if due or trainer.world_size == 1:
             self._settle(trainer)
 
     @override
@@ -219,7 +290,7 @@ class NonFiniteGuard(SentinelCallback):
         grad_norms = tensor_norms([parameters[i].grad for i in with_grad], device=weight_norms.device)  # type: ignore[misc]
         device = weight_norms.device
         # (all since the last check, all but this step's last micro-batch, that micro-batch's loss), on device
-        loss_state = torch.zeros(3, device=device)
+        loss_state = torch.zeros(3, dtype=torch.float32, device=device)
         if self._loss_flag is not None:
             loss_state[0] = self._loss_flag.to(device)
         if self._loss_flag_earlier is not None:
