@@ -20,6 +20,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from lightning_sentinel._eager import eager_while_observed, stop_observing
+
 
 def _no_op(*args: Any, **kwargs: Any) -> None:
     return None
@@ -122,6 +124,7 @@ class FiniteProbe:
         """Register the hooks (idempotent)."""
         if self._handles:
             return
+        eager_while_observed(self)  # hooks added after compilation would be traced into the graph
         self._records = []
         root_name = type(self.root).__name__
         for name, module in self.root.named_modules():
@@ -134,6 +137,7 @@ class FiniteProbe:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        stop_observing(self)
 
     @property
     def attached(self) -> bool:

@@ -32,10 +32,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
-from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
-from lightning_sentinel.checks._torch_function import remove_mode
+from lightning_sentinel._stats import float32_default
+from lightning_sentinel.checks._torch_function import ObservingMode, remove_mode
 
 RELU = "relu"  # ReLU family: a unit is active where its output is > 0
 TANH = "tanh"  # saturated where |y| > 0.99
@@ -162,7 +162,7 @@ def _in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
-class _Mode(TorchFunctionMode):
+class _Mode(ObservingMode):
     def __init__(self, probe: ActivationProbe) -> None:
         super().__init__()
         self.probe = probe
@@ -176,7 +176,8 @@ class _Mode(TorchFunctionMode):
         if probe.recording and isinstance(result, Tensor) and result.is_floating_point():
             kind = activation_kind(func, args, kwargs, probe.max_leaky_slope)
             if kind is not None and not _in_backward():
-                probe.record(kind[0], kind[1], result)
+                with float32_default():  # the run's default dtype may be float64 or bf16 here
+                    probe.record(kind[0], kind[1], result)
         return result
 
 

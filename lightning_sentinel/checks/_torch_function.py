@@ -24,10 +24,27 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from typing_extensions import override
 
+from lightning_sentinel._eager import eager_while_observed, stop_observing
+from lightning_sentinel._stats import float32_default
 from lightning_sentinel.base import OnDetect, SentinelCallback
 
 
-class LossCallRecorder(TorchFunctionMode):
+class ObservingMode(TorchFunctionMode):
+    """A torch-function mode of a check: while it is on the stack, compiled code runs eagerly.
+
+    See :mod:`lightning_sentinel._eager`; :func:`remove_mode` ends the observation.
+    """
+
+    def __enter__(self) -> ObservingMode:
+        eager_while_observed(self)
+        try:
+            return super().__enter__()
+        except BaseException:
+            stop_observing(self)
+            raise
+
+
+class LossCallRecorder(ObservingMode):
     """Runs every call unchanged and hands the calls of ``intercepted`` functions to :meth:`record`.
 
     ``intercepted`` maps each watched function to a label the subclass understands. An exception in
@@ -49,7 +66,8 @@ class LossCallRecorder(TorchFunctionMode):
         label = self.intercepted.get(func)
         if label is not None and self.error is None:
             try:
-                self.record(func, label, args, kwargs, result)
+                with float32_default():  # the run's default dtype may be float64 or bf16 here
+                    self.record(func, label, args, kwargs, result)
             except Exception as error:  # the check's failure must never break the user's loss
                 self.error = error
         return result
@@ -88,6 +106,7 @@ _LOSS_MODULES_FILE = os.path.join(_TORCH_DIR, "nn", "modules", "loss.py")
 
 def remove_mode(mode: TorchFunctionMode) -> None:
     """Take ``mode`` off the torch-function mode stack, wherever it sits, leaving the others in order."""
+    stop_observing(mode)
     stack = torch.overrides._get_current_function_mode_stack()
     if not any(entry is mode for entry in stack):
         return

@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
+from lightning_sentinel._eager import eager_while_observed, stop_observing
 from lightning_sentinel._validate import require_bool, require_list, require_regex
 from lightning_sentinel.base import OnDetect, SentinelCallback
 from lightning_sentinel.catalog import CheckSpec, add_to_presets, register
@@ -225,6 +226,7 @@ class TrainEvalModeChecker(SentinelCallback):
         self._seen = [(name, module.training) for name, module in modules]
         self._checking = True
         if self.use_hooks and modules:
+            eager_while_observed(self)  # hooks added after compilation would be traced into the graph
             self._handles = [
                 module.register_forward_pre_hook(self._make_hook(name)) for name, module in modules
             ]
@@ -249,6 +251,7 @@ class TrainEvalModeChecker(SentinelCallback):
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        stop_observing(self)
 
     @override
     def _release(self, trainer: pl.Trainer) -> None:
