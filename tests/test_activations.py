@@ -165,6 +165,35 @@ def test_scale_collapsing_with_depth(tmp_path):
     assert [f.where for f in found] == ["net.17"] and found[0].evidence["scale_ratio"] < 0.1
 
 
+class WithCritic(Classifier):
+    """A classifier and a critic that predicts each sample's loss from the classifier's *detached* logits:
+    two networks, so the critic's activations are no deeper layers of the classifier."""
+
+    def __init__(self, critic: nn.Module) -> None:
+        super().__init__(net=nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 3)))
+        self.critic = critic
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch
+        logits = self.net(x)
+        losses = F.cross_entropy(logits, y, reduction="none")
+        predicted = self.critic(logits.detach() * 0.01).squeeze(1)  # a small input: a small critic signal
+        return losses.mean() + F.mse_loss(predicted, losses.detach())
+
+
+def test_scale_is_compared_along_one_network_not_across_a_detached_critic(tmp_path):
+    healthy = nn.Sequential(nn.Linear(3, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 1))
+    trainer = fit(WithCritic(healthy), [DeadReLUDetector()], root=tmp_path, max_steps=2)
+    assert _ours(trainer) == []  # the critic's small signal is not a collapse of the classifier's
+    layers: list[nn.Module] = [nn.Linear(3, 32), nn.Sigmoid()]
+    for _ in range(8):
+        layers += [nn.Linear(32, 32), nn.Sigmoid()]
+    collapsing = nn.Sequential(*layers, nn.Linear(32, 1))
+    trainer = fit(WithCritic(collapsing), [DeadReLUDetector()], root=tmp_path / "deep", max_steps=2)
+    found = [f for f in _ours(trainer) if f.check == POOR_INIT]
+    assert [f.where for f in found] == ["critic.17"] and found[0].evidence["scale_ratio"] < 0.1
+
+
 # ---------------------------------------------------------------------- healthy models stay silent
 class SmallCNN(nn.Module):
     def __init__(self) -> None:

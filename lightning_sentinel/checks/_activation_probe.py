@@ -135,6 +135,9 @@ class Site:
         weights_before: weight layers that had returned before the site's first call.
         hidden: whether a weight layer returned after the site's first call (otherwise it is an output
             activation, e.g. a sigmoid head, whose saturation is the goal of training).
+        chain: which connected chain of weight layers the site belongs to: a weight layer whose input
+            carries no gradient (the data, or a ``.detach()``ed tensor such as a critic fed with a
+            classifier's detached logits) starts a new chain, so scales are compared along one network.
     """
 
     name: str
@@ -146,6 +149,7 @@ class Site:
     samples: int = 0
     batches: int = 0
     scale: Tensor | None = None
+    chain: int = 0
     order: int = 0
     weights_before: int = 0
     hidden: bool = True
@@ -221,6 +225,8 @@ class ActivationProbe:
         self._order = 0
         self.weight_calls = 0  # weight-layer forwards that returned while attached
         self._created: list[Site] = []
+        self._chain = 0  # the connected chain of weight layers now running (see ``Site.chain``)
+        self._weights_entered = 0
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -270,6 +276,14 @@ class ActivationProbe:
         if not self.recording or _in_backward():
             return
         self._stack.append(_Frame(id(module)))
+        if self.measure_scale and id(module) in self._weight_ids:
+            first = args[0] if args else None
+            detached_input = (
+                isinstance(first, Tensor) and first.is_floating_point() and not first.requires_grad
+            )
+            if detached_input and self._weights_entered and torch.is_grad_enabled():
+                self._chain += 1  # a network fed with data or detached outputs: a new chain
+            self._weights_entered += 1
 
     def _leave(self, module: nn.Module, args: Any, output: Any) -> None:
         if not self.recording or _in_backward():
@@ -329,6 +343,7 @@ class ActivationProbe:
                     self._last_weight,
                     order=self._order,
                     weights_before=self.weight_calls,
+                    chain=self._chain,
                 )
                 self._order += 1
                 self._created.append(site)

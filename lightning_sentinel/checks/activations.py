@@ -101,6 +101,23 @@ def saturated_share(saturated_counts: list[float], samples: int, sample_fraction
     return saturated / len(saturated_counts), saturated
 
 
+def _worst_chain(sites: list[Site], scales: list[float], low: float, high: float) -> tuple[float, list[int]]:
+    """The depth-scale ratio of each connected chain of ``sites`` (see ``Site.chain``): the one furthest
+    outside ``[low, high]`` (in log distance), with its sites' indices; ``(nan, [])`` if none is defined."""
+    chains: dict[int, list[int]] = {}
+    for index, site in enumerate(sites):
+        chains.setdefault(site.chain, []).append(index)
+    best: tuple[float, float, list[int]] = (-math.inf, math.nan, [])
+    for members in chains.values():
+        ratio = depth_scale_ratio([scales[i] for i in members], last_is_relu=sites[members[-1]].kind == RELU)
+        if not math.isfinite(ratio):
+            continue
+        outside = math.inf if ratio <= 0 else max(math.log(low / ratio), math.log(ratio / high))
+        if outside > best[0]:
+            best = (outside, ratio, members)
+    return best[1], best[2]
+
+
 def depth_scale_ratio(scales: list[float], last_is_relu: bool = False) -> float:
     """Signal scale of the last hidden activation over the first one's (NaN if undefined).
 
@@ -414,9 +431,11 @@ class DeadReLUDetector(SentinelCallback):
         if not flags:
             return
         values = torch.cat(flags).tolist()  # the one host read of this check
-        scales = values[: len(scaled)]
-        ratio = depth_scale_ratio(scales, last_is_relu=bool(scaled) and scaled[-1].kind == RELU)
-        if math.isfinite(ratio) and not (self.init_scale_low <= ratio <= self.init_scale_high):
+        symmetric = values[len(scaled) :]
+        ratio, chain = _worst_chain(scaled, values[: len(scaled)], self.init_scale_low, self.init_scale_high)
+        if chain:
+            scaled, scales = [scaled[i] for i in chain], [values[i] for i in chain]
+        if chain and not (self.init_scale_low <= ratio <= self.init_scale_high):
             first, last = scaled[0], scaled[-1]
             verb = "collapses" if ratio < self.init_scale_low else "explodes"
             self._report(
@@ -436,7 +455,6 @@ class DeadReLUDetector(SentinelCallback):
                 hint=_SCALE_HINT,
                 dedupe_as="depth-scale",
             )
-        symmetric = values[len(scaled) :]
         for index, (name, _, _) in enumerate(pairs):
             if symmetric[2 * index] > 0 and symmetric[2 * index + 1] > 0:
                 self._report(
