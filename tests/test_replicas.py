@@ -9,6 +9,7 @@ counted) and one fault run by default; the rest are slow.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -369,6 +370,7 @@ def healthy_runs(tmp_path_factory):
         "healthy-manual",
         "healthy-ignore",
         "crash-rank1",
+        *(["healthy-gpt2"] if importlib.util.find_spec("transformers") else []),
     )
 
 
@@ -387,6 +389,16 @@ def healthy_runs(tmp_path_factory):
 def test_ddp_healthy_runs_produce_no_replica_finding(healthy_runs, scenario):
     for record in healthy_runs[scenario].values():
         assert record["step"] == 16
+        assert [f for f in record["findings"] if f["check"] == REPLICAS_OUT_OF_SYNC] == [], record["findings"]
+
+
+@pytest.mark.slow
+def test_ddp_a_hugging_face_gpt2_with_tied_embeddings_is_quiet(healthy_runs):
+    pytest.importorskip("transformers")
+    for record in healthy_runs["healthy-gpt2"].values():
+        assert record["step"] == 16
+        assert "model.transformer.wte.weight" in record["compared"]
+        assert "model.lm_head.weight" not in record["compared"]  # tied to wte: compared once
         assert [f for f in record["findings"] if f["check"] == REPLICAS_OUT_OF_SYNC] == [], record["findings"]
 
 

@@ -251,6 +251,32 @@ class RankLocalScale(Classifier):
             self.rank_local_scale.fill_(1.0 + self.global_rank)
 
 
+class TinyGPT2(pl.LightningModule):
+    """A Hugging Face GPT-2 built from a tiny config (random weights, tied embeddings, dict batches)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=40, n_positions=16)
+        self.model = GPT2LMHeadModel(config)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self.model(**batch).loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+
+def token_loader(n: int = 512) -> torch.utils.data.DataLoader:
+    """Counting sequences modulo the vocabulary, from random starts: ``{"input_ids", "labels"}`` dicts."""
+    generator = torch.Generator().manual_seed(0)
+    starts = torch.randint(0, 40, (n, 1), generator=generator)
+    ids = (starts + torch.arange(12)) % 40
+    rows = [{"input_ids": row, "labels": row} for row in ids]
+    return torch.utils.data.DataLoader(rows, batch_size=16, shuffle=True, generator=generator)
+
+
 # ---------------------------------------------------------------------- scenarios
 def _fail_on_rank_one(monitor: ReplicaSyncMonitor, at_call: int) -> None:
     """Make the monitor's fingerprint raise on rank 1 from its ``at_call``-th call on."""
@@ -268,6 +294,7 @@ def _fail_on_rank_one(monitor: ReplicaSyncMonitor, at_call: int) -> None:
 def scenario(name: str) -> dict[str, Any]:
     """What to fit: ``module``, ``callbacks`` (the suite last), ``trainer`` kwargs, and extra probes."""
     settings: dict[str, Any] = {"max_steps": 16}
+    plan_loader = classification_loader(n=512)
     sentinel: pl.Callback = Sentinel()
     extra: list[pl.Callback] = []
     if name == "healthy-plain":
@@ -284,6 +311,8 @@ def scenario(name: str) -> dict[str, Any]:
         module, settings["accumulate_grad_batches"] = Classifier(net=bn_net()), 2
     elif name == "healthy-manual":
         module = ManualAccumulation(bug=False)
+    elif name == "healthy-gpt2":
+        module, plan_loader = TinyGPT2(), token_loader()
     elif name == "healthy-ignore":
         module = RankLocalScale()
         sentinel = Sentinel(checks=[ReplicaSyncMonitor(ignore=[r"^rank_local_"])])
@@ -311,7 +340,13 @@ def scenario(name: str) -> dict[str, Any]:
         _fail_on_rank_one(monitor, at_call=2)
     else:
         raise SystemExit(f"unknown scenario {name}")
-    return {"module": module, "callbacks": [*extra, sentinel], "settings": settings, "extra": extra}
+    return {
+        "module": module,
+        "callbacks": [*extra, sentinel],
+        "settings": settings,
+        "extra": extra,
+        "loader": plan_loader,
+    }
 
 
 def run(name: str, root: Path) -> None:
@@ -335,7 +370,7 @@ def run(name: str, root: Path) -> None:
         if counter is not None:
             counter.install()
         try:
-            trainer.fit(plan["module"], classification_loader(n=512))
+            trainer.fit(plan["module"], plan["loader"])
         except Exception:
             error = traceback.format_exc()
         finally:
