@@ -33,6 +33,7 @@ from lightning_sentinel.checks.replicas import (
     REPLICAS_OUT_OF_SYNC,
     buffers_synced_each_forward,
     compared_tensors,
+    largest_magnitudes,
     largest_relative_difference,
     replica_differences,
 )
@@ -82,6 +83,29 @@ def test_ranks_are_grouped_by_value_with_rank_zero_first():
     odd_rank_zero = replica_differences([[7.0], [5.0], [5.0]], rtol=1e-5)[0]
     assert odd_rank_zero.rank_groups == ((0,), (1, 2))
     assert "7 on rank 0, 5 on ranks 1, 2" in replicas._by_rank(odd_rank_zero)
+
+
+def test_largest_magnitudes_are_exact_for_every_dtype():
+    tensors = [
+        torch.tensor([0.5, -2.0]),
+        torch.zeros(0),
+        torch.tensor([3, -7]),
+        torch.tensor([1.5], dtype=torch.float64),
+        torch.tensor([True, False]),
+        torch.tensor([-0.25], dtype=torch.bfloat16),
+    ]
+    assert largest_magnitudes(tensors, torch.device("cpu")).tolist() == [2.0, 0.0, 7.0, 1.5, 1.0, 0.25]
+
+
+def test_a_change_the_2_norm_hides_shows_in_the_largest_value():
+    """[3, 4] on rank 0 and [0, 5] on rank 1 have the same 2-norm (5); their largest |value| differs."""
+    norms, peaks = [[5.0], [5.0]], [[4.0], [5.0]]
+    (difference,) = replicas._merge(replica_differences(norms, 1e-5), replica_differences(peaks, 1e-5))
+    assert difference.norm is None and difference.relative == pytest.approx(0.2)
+    assert (
+        difference.describe()
+        == "2-norm equal on every rank, largest |value| 4 on rank 0, 5 on rank 1 (0.2 relative)"
+    )
 
 
 def test_compared_tensors_leave_out_ignored_names_rank_local_ones_and_local_running_statistics():
@@ -170,7 +194,7 @@ def test_world_size_one_costs_no_tensor_work_and_no_collective(monkeypatch, tmp_
 
 class TwoFakeRanks(ReplicaSyncMonitor):
     """One process acting as two ranks: the gather returns this rank's vector and a 'rank 1' copy of it
-    with the named tensors' norms scaled by ``factor`` (the real callback path otherwise)."""
+    with the named tensors' statistics scaled by ``drift[name]`` (the real callback path otherwise)."""
 
     def __init__(self, drift: dict[str, float] | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -182,9 +206,10 @@ class TwoFakeRanks(ReplicaSyncMonitor):
         self._tensors = compared_tensors(pl_module, self._ignore, True)
 
     def gather(self, local: torch.Tensor) -> torch.Tensor:
-        other = local.clone()
+        other, count = local.clone(), len(self._tensors)
         for index, (name, _, _) in enumerate(self._tensors):
-            other[1 + index] *= self.drift.get(name, 1.0)
+            other[1 + index] *= self.drift.get(name, 1.0)  # its 2-norm
+            other[1 + count + index] *= self.drift.get(name, 1.0)  # its largest |value|
         return torch.stack([local, other])
 
 

@@ -8,9 +8,10 @@ optimizer steps, a layer re-initialised with a per-rank seed after the wrap) mak
 different models while every rank's loss looks fine; nothing heals it later, because each rank goes
 on applying the same averaged update to its own, different weights.
 
-On its check steps each rank takes the 2-norm of every parameter and buffer (one fused
-``torch._foreach_norm`` on the device), the ranks exchange these vectors in one ``all_gather``, and
-the host reads the result once. Healthy DDP replicas are bitwise identical, so their norms are too.
+On its check steps each rank takes two numbers of every parameter and buffer on the device, its
+2-norm and its largest absolute value (two fused ``torch._foreach_norm`` calls), the ranks exchange
+these vectors in one ``all_gather``, and the host reads the result once. Healthy DDP replicas are
+bitwise identical, so these numbers are too.
 
 Example:
     >>> rows = [[3.0, 4.0], [3.0, 4.5]]  # rank 0, rank 1: 2-norms of two parameters
@@ -49,12 +50,13 @@ register(
         "under data parallelism (DDP) a parameter differs between ranks: the replicas train different models (a "
         "rank-local in-place edit or EMA, gradients not all-reduced, a layer re-initialised on one rank); "
         "differing buffers are info",
-        "a parameter's 2-norm differs across ranks by > 1e-5 of its size (healthy DDP replicas: bitwise equal); "
-        "every 10 optimizer steps, one all_gather of one float per tensor; nothing at world size 1, info under "
-        "sharded strategies",
+        "a parameter's 2-norm or largest |value| differs across ranks by > 1e-5 of its size (healthy DDP replicas: "
+        "bitwise equal); every 10 optimizer steps, one all_gather of two floats per tensor; nothing at world size 1, "
+        "info under sharded strategies",
     ),
 )
 
+_FLOAT32_MAX = torch.finfo(torch.float32).max
 _PARAMETER = "parameter"
 _BUFFER = "buffer"
 _RUNNING_STATISTICS = ("running_mean", "running_var")
@@ -162,6 +164,87 @@ def largest_relative_difference(fingerprints: Sequence[Sequence[float]]) -> floa
     return largest
 
 
+@dataclass(frozen=True)
+class TensorDifference:
+    """A tensor that differs between ranks in its 2-norm, its largest magnitude, or both (``None``: equal)."""
+
+    index: int
+    norm: ReplicaDifference | None
+    peak: ReplicaDifference | None
+
+    @property
+    def relative(self) -> float:
+        """The larger of the two relative differences."""
+        return max(d.relative for d in (self.norm, self.peak) if d is not None)
+
+    @property
+    def rank_groups(self) -> int:
+        """How many different values the ranks hold (of the statistic that differs more)."""
+        return len(
+            max((d for d in (self.norm, self.peak) if d is not None), key=lambda d: d.relative).rank_groups
+        )
+
+    def describe(self) -> str:
+        """``"2-norm 3.2 on rank 0, 3.3 on rank 1 (0.03 relative), largest |value| equal on every rank"``."""
+        parts = []
+        for label, difference in (("2-norm", self.norm), ("largest |value|", self.peak)):
+            if difference is None:
+                parts.append(f"{label} equal on every rank")
+            else:
+                parts.append(f"{label} {_by_rank(difference)} ({difference.relative:.3g} relative)")
+        return ", ".join(parts)
+
+
+def _merge(norms: list[ReplicaDifference], peaks: list[ReplicaDifference]) -> list[TensorDifference]:
+    """The tensors differing in either statistic, in tensor order.
+
+    Example:
+        >>> norms = replica_differences([[1.0, 2.0], [1.0, 2.5]], 1e-5)
+        >>> peaks = replica_differences([[0.5, 1.0], [0.6, 1.0]], 1e-5)
+        >>> [(d.index, d.norm is not None, d.peak is not None) for d in _merge(norms, peaks)]
+        [(0, False, True), (1, True, False)]
+    """
+    by_norm = {d.index: d for d in norms}
+    by_peak = {d.index: d for d in peaks}
+    return [TensorDifference(i, by_norm.get(i), by_peak.get(i)) for i in sorted({*by_norm, *by_peak})]
+
+
+def largest_magnitudes(tensors: Sequence[Tensor], device: torch.device) -> Tensor:
+    """The largest absolute value of each tensor (0 for an empty one) as one float32 vector on ``device``.
+
+    One fused ``torch._foreach_norm(..., inf)``; a maximum involves no rounding, so it is bitwise the same on
+    every rank for the same tensor whatever the hardware or summation order, and it moves by a whole element's
+    change where the 2-norm averages a scattered change over all elements.
+
+    Example:
+        >>> largest_magnitudes([torch.tensor([1.0, -3.0]), torch.zeros(0), torch.tensor([2, -5])], torch.device("cpu"))
+        tensor([3., 0., 5.])
+    """
+    result = torch.zeros(len(tensors), dtype=torch.float32, device=device)
+    present = [i for i, tensor in enumerate(tensors) if tensor.numel() > 0]
+    if not present:
+        return result
+    members = [
+        tensors[i] if tensors[i].is_floating_point() or tensors[i].is_complex() else tensors[i].float()
+        for i in present
+    ]
+    with torch.no_grad():
+        maxima = torch._foreach_norm(members, math.inf)
+        if all(m.dtype == torch.float32 and m.device == device for m in maxima):
+            stacked = torch.stack(list(maxima))
+        else:
+            stacked = torch.stack([_as_float32(m, device) for m in maxima])
+    result.index_copy_(0, torch.tensor(present, dtype=torch.long, device=device), stacked)
+    return result
+
+
+def _as_float32(value: Tensor, device: torch.device) -> Tensor:
+    """``value`` as float32 on ``device``; a finite float64 beyond float32's range saturates instead of reading as Inf."""
+    if value.dtype == torch.float64:
+        value = torch.where(torch.isfinite(value), value.clamp(max=_FLOAT32_MAX), value)
+    return value.to(device=device, dtype=torch.float32)
+
+
 def _by_rank(difference: ReplicaDifference, limit: int = 4) -> str:
     """``"2-norm 3.2 on rank 0, 3.3 on rank 1"`` (ranks listed compactly, at most ``limit`` groups)."""
     parts = []
@@ -256,22 +339,28 @@ class ReplicaSyncMonitor(SentinelCallback):
 
     On every ``every_n_steps``-th optimizer step (counted in training batches divided by
     ``accumulate_grad_batches``, so every rank checks at the same batch whatever its own optimizer
-    did), at the end of the batch, every rank computes the 2-norm of each parameter and buffer on the
-    device (fused ``torch._foreach_norm``) into one vector, the ranks exchange it in **one**
-    ``all_gather`` (``n + 1`` floats per rank for ``n`` tensors) and the host reads the gathered
-    matrix once. The first parameter, in registration order, whose norm differs between ranks by
-    more than ``rtol`` of its size is reported (error), with the values per rank, the absolute and
-    relative difference, and how many other parameters differ. Differing buffers are said as info:
-    the strategy may not keep them equal (below).
+    did), at the end of the batch, every rank computes the 2-norm and the largest absolute value of
+    each parameter and buffer on the device (two fused ``torch._foreach_norm`` calls) into one
+    vector, the ranks exchange it in **one** ``all_gather`` (``2n + 1`` floats per rank for ``n``
+    tensors) and the host reads the gathered matrix once. The first parameter, in registration
+    order, one of whose two numbers differs between ranks by more than ``rtol`` of its size is
+    reported (error), with the values per rank, the relative differences, and how many other
+    parameters differ. Differing buffers are said as info: the strategy may not keep them equal
+    (below). The 2-norm sees a change anywhere in the tensor but averages a scattered one over all
+    its elements; the largest value moves by a whole element's change (5x more than the norm for an
+    encoder stepped on rank-local gradients in the tests). A change that keeps both (a permutation
+    of the elements, a sign flip) is not seen.
 
-    Why the norms should match exactly: DDP broadcasts rank 0's weights when it wraps the model and
+    Why the numbers should match exactly: DDP broadcasts rank 0's weights when it wraps the model and
     all-reduces the gradients of every step, so each rank applies the same update to the same
     weights with the same kernels: healthy replicas are bitwise identical (every healthy DDP run of
     the tests and of the detection benchmark: difference exactly 0). ``rtol=1e-5`` still tolerates
-    what legitimately varies: a norm accumulated in float32 in a different order (ranks on
-    different hardware) moves by ~1e-7 relative, and ulp-level update differences average out in
-    the norm far below that. The faults this catches leave differences of 1e-4 to 1 after a
-    single step (see benchmarks/RESULTS.md). Stochastic-rounding optimizers seeded per rank or
+    what legitimately varies: a norm summed in float32 in another order (ranks on unlike hardware,
+    or CPU ranks with different thread counts) moves by ~1e-7 relative (100x below ``rtol``; a
+    maximum involves no rounding at all), and ulp-level update differences average out far below
+    that. The faults of the tests and of the detection benchmark leave 3e-4 to 0.7 at the first check
+    that sees them (30x ``rtol`` and more; 2e-5 to 0.6 with the 2-norm alone, which the largest value
+    lifts 5-17x for scattered changes). Stochastic-rounding optimizers seeded per rank or
     deliberately rank-local weights need a larger ``rtol`` or ``ignore``.
 
     What may legitimately differ, and is not an error:
@@ -394,22 +483,27 @@ class ReplicaSyncMonitor(SentinelCallback):
 
     # ------------------------------------------------------------------ the check
     def _fingerprint(self, pl_module: pl.LightningModule, device: torch.device) -> Tensor:
-        """``[0, norm_0, ..., norm_{n-1}]`` on ``device``; NaN for a tensor this rank no longer has (same shape)."""
+        """``[0, 2-norms..., largest |values|...]`` of the compared tensors, on ``device``.
+
+        NaN for a tensor this rank no longer has under its name.
+        """
         current: dict[str, Tensor] = dict(pl_module.named_parameters())
         current.update(pl_module.named_buffers())
         tensors = [current.get(name) for name, _, _ in self._tensors]
+        count = len(tensors)
         present = [index for index, tensor in enumerate(tensors) if tensor is not None]
-        values = torch.full((1 + len(tensors),), math.nan, dtype=torch.float32, device=device)
+        values = torch.full((1 + 2 * count,), math.nan, dtype=torch.float32, device=device)
         values[0] = 0.0
         if present:
-            norms = tensor_norms([tensors[i].detach() for i in present], device=device)  # type: ignore[union-attr]
-            values.index_copy_(
-                0, torch.tensor([1 + i for i in present], dtype=torch.long, device=device), norms
-            )
+            chosen = [tensors[i].detach() for i in present]  # type: ignore[union-attr]
+            positions = torch.tensor(present, dtype=torch.long, device=device)
+            values.index_copy_(0, 1 + positions, tensor_norms(chosen, device=device))
+            values.index_copy_(0, 1 + count + positions, largest_magnitudes(chosen, device))
         return values
 
     def _run_replica_check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         device = trainer.strategy.root_device
+        width = 1 + 2 * len(self._tensors)
         local: Tensor | None = None
         if self._local_error is None:
             try:
@@ -419,32 +513,43 @@ class ReplicaSyncMonitor(SentinelCallback):
             except Exception as error:  # still join the gather, flagged, so that no rank waits alone
                 self._local_error = error
         if local is None:
-            local = torch.full((1 + len(self._tensors),), math.nan, dtype=torch.float32, device=device)
+            local = torch.full((width,), math.nan, dtype=torch.float32, device=device)
             local[0] = 1.0
         with torch.no_grad():
-            gathered = trainer.strategy.all_gather(local)  # the one collective: (world size, 1 + n)
-        rows = gathered.reshape(-1, local.numel()).tolist()  # the one host read
+            gathered = trainer.strategy.all_gather(local)  # the one collective: (world size, 1 + 2n)
+        rows = gathered.reshape(-1, width).tolist()  # the one host read
         failed = [rank for rank, row in enumerate(rows) if row[0] != 0.0]
         if failed:
             error = self._local_error or RuntimeError(f"it failed on rank {', '.join(map(str, failed))}")
             self._disable_after_error(trainer, "on_train_batch_end", error)  # on every rank alike
             return
-        self._judge(trainer, pl_module, [row[1:] for row in rows])
+        self._judge(trainer, pl_module, rows)
 
     def _judge(self, trainer: pl.Trainer, pl_module: pl.LightningModule, rows: list[list[float]]) -> None:
+        count = len(self._tensors)
         parameters = [i for i, (_, kind, _) in enumerate(self._tensors) if kind == _PARAMETER]
         buffers = [i for i, (_, kind, _) in enumerate(self._tensors) if kind == _BUFFER]
-        parameter_rows = [[row[i] for i in parameters] for row in rows]
+
+        def columns(indices: list[int], offset: int) -> list[list[float]]:
+            return [[row[offset + i] for i in indices] for row in rows]
+
+        norms, maxima = columns(parameters, 1), columns(parameters, 1 + count)
         self._log_scalars(
             trainer,
             pl_module,
-            {"sentinel/replicas/max_relative_difference": largest_relative_difference(parameter_rows)},
+            {
+                "sentinel/replicas/max_relative_difference": max(
+                    largest_relative_difference(norms), largest_relative_difference(maxima)
+                )
+            },
         )
-        differing = replica_differences(parameter_rows, self.rtol)
+        differing = _merge(replica_differences(norms, self.rtol), replica_differences(maxima, self.rtol))
         if differing:
             self._report_parameters(trainer, [self._tensors[i] for i in parameters], differing, len(rows))
-        buffer_rows = [[row[i] for i in buffers] for row in rows]
-        differing_buffers = _buffer_differences(buffer_rows, self.rtol)
+        differing_buffers = _merge(
+            _buffer_differences(columns(buffers, 1), self.rtol),
+            _buffer_differences(columns(buffers, 1 + count), self.rtol),
+        )
         if differing_buffers:
             self._report_buffers(trainer, [self._tensors[i][0] for i in buffers], differing_buffers)
 
@@ -452,7 +557,7 @@ class ReplicaSyncMonitor(SentinelCallback):
         self,
         trainer: pl.Trainer,
         entries: list[tuple[str, str, bool]],
-        differing: list[ReplicaDifference],
+        differing: list[TensorDifference],
         world_size: int,
     ) -> None:
         first = differing[0]
@@ -484,18 +589,17 @@ class ReplicaSyncMonitor(SentinelCallback):
             trainer,
             REPLICAS_OUT_OF_SYNC,
             Severity.ERROR,
-            f"parameter '{name}' differs between data-parallel ranks: 2-norm {_by_rank(first)} (difference "
-            f"{first.absolute:.3g}, {first.relative:.3g} relative > rtol {self.rtol:g}); {len(differing)} of "
-            f"{len(entries)} compared parameters differ: {_listing(names)}. The replicas now train different models",
+            f"parameter '{name}' differs between data-parallel ranks: {first.describe()} (> rtol {self.rtol:g}); "
+            f"{len(differing)} of {len(entries)} compared parameters differ: {_listing(names)}. The replicas now "
+            "train different models",
             where=name,
             evidence={
-                "absolute_difference": first.absolute,
                 "relative_difference": first.relative,
-                "largest_norm": first.largest,
-                "smallest_norm": first.smallest,
+                "norm_relative_difference": first.norm.relative if first.norm else 0.0,
+                "max_abs_relative_difference": first.peak.relative if first.peak else 0.0,
                 "parameters_differing": len(differing),
                 "parameters_compared": len(entries),
-                "rank_groups": len(first.rank_groups),
+                "rank_groups": first.rank_groups,
                 "world_size": world_size,
             },
             hint=cause,
@@ -504,7 +608,7 @@ class ReplicaSyncMonitor(SentinelCallback):
         )
 
     def _report_buffers(
-        self, trainer: pl.Trainer, names: list[str], differing: list[ReplicaDifference]
+        self, trainer: pl.Trainer, names: list[str], differing: list[TensorDifference]
     ) -> None:
         first = differing[0]
         if self._buffers_synced:
@@ -520,9 +624,8 @@ class ReplicaSyncMonitor(SentinelCallback):
             trainer,
             REPLICAS_OUT_OF_SYNC,
             Severity.INFO,
-            f"buffer '{names[first.index]}' differs between data-parallel ranks: 2-norm {_by_rank(first)} "
-            f"({first.relative:.3g} relative); {len(differing)} buffers differ: "
-            f"{_listing([names[d.index] for d in differing])}; {why}",
+            f"buffer '{names[first.index]}' differs between data-parallel ranks: {first.describe()}; "
+            f"{len(differing)} buffers differ: {_listing([names[d.index] for d in differing])}; {why}",
             where=names[first.index],
             evidence={"relative_difference": first.relative, "buffers_differing": len(differing)},
             hint="if the buffer should pool every rank's data, all_reduce its update (batch norm: "
