@@ -45,6 +45,9 @@ DUE: dict[str, Callable[[int, int], bool]] = {
     "checks/parameters.py": lambda i, n: i % n == 0,
     "checks/curves.py": lambda i, n: (i + 1) % n == 0,  # judges after its n-th step
     "checks/weight_decay.py": lambda i, n: i % n == 0,  # reads plain floats off the optimizer: nothing
+    "checks/replicas.py": lambda i, n: (
+        i % n == 0
+    ),  # under DDP only (one gather, one read); one process: nothing
 }
 # the reads a CPU tensor gets at once by design (no device to sync with): (module, function) -> at most per step
 CPU_READS_AT_ONCE = {

@@ -33,6 +33,7 @@ from lightning_sentinel import (
     NonFiniteGuard,
     OverfitBatchCheck,
     ParameterUpdateMonitor,
+    ReplicaSyncMonitor,
     Sentinel,
     SentinelCallback,
     TargetLeakageCheck,
@@ -159,6 +160,17 @@ BAD_VALUES: dict[type, dict[str, Bad]] = {
         **COMMON,
         "max_decay_per_step": SHARE_OPEN,
         "patience": INT_1,
+    },
+    ReplicaSyncMonitor: {
+        **COMMON,
+        "rtol": [
+            (-1e-5, ValueError),
+            (NAN, ValueError),
+            (INF, ValueError),
+            ("1e-5", TypeError),
+            (None, TypeError),
+        ],
+        "ignore": [("ema", TypeError), (["("], ValueError), ([3], TypeError), (5, TypeError)],
     },
     TrainEvalModeChecker: {
         "on_detect": ON_DETECT,

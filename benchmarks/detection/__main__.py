@@ -21,7 +21,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from benchmarks.detection import calibration
+from benchmarks.detection import calibration, cases_distributed
 from benchmarks.detection.cases import CASES, select_cases
 from benchmarks.detection.results import TwinRow, run_twins, twin_lines, write_results
 from benchmarks.detection.runner import (
@@ -183,6 +183,8 @@ def _results(
     with calibration.probing(recorder):
         for seed in (None, *seeds):
             runs[seed] = []
+            seeded = [case if seed is None else dataclasses.replace(case, seed=seed) for case in CASES]
+            cases_distributed.prefetch(seeded, threads=threads)  # the DDP cases: one launch of the ranks
             for case in CASES:
                 tag = case.name if seed is None else f"{case.name}@{seed}"
                 recorder.case = tag if case.healthy else ""

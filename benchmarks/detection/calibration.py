@@ -382,6 +382,16 @@ PROBES: tuple[Probe, ...] = (
         _init_ratio(True),
         lambda: 1.0,
     ),
+    Probe(
+        "replicas-out-of-sync",
+        "largest relative 2-norm difference of a parameter across DDP ranks",
+        "replicas",
+        "replica_differences",
+        lambda a, r: importlib.import_module(
+            "lightning_sentinel.checks.replicas"
+        ).largest_relative_difference(a[0]),
+        _default("replicas", "ReplicaSyncMonitor", "rtol"),
+    ),
 )
 
 # checks whose rule has no tunable numeric threshold (or one far from anything a healthy run produces)
@@ -416,6 +426,16 @@ class Recorder:
     values: dict[int, list[tuple[float, str]]] = field(default_factory=lambda: defaultdict(list))
 
 
+# the recorders of the ``probing`` blocks now open, innermost last (statistics recorded in other
+# processes, e.g. the DDP cases' ranks, are added to the innermost one)
+_ACTIVE: list[Recorder] = []
+
+
+def active_recorder() -> Recorder | None:
+    """The recorder of the innermost :func:`probing` block now open, else ``None``."""
+    return _ACTIVE[-1] if _ACTIVE else None
+
+
 @contextlib.contextmanager
 def probing(recorder: Recorder) -> Iterator[Recorder]:
     """Wrap the rule functions named by :data:`PROBES` (in their modules) for the duration of the block."""
@@ -445,8 +465,11 @@ def probing(recorder: Recorder) -> Iterator[Recorder]:
             module = importlib.import_module(f"lightning_sentinel.checks.{module_name}")
             originals[(module_name, function)] = getattr(module, function)
             setattr(module, function, wrap(getattr(module, function), probes))
+        _ACTIVE.append(recorder)
         yield recorder
     finally:
+        if recorder in _ACTIVE:
+            _ACTIVE.remove(recorder)
         for (module_name, function), original in originals.items():
             setattr(importlib.import_module(f"lightning_sentinel.checks.{module_name}"), function, original)
 

@@ -416,6 +416,9 @@ NOTES = (
     "Mutants: DeepCrime operators (Humbatova et al., ISSTA 2021) re-implemented as transformations of four "
     "healthy programs (benchmarks/detection/zoo_mutations.py). A mutant is a fault only if it measurably "
     "ends worse than its healthy twin; harmless mutants are listed above and are never scored.",
+    "The `ddp-*` cases train under 2-process DDP on the CPU (gloo), in subprocesses launched once per seed "
+    "(benchmarks/detection/cases_distributed.py); they are scored on rank 0's findings, which hold every rank's; "
+    "their seconds are the training's, without the processes' start-up.",
     "Out-of-reach mutants (below) are measurably worse but their runs are healthy-looking by construction: "
     "fewer examples or steps, mild input noise, heavy dropout, a slower but working configuration. We found no "
     "signal in the loss, gradients, activations, updates or data that a runtime check could call a fault "

@@ -63,6 +63,7 @@ LOCATING_CHECKS = frozenset(
         "update-ratio-too-high",
         "update-ratio-too-low",
         "weight-decay-too-strong",
+        "replicas-out-of-sync",
     }
 )
 
@@ -300,8 +301,13 @@ def run_case(
     temporary directory removed afterwards. ``threads`` defaults to one intra-op thread: the zoo's
     models are too small to gain from more, and on a busy machine several threads per process
     fight for the cores and make a run tens of times slower. ``accelerator`` is the Trainer's (the
-    benchmark's numbers are the CPU's; ``"gpu"`` reruns the zoo on CUDA).
+    benchmark's numbers are the CPU's; ``"gpu"`` reruns the zoo on CUDA). A case on several devices
+    (DDP) runs in subprocesses, one per rank (:func:`benchmarks.detection.cases_distributed.run_distributed_case`).
     """
+    from benchmarks.detection import cases_distributed
+
+    if cases_distributed.is_distributed(case):
+        return cases_distributed.run_distributed_case(case, root_dir, threads, accelerator)
     with _torch_threads(threads):
         if root_dir is not None:
             return _run_in(case, root_dir, accelerator)
@@ -359,6 +365,12 @@ def run_cases(
     ``progress`` is called with each result as soon as its case finishes; ``threads`` and
     ``accelerator`` as in :func:`run_case`.
     """
+    from benchmarks.detection import cases_distributed
+
+    cases = list(cases)
+    cases_distributed.prefetch(
+        cases, root_dir, threads, accelerator
+    )  # the DDP cases: one launch of the ranks
     results: list[CaseResult] = []
     for case in cases:
         case_dir = None if root_dir is None else os.path.join(root_dir, case.name)

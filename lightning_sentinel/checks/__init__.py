@@ -18,6 +18,7 @@ from lightning_sentinel.checks.modes import TrainEvalModeChecker
 from lightning_sentinel.checks.non_finite import NonFiniteGuard
 from lightning_sentinel.checks.parameters import ParameterUpdateMonitor
 from lightning_sentinel.checks.preflight import LabelShuffleCheck, OverfitBatchCheck
+from lightning_sentinel.checks.replicas import ReplicaSyncMonitor
 from lightning_sentinel.checks.target_leakage import TargetLeakageCheck
 from lightning_sentinel.checks.weight_decay import WeightDecayMonitor
 
@@ -39,6 +40,7 @@ __all__ = [
     "NonFiniteGuard",
     "OverfitBatchCheck",
     "ParameterUpdateMonitor",
+    "ReplicaSyncMonitor",
     "TargetLeakageCheck",
     "TrainEvalModeChecker",
     "WeightDecayMonitor",
