@@ -34,9 +34,11 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
 from typing_extensions import override
 
 from lightning_sentinel._validate import require_choice, require_int, require_number
+from lightning_sentinel.engine import CheckClock, DeviceReads, ends_cycle, optimizer_cycle
 from lightning_sentinel.findings import (
     Finding,
     FindingLog,
@@ -101,8 +103,10 @@ def _trainer_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> pl.Trainer | N
     return trainer if isinstance(trainer, pl.Trainer) else None
 
 
-# Private attributes that are not per-fit state: never reset between fits.
-_KEPT_ACROSS_FITS = frozenset({"_state_key_cache", "_hook_depth", "_init_depth", "_pristine"})
+# Private attributes that are not per-fit state: never reset between fits (a shared clock is reset by its owner).
+_KEPT_ACROSS_FITS = frozenset(
+    {"_state_key_cache", "_hook_depth", "_init_depth", "_pristine", "_clock", "_own_clock", "_reads"}
+)
 
 
 def _wrap_init(init: Callable[..., None]) -> Callable[..., None]:
@@ -174,6 +178,7 @@ class SentinelCallback(Callback):
     """
 
     CHECKS: ClassVar[tuple[str, ...]] = ()
+    FOLLOWS_SUITE_CLOCK: ClassVar[bool] = True  # inside ``Sentinel``, look on the suite's check steps
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -191,6 +196,11 @@ class SentinelCallback(Callback):
         self.on_detect: str = require_choice("on_detect", on_detect, ON_DETECT_CHOICES)
         self.every_n_steps = require_int("every_n_steps", every_n_steps)
         self.warmup_steps = require_int("warmup_steps", warmup_steps, minimum=0)
+        # when this check looks: its own clock, or the suite's (``Sentinel`` shares one among its checks)
+        self._clock = CheckClock(self.every_n_steps, self.warmup_steps)
+        self._own_clock = True
+        self._reads: DeviceReads | None = None  # the suite's batched read of a hook, or None: read at once
+        self._last_due_cycle = -1
         self.disabled_checks: set[str] = set()
         self._failed = False
         self._reported: dict[tuple[str, str | None], tuple[int, float]] = {}
@@ -232,6 +242,7 @@ class SentinelCallback(Callback):
     @override
     def state_dict(self) -> dict[str, Any]:
         return {
+            "clock": self._clock.state_dict() if self._own_clock else None,
             "reported": [
                 [check, where, rank, magnitude]
                 for (check, where), (rank, magnitude) in self._reported.items()
@@ -248,6 +259,8 @@ class SentinelCallback(Callback):
             for check, where, rank, magnitude in state_dict["reported"]
         }
         self._restored_findings = [Finding.from_dict(record) for record in state_dict.get("findings", [])]
+        if self._own_clock and state_dict.get("clock"):
+            self._clock.load_state_dict(state_dict["clock"])
         self._load_extra_state(state_dict.get("extra", {}))
 
     # ------------------------------------------------------------------ lifecycle shared by all checks
@@ -264,6 +277,8 @@ class SentinelCallback(Callback):
         pristine = self.__dict__.get("_pristine")
         if pristine is not None:
             self.__dict__.update(_copy_run_state(pristine))
+        if self.__dict__.get("_own_clock", True) and "_clock" in self.__dict__:
+            self._clock.reset()
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -333,7 +348,9 @@ class SentinelCallback(Callback):
         path = log.write()
         if print_report and not log.report_printed:
             log.report_printed = True
-            report = format_report(log.findings, sorted(log.checks_run), path, unwatched=log.unwatched)
+            report = format_report(
+                log.findings, sorted(log.checks_run), path, unwatched=log.unwatched, cost=log.cost_note
+            )
             self._emit(trainer, "the console", rank_zero_info, report)
 
     def _emit(self, trainer: pl.Trainer, output: str, write: Callable[..., Any], *args: Any) -> None:
@@ -347,6 +364,51 @@ class SentinelCallback(Callback):
             log.output_failed(output, error, f"nothing more is written to {output} in this run")
 
     # ------------------------------------------------------------------ cadence
+    def _use_clock(self, clock: CheckClock, reads: DeviceReads | None) -> None:
+        """Look on ``clock``'s check steps and read through ``reads`` (``Sentinel`` calls this for its checks).
+
+        A callback that keeps a cadence of its own (``FOLLOWS_SUITE_CLOCK = False``: a logger of
+        histograms every few hundred steps) keeps it, and reads through ``reads`` only.
+        """
+        if not self.FOLLOWS_SUITE_CLOCK:
+            self._reads = reads
+            return
+        self._clock, self._own_clock, self._reads = clock, False, reads
+        self.every_n_steps, self.warmup_steps = clock.every_n_steps, clock.warmup_steps
+
+    def _due(self, trainer: pl.Trainer) -> bool:
+        """Whether the current training batch belongs to a check step of this check's clock."""
+        due = self._clock.due(trainer)
+        self.every_n_steps = self._clock.every_n_steps  # a budget may have stretched the suite's clock
+        return due
+
+    def _due_batch(self, trainer: pl.Trainer) -> bool:
+        """Whether this training batch is the first micro-batch this check sees of a check step.
+
+        For the checks that sample whole batches (inputs, activations, loss calls): under gradient
+        accumulation a check step has several micro-batches, and one of them is enough.
+        """
+        if not self._due(trainer):
+            return False
+        cycle = optimizer_cycle(trainer)
+        if cycle == self._last_due_cycle:
+            return False
+        self._last_due_cycle = cycle
+        return True
+
+    def _read(self, trainer: pl.Trainer, tensor: Tensor, then: Callable[[list[float]], None]) -> None:
+        """Read ``tensor`` back and call ``then`` with its values (a flat list of floats).
+
+        Inside ``Sentinel`` the read is batched with every other check's of the same hook (one host
+        read per hook, see :class:`~lightning_sentinel.engine.DeviceReads`) and ``then`` runs at the
+        end of the hook; on its own the check reads at once. ``then`` should finish with
+        :meth:`_settle`, so a stop or raise acts on what it found.
+        """
+        if self._reads is None:
+            then(tensor.detach().reshape(-1).to(torch.float32).tolist())
+        else:
+            self._reads.request(tensor, then, owner=self)
+
     def _is_due(self, step_index: int) -> bool:
         """Whether the ``step_index``-th observed optimizer step (0-based) is a check step."""
         return step_index >= self.warmup_steps and (step_index - self.warmup_steps) % self.every_n_steps == 0
@@ -438,8 +500,8 @@ class SentinelCallback(Callback):
         """Under DDP, the one collective that shares every check's stop/raise decision across ranks.
 
         Only the trainer's last sentinel callback runs it, after its ``on_train_start``,
-        ``on_validation_end`` and ``on_train_end`` and after every ``sync_period``-th
-        ``on_train_batch_end`` (the smallest ``every_n_steps`` of the checks that stop or raise), so
+        ``on_validation_end`` and ``on_train_end`` and after the ``on_train_batch_end`` that ends a check
+        step of a check that stops or raises (the suite's clock, or the check's own), so
         every rank reaches it at the same points whatever the checks found, and a check that disabled
         itself after an error still takes part. When any rank has something to act on (and always at
         ``on_train_end``) the ranks also exchange their new findings, so that rank zero records and
@@ -450,13 +512,14 @@ class SentinelCallback(Callback):
             return
         acting = [member for member in log.members if member.on_detect != "warn"]
         if hook == "on_train_batch_end":
-            period = min((member.every_n_steps for member in acting), default=0)
-            log.batches_since_sync += 1
-            if period == 0 or log.batches_since_sync < period:
+            # at the end of a check step of an acting check (the suite's one clock inside ``Sentinel``): the
+            # clocks count optimizer-step cycles, so every rank gets the same answer at the same batch
+            if not acting or not ends_cycle(trainer):
+                return
+            if not any(member._clock.due(trainer) for member in acting):
                 return
         elif hook != "on_train_end" and not acting:
             return
-        log.batches_since_sync = 0
         stop = any(member._pending_stop for member in log.members)
         first_raise = next((m._pending_raise for m in log.members if m._pending_raise is not None), None)
         flags = torch.tensor(

@@ -159,10 +159,10 @@ class FindingLog:
         # outputs (a file, a logger's method, the console) that failed once: told once, then skipped
         self.failed_outputs: dict[str, str] = {}
         self.written_to: str | None = None  # where findings.json was last written (None: nowhere yet)
+        self.cost_note: str | None = None  # what the suite measured of its own cost (``Sentinel``)
         self._printed_payload: str | None = None  # the JSON last printed when no file could be written
         # under DDP: the sentinel callbacks of this trainer, in hook order, and the sync bookkeeping
         self.members: list[Any] = []
-        self.batches_since_sync = 0
         self.shared_upto = 0  # findings before this index were already exchanged with the other ranks
 
     def add(self, finding: Finding) -> None:

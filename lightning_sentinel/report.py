@@ -142,6 +142,7 @@ def format_report(
     use_rich: bool | None = None,
     width: int | None = None,
     unwatched: Mapping[str, str] | None = None,
+    cost: str | None = None,
 ) -> str:
     """The end-of-fit console report.
 
@@ -152,6 +153,7 @@ def format_report(
         use_rich: draw a ``rich`` table; default: when ``rich`` is importable.
         width: text width; default: the terminal's, between 80 and 160 columns.
         unwatched: check ids that stopped watching during the run (their callback failed), with why.
+        cost: what the suite measured of its own cost, one phrase (added as a last line).
 
     One line (``all N checks passed``) when nothing was found and every check watched to the end;
     otherwise each (check, where) once, errors first, with its message and remedy, and the ids that
@@ -164,10 +166,11 @@ def format_report(
     """
     checks = sorted(set(checks_run))
     stopped = _unwatched_line(unwatched or {}, len(checks))
+    cost_line = f"\ncost: {cost}." if cost else ""
     if not findings:
         if stopped:
-            return f"lightning-sentinel: no findings, but {stopped}."
-        return f"lightning-sentinel: all {len(checks)} checks passed ({', '.join(checks)})."
+            return f"lightning-sentinel: no findings, but {stopped}.{cost_line}"
+        return f"lightning-sentinel: all {len(checks)} checks passed ({', '.join(checks)}).{cost_line}"
     if width is None:
         width = min(max(shutil.get_terminal_size((100, 24)).columns, 80), 160)
     if use_rich is None:
@@ -179,6 +182,8 @@ def format_report(
         lines += ["", *textwrap.wrap(f"Not watched to the end: {stopped}.", width)]
     if path:
         lines += ["", f"findings written to {path}"]
+    if cost:
+        lines.append(f"cost: {cost}.")
     return "\n".join(lines)
 
 

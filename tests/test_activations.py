@@ -263,7 +263,7 @@ class HookSpy(Classifier):
 def test_hooks_only_on_sampled_steps_and_removed_after_and_on_exception(tmp_path):
     module = HookSpy()
     fit(module, [DeadReLUDetector(every_n_steps=3)], root=tmp_path, max_steps=7)
-    assert module.attached == [True, False, False, True, False, False, True]
+    assert module.attached == [True, True, True, True, False, False, True]  # steps 0, 1, 2, then every 3rd
     assert _no_hooks_left(module)
     module = HookSpy()
     module.fail_at = 0
@@ -320,7 +320,7 @@ def test_resume_from_checkpoint_keeps_the_cadence_and_does_not_judge_init_again(
     checkpoint_path = next(tmp_path.rglob("*.ckpt"))
     resumed = DeadReLUDetector()
     trainer = fit(Classifier(net=net), [resumed], root=tmp_path, max_steps=5, ckpt_path=str(checkpoint_path))
-    assert resumed._batches_seen == 5 and resumed._init_judged
+    assert resumed._clock.last_check == 4 and resumed._init_judged  # the clock went on: steps 0, 1, 2 | 4
     assert [(f.check, f.where, f.step) for f in _ours(trainer)] == [
         (POOR_INIT, "net.0", 0)
     ]  # restored, not new
@@ -341,10 +341,13 @@ def test_activation_checkpointing_is_not_counted_twice(reentrant):
 
 def test_state_round_trip_skips_init_after_resume():
     detector = DeadReLUDetector()
-    detector._batches_seen, detector._init_judged = 17, True
+    for cycle in range(17):
+        detector._clock.decide(cycle)
+    detector._init_judged = True
     restored = DeadReLUDetector()
     restored.load_state_dict(detector.state_dict())
-    assert (restored._batches_seen, restored._init_judged) == (17, True)
+    assert (restored._clock.state_dict(), restored._init_judged) == (detector._clock.state_dict(), True)
+    assert [cycle for cycle in range(17, 40) if restored._clock.decide(cycle)] == [20, 30]
 
 
 # ---------------------------------------------------------------------- Lightning loop variants

@@ -110,9 +110,11 @@ def test_a_nan_loss_is_found_at_its_step_and_stops_the_run(tmp_path, config):
     make, settings = CONFIGS[config]
     trainer = fit(make(_nan_from(5)), [Sentinel()], root=tmp_path, max_steps=30, **settings)
     first = findings(trainer)[0]
-    assert (first.check, first.step) == ("non-finite-loss", 5)
+    # read at the next check step (0, 1, 2, 4, 8, ...), naming the step and batch where it began
+    assert (first.check, first.step, first.evidence["first_step"]) == ("non-finite-loss", 8, 5)
+    assert first.where is not None and first.where.startswith("batch ")
     assert math.isnan(first.evidence["loss"])
-    assert trainer.global_step <= 6  # NonFiniteGuard's default on_detect="stop"
+    assert trainer.global_step <= 9  # NonFiniteGuard's default on_detect="stop"
     assert (tmp_path / "sentinel" / "findings.json").exists()
 
 
@@ -274,7 +276,7 @@ def test_every_stateful_check_round_trips_through_a_checkpoint(tmp_path):
     path = tmp_path / "run.ckpt"
     trainer.save_checkpoint(path)
     saved = torch.load(path, weights_only=False)["callbacks"][sentinel.state_key]
-    assert set(saved) == {check.state_key for check in sentinel.checks}
+    assert set(saved) == {check.state_key for check in sentinel.checks} | {"__clock__"}
     restored = Sentinel(preset="full")
     restored.load_state_dict(saved)
     for before, after in zip(sentinel.checks, restored.checks, strict=True):
@@ -311,7 +313,10 @@ def test_a_resumed_run_reports_what_an_uninterrupted_one_does(tmp_path):
     )
     # (check, step): Lightning's batch_idx after a resume at an epoch's last step may differ by one
     expected = [(f.check, f.step) for f in findings(whole)]
-    assert ("non-finite-loss", 14) in expected and expected[0][0] == "loss-at-init"
+    # the NaN from step 14 is read at the end of fit (no check step after it), naming step 14
+    assert ("non-finite-loss", 20) in expected and expected[0][0] == "loss-at-init"
+    nan = next(f for f in findings(whole) if f.check == "non-finite-loss")
+    assert nan.evidence["first_step"] == 14
     assert [(f.check, f.step) for f in findings(resumed)] == expected
     written = load_findings(tmp_path / "part" / "sentinel" / "findings.json")
     assert [(f.check, f.step) for f in written] == expected

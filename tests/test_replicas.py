@@ -187,7 +187,7 @@ def test_world_size_one_costs_no_tensor_work_and_no_collective(monkeypatch, tmp_
     sentinel = Sentinel()
     trainer = fit(Classifier(), [sentinel], max_steps=25, root=tmp_path)
     monitor = next(check for check in sentinel.checks if isinstance(check, ReplicaSyncMonitor))
-    assert monitor._mode == "off" and monitor._batches_seen == 0
+    assert monitor._mode == "off"
     assert calls == {"norms": 0, "gathers": 0}
     assert not [f for f in findings(trainer) if f.check == REPLICAS_OUT_OF_SYNC]
 
@@ -283,11 +283,11 @@ def test_resume_keeps_the_cadence_and_what_was_reported(tmp_path, fake_gather):
     first = fit(Classifier(), [monitor], max_steps=6, root=tmp_path, enable_checkpointing=True)
     assert [f.step for f in findings(first)] == [1]
     state = monitor.state_dict()
-    assert state["extra"] == {"batches_seen": 6}
+    assert state["clock"]["last_check"] == 4  # check steps 0, 1, 2, 4 of 6
     checkpoint = next(tmp_path.rglob("*.ckpt"))
     resumed_monitor = TwoFakeRanks(drift={"net.0.weight": 1.01}, every_n_steps=4)
     resumed = fit(Classifier(), [resumed_monitor], max_steps=12, root=tmp_path, ckpt_path=str(checkpoint))
-    assert resumed_monitor._batches_seen == 12  # checked after batches 1, 5, 9 as in one run
+    assert resumed_monitor._clock.last_check == 8  # then 8, as in one run (0, 1, 2, 4, 8, 12, ...)
     assert [f.step for f in findings(resumed) if f.check == REPLICAS_OUT_OF_SYNC] == [
         1
     ]  # restored, not repeated
@@ -358,10 +358,11 @@ def default_runs(tmp_path_factory):
 
 
 def test_ddp_one_collective_per_check_step_and_none_on_other_steps(default_runs):
-    """Every 3rd optimizer step with 2 accumulated batches: optimizer steps 1, 4, 7, 10 end batches 2, 8, 14, 20."""
+    """Check steps 0, 1, 2, 3, then every 3rd, with 2 accumulated batches: the steps 0, 1, 2, 3, 6, 9 end
+    batches 2, 4, 6, 8, 14, 20."""
     for record in default_runs["count"].values():
         assert record["batches"] == 20 and record["step"] == 10
-        assert record["replica_collectives"] == {"2": 1, "8": 1, "14": 1, "20": 1}
+        assert record["replica_collectives"] == {"2": 1, "4": 1, "6": 1, "8": 1, "14": 1, "20": 1}
 
 
 def test_ddp_healthy_batch_norm_with_accumulation_is_quiet_though_its_running_statistics_differ(default_runs):

@@ -176,7 +176,7 @@ def test_sentinel_checks_share_the_norms_of_one_optimizer_step(monkeypatch, tmp_
     fit(Classifier(), make(), root=tmp_path, max_steps=4)
     alone = len(calls)
     calls.clear()
-    trainer = fit(Classifier(), [Sentinel(checks=make())], root=tmp_path, max_steps=4)
+    trainer = fit(Classifier(), [Sentinel(checks=make(), every_n_steps=1)], root=tmp_path, max_steps=4)
     assert findings(trainer) == []
     # per step alone: 2 (NaN guard) + 2 (gradients) + 2 (snapshot weights, update) norms; shared: the
     # weights once and the gradients once, + the update

@@ -237,6 +237,8 @@ BAD_VALUES: dict[type, dict[str, Bad]] = {
         ],
         "disable": [("dead-relu", TypeError), (["no-such-check"], ValueError), ([1], TypeError)],
         "on_detect": [("halt", ValueError), (1, ValueError)],
+        "every_n_steps": INT_1,
+        "budget": [(0, ValueError), (1.0, ValueError), (-0.01, ValueError), ("1%", TypeError), (float("nan"), ValueError)],
     },
 }
 

@@ -91,7 +91,7 @@ def test_decay_far_too_strong_is_reported_after_patience_checks():
     trainer = fit(module, [monitor], max_steps=30)
     (finding,) = _own(trainer)
     assert finding.where == "param_groups[0]"
-    assert finding.step == 10  # checks at steps 0, 5, 10: three in a row
+    assert finding.step == 10  # checks at steps 0, 1, 2, 4, 5, 10: on every one over 2 intervals of 5
     assert finding.evidence["decay_per_step"] == pytest.approx(0.1)
     assert finding.evidence["momentum"] == pytest.approx(0.9)
     assert finding.evidence["steps_to_halve"] == pytest.approx(6.58, abs=0.01)
@@ -140,7 +140,7 @@ def test_a_schedule_that_lowers_the_rate_before_patience_resets_the_streak():
     def adamw(module):
         return torch.optim.AdamW(module.parameters(), lr=1e-2, weight_decay=2.0)  # 0.02 per step
 
-    decaying = Decayed(adamw, schedule=lambda step: 1.0 if step < 8 else 0.01)  # checks at 0, 5 only
+    decaying = Decayed(adamw, schedule=lambda step: 1.0 if step < 8 else 0.01)  # too strong until step 8 only
     assert _own(fit(decaying, [WeightDecayMonitor(every_n_steps=5)], max_steps=40)) == []
     steady = Decayed(adamw)
     assert len(_own(fit(steady, [WeightDecayMonitor(every_n_steps=5)], max_steps=40))) == 1
@@ -180,13 +180,13 @@ def test_the_streak_survives_a_resume(tmp_path):
         return torch.optim.SGD(module.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
 
     first = WeightDecayMonitor(every_n_steps=4, patience=5)
-    fit(Decayed(sgd), [first], root=tmp_path, max_steps=9, enable_checkpointing=True)  # checks at 0, 4, 8
-    assert first._streaks == {"param_groups[0]": 3} and _own_of(first) == []
+    fit(Decayed(sgd), [first], root=tmp_path, max_steps=9, enable_checkpointing=True)  # checks 0, 1, 2, 4, 8
+    assert first._too_strong.since == {"param_groups[0]": 0} and _own_of(first) == []
     checkpoint = next(tmp_path.rglob("*.ckpt"))
     resumed = WeightDecayMonitor(every_n_steps=4, patience=5)
     trainer = fit(Decayed(sgd), [resumed], root=tmp_path, max_steps=20, ckpt_path=str(checkpoint))
     (finding,) = _own(trainer)
-    assert finding.step == 16  # checks at 12 and 16 complete the streak of 5
+    assert finding.step == 16  # too strong on every check from step 0: 4 intervals of 4 at step 16
 
 
 def _own_of(monitor):

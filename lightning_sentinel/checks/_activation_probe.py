@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.hooks import RemovableHandle
 
+from lightning_sentinel._eager import eager_while_observed
 from lightning_sentinel._stats import float32_default
 from lightning_sentinel.checks._torch_function import ObservingMode, remove_mode
 
@@ -254,6 +255,7 @@ class ActivationProbe:
         self._root_frame = _Frame(id(self.root))
         self._seen_this_batch = set()
         self._mode = _Mode(self)
+        eager_while_observed(self._mode)  # pushed by hand, not entered: count it as observing here
         torch._C._push_on_torch_function_stack(self._mode)
         self.recording = True
 

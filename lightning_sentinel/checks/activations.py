@@ -1,6 +1,6 @@
 """DeadReLUDetector: dead ReLU units, saturated tanh/sigmoid units, and poor weight initialisation.
 
-The detector samples a training batch every ``every_n_steps`` batches. On a sampled batch an
+The detector samples the first training batch of each check step (the suite's clock). On a sampled batch an
 :class:`~lightning_sentinel.checks._activation_probe.ActivationProbe` sees every ReLU-family,
 tanh and sigmoid activation, module or functional, names it by the module running it, and folds
 it into per-unit counts on the device; hooks and the function mode are removed when the batch's
@@ -192,8 +192,8 @@ class DeadReLUDetector(SentinelCallback):
     exactly-zero region, so they are never "dead". A unit is a feature (last dimension) or a channel
     (dimension 1 of a convolution's output); its samples are batch x positions.
 
-    When: every ``every_n_steps``-th training batch (micro-batch) is sampled, starting with the first;
-    the probe is attached at the batch start and removed when the forward is done (at the first
+    When: the first training batch (micro-batch) of each check step is sampled: the suite's clock
+    inside ``Sentinel``, otherwise steps 0, 1, 2, 4, 8, ... then every ``every_n_steps``-th; the probe is attached at the batch start and removed when the forward is done (at the first
     backward under automatic optimization, at the batch end under manual optimization), on fit end
     and on exception. Validation batches are not sampled unless ``sample_validation=True``. Forward calls replayed by activation
     checkpointing during backward are skipped. Every ``window`` sampled batches the counts, kept on
@@ -239,7 +239,8 @@ class DeadReLUDetector(SentinelCallback):
 
     Args:
         on_detect: ``"warn"``, ``"stop"`` or ``"raise"`` (see :class:`~lightning_sentinel.base.SentinelCallback`).
-        every_n_steps: sample every n-th training batch; an integer >= 1.
+        every_n_steps: the interval of the check steps it samples, after the dense start; an integer >= 1
+            (inside ``Sentinel``, the suite's clock replaces it).
         window: sampled batches per verdict (one host read per window); an integer >= 1.
         dead_threshold: share of dead units above which a layer is reported; in (0, 1].
         saturated_threshold: share of saturated units above which a layer is reported; in (0, 1].
@@ -287,7 +288,6 @@ class DeadReLUDetector(SentinelCallback):
         require_order("init_scale_low", self.init_scale_low, "init_scale_high", self.init_scale_high)
         self.max_leaky_slope = require_number("max_leaky_slope", max_leaky_slope, at_least=0, below=1)
         self.sample_validation = require_bool("sample_validation", sample_validation)
-        self._batches_seen = 0
         self._init_judged = False
         self._reset_run_state()
 
@@ -309,11 +309,10 @@ class DeadReLUDetector(SentinelCallback):
 
     @override
     def _extra_state(self) -> dict[str, Any]:
-        return {"batches_seen": self._batches_seen, "init_judged": self._init_judged}
+        return {"init_judged": self._init_judged}
 
     @override
     def _load_extra_state(self, state: dict[str, Any]) -> None:
-        self._batches_seen = int(state.get("batches_seen", 0))
         self._init_judged = bool(state.get("init_judged", False))
 
     # ------------------------------------------------------------------ hooks
@@ -326,12 +325,10 @@ class DeadReLUDetector(SentinelCallback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        index = self._batches_seen
-        self._batches_seen += 1
         if not self.active_checks:
             return
         judge_init = not self._init_judged and POOR_INIT in self.active_checks and trainer.global_step == 0
-        if not (judge_init or self._is_due(index)):
+        if not (self._due_batch(trainer) or judge_init):
             return
         if self._window_batches == 0:
             self._window_start_step = trainer.global_step
@@ -357,7 +354,6 @@ class DeadReLUDetector(SentinelCallback):
             self._probe_batch_judges_init = False
             self._init_judged = True
             self._run_init_check(trainer, pl_module, self._probe)
-            self._settle(trainer)
 
     @override
     def on_train_batch_end(
@@ -368,17 +364,13 @@ class DeadReLUDetector(SentinelCallback):
             return
         probe.remove()
         self._window_batches += 1
-        ran = False
         if self._probe_batch_judges_init:  # manual optimization, or a step without backward
             self._probe_batch_judges_init = False
             self._init_judged = True
             self._run_init_check(trainer, pl_module, probe)
-            ran = True
-        if self._window_batches >= self.window:
+        # windows end on every ``window``-th check step of the clock, so a resumed run judges the same ones
+        if self._clock.check_steps % self.window == 0:
             self._run_window_check(trainer, pl_module)
-            ran = True
-        if ran:
-            self._settle(trainer)
 
     @override
     def on_validation_batch_start(
@@ -430,7 +422,20 @@ class DeadReLUDetector(SentinelCallback):
             flags.append(torch.stack([rows_same, inputs_same]).float().to(device))
         if not flags:
             return
-        values = torch.cat(flags).tolist()  # the one host read of this check
+        self._read(
+            trainer,
+            torch.cat(flags),  # the one host read of this check
+            lambda values: self._judge_init(trainer, pl_module, scaled, pairs, values),
+        )
+
+    def _judge_init(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        scaled: list[Site],
+        pairs: list[tuple[str, Tensor, Tensor]],
+        values: list[float],
+    ) -> None:
         symmetric = values[len(scaled) :]
         ratio, chain = _worst_chain(scaled, values[: len(scaled)], self.init_scale_low, self.init_scale_high)
         if chain:
@@ -471,6 +476,7 @@ class DeadReLUDetector(SentinelCallback):
                     },
                     hint=_SYMMETRY_HINT,
                 )
+        self._settle(trainer)
 
     @staticmethod
     def _symmetry_candidates(
@@ -506,7 +512,21 @@ class DeadReLUDetector(SentinelCallback):
         )
         if trainer.world_size > 1:  # every rank samples the same batches: this collective lines up
             packed = trainer.strategy.reduce(packed, reduce_op="sum")
-        values = packed.tolist()  # the one host read of this window
+        self._read(  # the one host read of this window
+            trainer,
+            packed,
+            lambda values: self._judge_window(trainer, pl_module, sites, batches, start, values),
+        )
+
+    def _judge_window(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        sites: list[Site],
+        batches: int,
+        start: int,
+        values: list[float],
+    ) -> None:
         samples = values[-len(sites) :]
         offset = 0
         worst_dead, worst_saturated = 0.0, 0.0
@@ -528,12 +548,10 @@ class DeadReLUDetector(SentinelCallback):
             pl_module,
             {"sentinel/dead_relu/max_share": worst_dead, "sentinel/saturation/max_share": worst_saturated},
         )
+        self._settle(trainer)
 
     def _window_words(self, batches: int, samples: int, start: int, trainer: pl.Trainer) -> str:
-        return (
-            f"{samples} samples of {batches} batches sampled every {self.every_n_steps} "
-            f"(steps {start}-{trainer.global_step})"
-        )
+        return f"{samples} samples of {batches} sampled batches (steps {start}-{trainer.global_step})"
 
     def _report_dead(
         self, trainer: pl.Trainer, site: Site, share: float, dead: int, batches: int, samples: int, start: int

@@ -34,7 +34,7 @@ register(
         Severity.WARNING,
         "a mode-dependent module (dropout, batch-norm, instance-norm with running stats, any forward reading "
         "`self.training`) is in eval mode inside a training step",
-        "at batch start, during the forward and after the step, every 20th batch and the first; deliberately "
+        "at batch start, during the forward and after the step, on the first batch and on check steps; deliberately "
         "frozen modules (all parameters requires_grad=False) and `allow` patterns exempt",
     ),
     CheckSpec(
@@ -145,7 +145,8 @@ class TrainEvalModeChecker(SentinelCallback):
     """Reports mode-dependent modules in the wrong mode: ``module-in-eval-during-training`` and
     ``module-in-train-during-eval``.
 
-    On the first training batch and every ``every_n_steps``-th one after it, the checker reads the
+    On the first training batch and the first batch of every check step (the suite's clock; on its own,
+    steps 0, 1, 2, 4, 8, ..., then every ``every_n_steps``-th), the checker reads the
     ``training`` flag of every mode-dependent module (dropout with ``p > 0``, batch-/instance-norm with
     running statistics, ``MultiheadAttention`` with dropout, user modules whose ``forward`` reads
     ``self.training``) at batch start, when each one runs its forward (a pre-hook attached for that
@@ -161,7 +162,8 @@ class TrainEvalModeChecker(SentinelCallback):
 
     Args:
         on_detect: ``"warn"``, ``"stop"`` or ``"raise"`` (see :class:`~lightning_sentinel.base.SentinelCallback`).
-        every_n_steps: check every n-th training batch (the first one always); an integer >= 1.
+        every_n_steps: the interval of its check steps after the dense start (the first batch always); an
+            integer >= 1 (inside ``Sentinel``, the suite's clock replaces it).
         allow: regular expressions of module names never to report (a list of strings, not one string).
         use_hooks: attach forward pre-hooks on checked batches to see each module's mode when it runs
             (turn off for ``torch.compile``d models; the batch start/end checks remain).
@@ -193,7 +195,6 @@ class TrainEvalModeChecker(SentinelCallback):
         self._root: nn.Module | None = None
         self._handles: list[RemovableHandle] = []
         self._seen: list[tuple[str, bool]] = []  # (name, training) at batch start, per forward, after
-        self._batches_seen = 0  # training batches observed (checkpointed: the cadence survives a resume)
         self._run_batches = 0  # training batches of this fit call
         self._checking = False
 
@@ -203,11 +204,11 @@ class TrainEvalModeChecker(SentinelCallback):
 
     @override
     def _extra_state(self) -> dict[str, Any]:
-        return {"batches_seen": self._batches_seen}
+        return {}
 
     @override
     def _load_extra_state(self, state: dict[str, Any]) -> None:
-        self._batches_seen = int(state.get("batches_seen", 0))
+        return None  # the cadence is the clock's, checkpointed with it
 
     # ------------------------------------------------------------------ helpers
     def _watched(self, pl_module: pl.LightningModule) -> list[tuple[str, nn.Module]]:
@@ -269,10 +270,9 @@ class TrainEvalModeChecker(SentinelCallback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        index = self._batches_seen
-        self._batches_seen += 1
         self._run_batches += 1
-        if EVAL_DURING_TRAINING in self.active_checks and (self._run_batches == 1 or self._is_due(index)):
+        due = self._due_batch(trainer)
+        if EVAL_DURING_TRAINING in self.active_checks and (self._run_batches == 1 or due):
             self._start(pl_module)
 
     @override

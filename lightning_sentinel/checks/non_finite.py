@@ -12,7 +12,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_sentinel._hooks import FiniteProbe, ModuleFailure, logging_silenced
-from lightning_sentinel._stats import on_host, tensor_norms
+from lightning_sentinel._stats import tensor_norms
 from lightning_sentinel._validate import require_bool, require_number
 from lightning_sentinel.base import OnDetect, SentinelCallback
 from lightning_sentinel.catalog import CheckSpec, add_to_presets, register
@@ -57,25 +57,45 @@ _LOSS_HINT = (
 )
 
 
+_MAX_SEEN = 1 << 16  # backwards remembered between two checks (beyond: the first bad one is not named)
+
+
+def _first_bad(seen: list[tuple[int, int]], finite_run: float) -> tuple[int, int] | None:
+    """The (global step, batch index) of the first backward whose loss was non-finite, from the count of
+    backwards before it (``None`` where that count does not index ``seen``)."""
+    if not math.isfinite(finite_run):
+        return None
+    index = int(finite_run)
+    return seen[index] if 0 <= index < len(seen) else None
+
+
+def _first_evidence(loss: float, first: tuple[int, int] | None) -> dict[str, float]:
+    if first is None:
+        return {"loss": loss}
+    return {"loss": loss, "first_step": float(first[0]), "batch_idx": float(first[1])}
+
+
 class NonFiniteGuard(SentinelCallback):
     """Catches NaN/Inf in the loss, gradients and weights, and names the module that produced it.
 
-    Cost: each micro-batch the loss is tested with one tiny device op. A loss on the CPU is read at
-    once (no device to sync with); a loss on an accelerator is folded into a device flag and read on
-    check steps only. Every ``every_n_steps``-th optimizer step, the gradients (read in
-    ``on_before_optimizer_step``, i.e. after AMP unscaling) and weights are reduced with fused
-    norms and read back once. Forward hooks are attached only after something non-finite was seen.
+    Cost: on a step where no check is due, one device op per micro-batch: the loss is added to a
+    running sum on its own device (float64: finite losses cannot overflow it; NaN/Inf in any loss
+    makes it non-finite), and nothing is read. On check steps (the suite's clock, or
+    ``every_n_steps`` on its own: the first steps densely, then every n-th) the gradients (read in
+    ``on_before_optimizer_step``, i.e. after AMP unscaling) and weights are reduced with fused norms
+    and read back once, together with the running sum and that step's own loss. Forward hooks are
+    attached only after something non-finite was seen.
 
-    Localisation: when the loss turns non-finite on a step where the weights are still finite (the
-    usual first NaN), the guard replays that batch through ``training_step`` under ``no_grad`` with
-    forward hooks (single process, automatic optimization; the user's ``self.log`` calls are
-    silenced, buffers and the RNG restored) and reports ``non-finite-activation`` for the first
-    module, in execution order, whose output is non-finite while its input is finite. Otherwise
-    hooks are armed for the next training batch. On an accelerator the loss of a check step is read
-    with its norms, so a NaN that appears on a check step (step 0 included: NaN in the data, an
-    overflowing first forward) is localised the same way; one that appears between check steps is
-    reported at the next one, where an SGD update has usually made the weights NaN already
-    (``every_n_steps=1`` localises every first NaN there too, at the price of one sync per step).
+    Localisation: when the loss of a check step itself is the first non-finite one (step 0 included:
+    NaN in the data, an overflowing first forward), the weights are still finite, and the guard
+    replays that batch through ``training_step`` under ``no_grad`` with forward hooks (single
+    process, automatic optimization; the user's ``self.log`` calls are silenced, buffers and the RNG
+    restored) and reports ``non-finite-activation`` for the first module, in execution order, whose
+    output is non-finite while its input is finite. Otherwise hooks are armed for the next training
+    batch. A NaN that first appears between two check steps is reported at the next one, as having
+    appeared after the previous check step and by this one; by then an update has usually made the
+    weights NaN, and the module cannot be named (``every_n_steps=1`` on a guard of its own localises
+    every first NaN, at the price of one read per step).
 
     Under a GradScaler (``precision="16-mixed"``), non-finite gradients make the scaler skip the step
     and halve its scale; that is normal, so ``non-finite-gradients`` is reported only once the scale
@@ -87,7 +107,8 @@ class NonFiniteGuard(SentinelCallback):
 
     Args:
         on_detect: ``"stop"`` (default: a non-finite run is worthless), ``"warn"`` or ``"raise"``.
-        every_n_steps: check gradients and weights every n-th optimizer step; an integer >= 1.
+        every_n_steps: the interval of its check steps after the dense start; an integer >= 1 (inside
+            ``Sentinel``, the suite's clock replaces it).
         scaler_min_scale: under a GradScaler, non-finite gradients are reported once its scale is below
             this; a finite number > 0.
         localize: replay or hook the forward pass to name the module that produced the first NaN/Inf.
@@ -114,11 +135,17 @@ class NonFiniteGuard(SentinelCallback):
 
     def _reset_run_state(self) -> None:
         self._views: dict[int, OptimizerView] = {}
-        self._steps_seen = 0
-        self._loss_flag: Tensor | None = None  # accumulated on an accelerator until a check reads it
-        self._loss_bad_now: float | None = None  # a CPU loss found non-finite on this optimizer step
-        self._loss_now: Tensor | None = None  # an accelerator loss of this step, read only if a check is due
-        self._loss_flag_earlier: Tensor | None = None  # the flag before that loss was folded in
+        # the running sum of every micro-batch's loss since the last check, on the loss's device: NaN/Inf
+        # in any loss makes it non-finite (float64, so finite losses cannot overflow it)
+        self._loss_sum: Tensor | None = None
+        # backward passes since the last check whose running sum was still finite: the index of the first
+        # non-finite loss among ``_seen`` once the sum has turned (on the device, never read between checks)
+        self._finite_run: Tensor | None = None
+        self._seen: list[tuple[int, int]] = []  # (global step, batch index) of each backward since the check
+        self._loss_now: Tensor | None = None  # this check step's last micro-batch loss (a reference)
+        self._previous_check = -1  # the global step of the previous check (-1: none yet)
+        self._this_check = -1
+        self._trainer_step = 0
         self._batch: Any = None
         self._batch_idx = 0
         self._probe: FiniteProbe | None = None
@@ -126,7 +153,6 @@ class NonFiniteGuard(SentinelCallback):
         self._localized = False
         # after an error of its own: only the loss is watched, with nothing that can fail on a dtype
         self._minimal = False
-        self._minimal_flag: Tensor | None = None
 
     @override
     def _state_key_settings(self) -> dict[str, Any]:
@@ -158,19 +184,19 @@ class NonFiniteGuard(SentinelCallback):
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
         if LOSS not in self.active_checks and ACTIVATION not in self.active_checks:
             return
-        if self._minimal:
-            self._fold_loss_minimally(trainer, loss)
-            return
-        detached = loss.detach()
-        if on_host(detached):  # a host read of a CPU tensor: no device to sync with
-            value = detached.item() if detached.numel() == 1 else float(detached.float().sum())
-            if not math.isfinite(value) and self._loss_bad_now is None:
-                self._loss_bad_now = value
-            return
-        bad = ~torch.isfinite(detached).all()  # stays on the accelerator until a check step reads it
-        self._loss_flag_earlier = self._loss_flag
-        self._loss_flag = bad if self._loss_flag is None else (self._loss_flag | bad)
-        self._loss_now = detached
+        if self._loss_sum is None:
+            dtype = torch.float32 if loss.device.type == "mps" else torch.float64
+            self._loss_sum = torch.zeros((), dtype=dtype, device=loss.device)
+            self._finite_run = torch.zeros((), dtype=dtype, device=loss.device)
+        # the only work on a step where no check is due: four constant-size device ops, no read (abs < inf
+        # is False for NaN and Inf alike; torch.isfinite dispatches four ops on its own)
+        with torch.no_grad():
+            self._loss_sum.add_(loss if loss.numel() == 1 else loss.sum())
+            self._finite_run.add_(self._loss_sum.abs() < math.inf)  # type: ignore[union-attr]
+        if len(self._seen) < _MAX_SEEN:  # host work only; a check step empties it
+            self._seen.append((int(trainer.global_step), int(self._batch_idx)))
+        if not self._minimal and self._due(trainer):
+            self._loss_now = loss.detach()
 
     @override
     def on_train_batch_end(
@@ -184,35 +210,37 @@ class NonFiniteGuard(SentinelCallback):
         self._batch = None
 
     @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # the backwards after the last check step are read once more: a NaN in the last steps of a run
+        # is reported, not lost with the running sum
+        if self._seen and LOSS in self.active_checks:
+            self._trainer_step = int(trainer.global_step)
+            self._read_loss_minimally(trainer)
+        super().on_train_end(trainer, pl_module)
+
+    @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
+        if not self._due(trainer):
+            return
+        self._trainer_step = int(trainer.global_step)
         if self._minimal:
             self._read_loss_minimally(trainer)
             return
         view = self._views.get(id(optimizer))
         if view is None:
             view = self._views[id(optimizer)] = optimizer_view(trainer, pl_module, optimizer)
-        step_index = self._steps_seen
-        self._steps_seen += 1
-        loss_bad_now, self._loss_bad_now = self._loss_bad_now, None
-        loss_now, self._loss_now = self._loss_now, None
-        due = self._is_due(step_index)
-        if loss_bad_now is None and not due:
-            return
-        self._run_non_finite_check(trainer, pl_module, optimizer, view, loss_bad_now, loss_now)
-        if due or trainer.world_size == 1:  # the stop/raise collective runs only on steps every rank checks
-            self._settle(trainer)
+        self._run_non_finite_check(trainer, pl_module, view)
 
     # ------------------------------------------------------------------ the minimal path
     @override
     def _disable_after_error(self, trainer: pl.Trainer | None, hook: str, error: Exception) -> None:
         """The last line of defence does not switch itself off: it falls back to the minimal path.
 
-        After an error in its own code (an odd dtype, an unforeseen model), the guard goes on testing
-        the training loss for NaN/Inf with one ``torch.isfinite`` per micro-batch (read at once on a
-        CPU, folded into a device flag and read every ``every_n_steps`` steps on an accelerator) and
-        still stops or raises as configured. Gradients, weights and localisation are no longer
+        After an error in its own code (an odd dtype, an unforeseen model), the guard goes on adding
+        each micro-batch's loss to its running sum and reading that one number on check steps, and
+        still stops or raises when it turns non-finite. Gradients, weights and localisation are no longer
         watched, and the report says so. Only if that path fails too does the guard switch off.
         """
         if self._minimal or LOSS not in self.active_checks:
@@ -233,37 +261,52 @@ class NonFiniteGuard(SentinelCallback):
             stacklevel=3,
         )
 
-    def _fold_loss_minimally(self, trainer: pl.Trainer, loss: Tensor) -> None:
-        bad = ~torch.isfinite(loss.detach()).all()
-        if on_host(bad):
-            if bool(bad) and self._loss_bad_now is None:
-                self._loss_bad_now = float("nan")
-            return
-        self._minimal_flag = bad if self._minimal_flag is None else (self._minimal_flag | bad)
-
     def _read_loss_minimally(self, trainer: pl.Trainer) -> None:
-        step_index = self._steps_seen
-        self._steps_seen += 1
-        bad_now, self._loss_bad_now = self._loss_bad_now is not None, None
-        due = self._is_due(step_index)
-        if not bad_now and not due:
-            return
-        flag, self._minimal_flag = self._minimal_flag, None
-        if bad_now or (flag is not None and bool(flag)):  # bool(): the read of a check step
+        state, seen = self._take_loss_state()
+        self._read(
+            trainer,
+            torch.stack([part.to(torch.float64) for part in state[:2]]),
+            lambda values: self._judge_loss_minimally(trainer, values, seen),
+        )
+
+    def _judge_loss_minimally(self, trainer: pl.Trainer, values: list[float], seen: list[tuple[int, int]]) -> None:
+        if not math.isfinite(values[0]):
+            first = _first_bad(seen, values[1])
             self._report(
                 trainer,
                 LOSS,
                 Severity.ERROR,
-                f"training loss is NaN/Inf at step {trainer.global_step} (batch {self._batch_idx})"
-                if bad_now
-                else f"training loss became non-finite in the {self.every_n_steps} steps before step "
-                f"{trainer.global_step}",
-                where=f"batch {self._batch_idx}" if bad_now else None,
-                evidence={"loss": float("nan"), "batch_idx": float(self._batch_idx)},
+                f"training loss became non-finite {self._since_last_check(trainer, first)}",
+                where=None if first is None else f"batch {first[1]}",
+                evidence=_first_evidence(float("nan"), first),
                 hint=_LOSS_HINT,
             )
-        if due or trainer.world_size == 1:
-            self._settle(trainer)
+        self._settle(trainer)
+
+    def _since_last_check(self, trainer: pl.Trainer, first: tuple[int, int] | None) -> str:
+        """``"at step 5 (batch 5), read at the check of step 8"``, or ``"after step 4, by step 8"`` where the
+        first non-finite batch is not known: where a NaN that appeared between two check steps lies."""
+        if first is not None:
+            return f"at step {first[0]} (batch {first[1]}), read at the check of step {trainer.global_step}"
+        if self._previous_check < 0:
+            return f"by step {trainer.global_step}"
+        return f"after step {self._previous_check}, by step {trainer.global_step}"
+
+    def _take_loss_state(self) -> tuple[tuple[Tensor, Tensor, Tensor], list[tuple[int, int]]]:
+        """((sum since the last check, backwards before it turned non-finite, this step's loss), the steps
+        and batches of those backwards); the running state starts afresh. Check steps only."""
+        self._previous_check, self._this_check = self._this_check, self._trainer_step
+        zero = torch.zeros((), dtype=torch.float64)
+        loss_sum = self._loss_sum if self._loss_sum is not None else zero
+        run = self._finite_run if self._finite_run is not None else torch.zeros_like(loss_sum)
+        now = self._loss_now if self._loss_now is not None else torch.zeros_like(loss_sum)
+        state = (loss_sum.clone(), run.clone(), now)
+        if self._loss_sum is not None and self._finite_run is not None:
+            self._loss_sum.zero_()
+            self._finite_run.zero_()
+        seen, self._seen = self._seen, []
+        self._loss_now = None
+        return state, seen
 
     @override
     def _release(self, trainer: pl.Trainer) -> None:
@@ -274,36 +317,40 @@ class NonFiniteGuard(SentinelCallback):
 
     # ------------------------------------------------------------------ the check
     def _run_non_finite_check(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        optimizer: torch.optim.Optimizer,
-        view: OptimizerView,
-        loss_bad_now: float | None,
-        loss_now: Tensor | None,
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, view: OptimizerView
     ) -> None:
-        """``loss_bad_now``: this step's CPU loss, already read and non-finite. ``loss_now``: this step's
-        accelerator loss, read with the norms so that a NaN of the check step itself is localised as on a CPU."""
+        """On a check step: the loss since the last check, this step's own loss, and the norms of the
+        weights and gradients, in one read. A NaN of the check step itself is replayed and localised."""
         parameters = view.parameters
         with_grad = [i for i, p in enumerate(parameters) if p.grad is not None]
         weight_norms = tensor_norms(parameters)
         grad_norms = tensor_norms([parameters[i].grad for i in with_grad], device=weight_norms.device)  # type: ignore[misc]
         device = weight_norms.device
-        # (all since the last check, all but this step's last micro-batch, that micro-batch's loss), on device
-        loss_state = torch.zeros(3, dtype=torch.float32, device=device)
-        if self._loss_flag is not None:
-            loss_state[0] = self._loss_flag.to(device)
-        if self._loss_flag_earlier is not None:
-            loss_state[1] = self._loss_flag_earlier.to(device)
-        if loss_now is not None:
-            loss_state[2] = loss_now.float().sum().to(device)
-        self._loss_flag = self._loss_flag_earlier = None
-        # the one host read of this check
-        values = torch.cat([loss_state, weight_norms, grad_norms]).tolist()
-        bad_before_now = values[1] > 0  # an earlier micro-batch since the last check had a non-finite loss
-        if loss_bad_now is None and not math.isfinite(values[2]):
-            loss_bad_now = values[2]  # the check step's own loss: its batch is still here to replay
-        loss_bad = loss_bad_now is not None or values[0] > 0
+        state, seen = self._take_loss_state()
+        loss_state = torch.stack([part.to(device=device, dtype=torch.float32) for part in state])
+        packed = torch.cat([loss_state, weight_norms, grad_norms])
+        self._read(
+            trainer,
+            packed,
+            lambda values: self._judge_non_finite(trainer, pl_module, view, with_grad, values, seen),
+        )
+
+    def _judge_non_finite(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        view: OptimizerView,
+        with_grad: list[int],
+        values: list[float],
+        seen: list[tuple[int, int]],
+    ) -> None:
+        parameters = view.parameters
+        loss_sum, finite_run, loss_now = values[0], values[1], values[2]
+        loss_bad = not math.isfinite(loss_sum)
+        first = _first_bad(seen, finite_run) if loss_bad else None
+        # an earlier batch since the last check went non-finite (not the check step's own)
+        bad_before_now = loss_bad and (first is None or finite_run < len(seen) - 1)
+        loss_bad_now: float | None = loss_now if not math.isfinite(loss_now) else None
         weights = values[3 : 3 + len(parameters)]
         grads = values[3 + len(parameters) :]
         bad_weights = [view.names[i] for i, norm in enumerate(weights) if not math.isfinite(norm)]
@@ -313,9 +360,10 @@ class NonFiniteGuard(SentinelCallback):
             value = loss_bad_now if loss_bad_now is not None else float("nan")
             first_now = loss_bad_now is not None and not bad_before_now
             now = f"loss is {value:g} at step {trainer.global_step} (batch {self._batch_idx})"
-            since_check = f"training loss became non-finite in the {self.every_n_steps} steps before step {trainer.global_step}"
+            since_check = f"training loss became non-finite {self._since_last_check(trainer, first)}"
             if first_now:
                 message = f"training {now}"
+                first = (int(trainer.global_step), int(self._batch_idx))
             else:
                 message = f"{since_check}; {now}" if loss_bad_now is not None else since_check
             self._report(
@@ -323,8 +371,8 @@ class NonFiniteGuard(SentinelCallback):
                 LOSS,
                 Severity.ERROR,
                 message,
-                where=f"batch {self._batch_idx}" if first_now else None,
-                evidence={"loss": value, "batch_idx": float(self._batch_idx)},
+                where=None if first is None else f"batch {first[1]}",
+                evidence=_first_evidence(value, first),
                 hint=_LOSS_HINT,
             )
         if bad_weights:
@@ -341,10 +389,12 @@ class NonFiniteGuard(SentinelCallback):
         grads_reported = False
         if bad_grads and not loss_bad and not bad_weights:
             grads_reported = self._report_gradients(trainer, bad_grads, len(with_grad))
-        if (loss_bad or grads_reported) and not bad_weights and self.localize and not self._localized:
-            if loss_bad_now is not None and self._replay(trainer, pl_module):
-                return
+        localizable = (
+            (loss_bad or grads_reported) and not bad_weights and self.localize and not self._localized
+        )
+        if localizable and not (loss_bad_now is not None and self._replay(trainer, pl_module)):
             self._armed = True
+        self._settle(trainer)
 
     def _report_gradients(self, trainer: pl.Trainer, bad_grads: list[str], n_grads: int) -> bool:
         scaler = scaler_of(trainer)

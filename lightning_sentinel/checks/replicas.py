@@ -36,6 +36,7 @@ from lightning_sentinel._stats import shards_gradients, tensor_norms
 from lightning_sentinel._validate import require_list, require_number, require_regex
 from lightning_sentinel.base import OnDetect, SentinelCallback
 from lightning_sentinel.catalog import CheckSpec, add_to_presets, register
+from lightning_sentinel.engine import ends_cycle
 from lightning_sentinel.findings import SentinelError, SentinelWarning, Severity
 
 REPLICAS_OUT_OF_SYNC = "replicas-out-of-sync"
@@ -337,9 +338,9 @@ def compared_tensors(
 class ReplicaSyncMonitor(SentinelCallback):
     """Checks that data-parallel replicas hold the same weights (``replicas-out-of-sync``).
 
-    On every ``every_n_steps``-th optimizer step (counted in training batches divided by
-    ``accumulate_grad_batches``, so every rank checks at the same batch whatever its own optimizer
-    did), at the end of the batch, every rank computes the 2-norm and the largest absolute value of
+    On every check step (the suite's clock, which counts Lightning's optimizer-step cycles, so every
+    rank checks at the same batch whatever its own optimizer did), at the end of the batch that
+    stepped, every rank computes the 2-norm and the largest absolute value of
     each parameter and buffer on the device (two fused ``torch._foreach_norm`` calls) into one
     vector, the ranks exchange it in **one** ``all_gather`` (``2n + 1`` floats per rank for ``n``
     tensors) and the host reads the gathered matrix once. The first parameter, in registration
@@ -418,21 +419,12 @@ class ReplicaSyncMonitor(SentinelCallback):
         self._mode = "off"  # "off" (one process), "sharded" (nothing to compare) or "compare"
         self._tensors: list[tuple[str, str, bool]] = []  # (name, kind, trainable), fixed at fit start
         self._buffers_synced = True
-        self._batches_seen = 0
         # this rank's own failure, told to the other ranks at the next gather
         self._local_error: Exception | None = None
 
     @override
     def _state_key_settings(self) -> dict[str, Any]:
         return {**super()._state_key_settings(), "rtol": self.rtol, "ignore": self.ignore}
-
-    @override
-    def _extra_state(self) -> dict[str, Any]:
-        return {"batches_seen": self._batches_seen}
-
-    @override
-    def _load_extra_state(self, state: dict[str, Any]) -> None:
-        self._batches_seen = int(state.get("batches_seen", 0))
 
     # ------------------------------------------------------------------ lifecycle
     @override
@@ -472,14 +464,9 @@ class ReplicaSyncMonitor(SentinelCallback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self._mode != "compare":
-            return
-        self._batches_seen += 1
-        per_step = max(int(trainer.accumulate_grad_batches), 1)
-        if self._batches_seen % per_step or not self._is_due(self._batches_seen // per_step - 1):
-            return
+        if self._mode != "compare" or not ends_cycle(trainer) or not self._due(trainer):
+            return  # every rank decides alike: the clock counts the optimizer-step cycles Lightning counts
         self._run_replica_check(trainer, pl_module)
-        self._settle(trainer)
 
     # ------------------------------------------------------------------ the check
     def _fingerprint(self, pl_module: pl.LightningModule, device: torch.device) -> Tensor:
@@ -517,13 +504,24 @@ class ReplicaSyncMonitor(SentinelCallback):
             local[0] = 1.0
         with torch.no_grad():
             gathered = trainer.strategy.all_gather(local)  # the one collective: (world size, 1 + 2n)
-        rows = gathered.reshape(-1, width).tolist()  # the one host read
+        self._read(  # the one host read (batched with the suite's other reads of this hook)
+            trainer,
+            gathered,
+            lambda values: self._judge_rows(
+                trainer, pl_module, [values[i : i + width] for i in range(0, len(values), width)]
+            ),
+        )
+
+    def _judge_rows(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, rows: list[list[float]]
+    ) -> None:
         failed = [rank for rank, row in enumerate(rows) if row[0] != 0.0]
         if failed:
             error = self._local_error or RuntimeError(f"it failed on rank {', '.join(map(str, failed))}")
             self._disable_after_error(trainer, "on_train_batch_end", error)  # on every rank alike
             return
         self._judge(trainer, pl_module, rows)
+        self._settle(trainer)
 
     def _judge(self, trainer: pl.Trainer, pl_module: pl.LightningModule, rows: list[list[float]]) -> None:
         count = len(self._tensors)

@@ -28,6 +28,7 @@ from lightning_sentinel._validate import require_int, require_number
 from lightning_sentinel.base import OnDetect, SentinelCallback
 from lightning_sentinel.catalog import CheckSpec, add_to_presets, register
 from lightning_sentinel.checks._optimizers import optimizer_key, unwrap_optimizer
+from lightning_sentinel.engine import Persistence
 from lightning_sentinel.findings import Severity
 
 WEIGHT_DECAY_TOO_STRONG = "weight-decay-too-strong"
@@ -40,7 +41,7 @@ register(
         "weight decay alone shrinks the weights so much per step that they stay pinned near zero and the loss "
         "cannot be fitted",
         "per-step shrink from decay (lr x weight_decay; / (1 - momentum) for SGD) > 0.01 on 3 checks in a row "
-        "(every 10 optimizer steps)",
+        "(on check steps)",
     ),
 )
 
@@ -117,10 +118,11 @@ def steps_to_halve(rate: float) -> float:
 class WeightDecayMonitor(SentinelCallback):
     """Warns when weight decay shrinks the weights faster than training can use them.
 
-    Every ``every_n_steps``-th step of each optimizer it computes, per param group, the fraction of a
+    On every check step (the suite's clock), for each optimizer, it computes, per param group, the fraction of a
     decayed weight that the decay alone removes in one step (see :func:`decay_per_step`; the
     current learning rate, so schedulers and warm-up are followed). When that fraction is above
-    ``max_decay_per_step`` on ``patience`` checks in a row, the weights halve every few dozen steps
+    ``max_decay_per_step`` on every check over ``patience`` check intervals (``(patience - 1) x
+    every_n_steps`` steps, 20 by default), the weights halve every few dozen steps
     unless the gradient pushes them back each step: they settle where the decay balances the loss
     gradient, far from the loss's minimum, and the training loss levels off high.
     ``weight-decay-too-strong`` (warning), once per param group.
@@ -141,10 +143,12 @@ class WeightDecayMonitor(SentinelCallback):
 
     Args:
         on_detect: ``"warn"``, ``"stop"`` or ``"raise"`` (see :class:`~lightning_sentinel.base.SentinelCallback`).
-        every_n_steps: judge every n-th step of each optimizer; an integer >= 1.
+        every_n_steps: the interval of its check steps after the dense start; an integer >= 1 (inside
+            ``Sentinel``, the suite's clock replaces it).
         warmup_steps: optimizer steps to skip before the first check; an integer >= 0.
         max_decay_per_step: the largest healthy fraction removed per step; in (0, 1).
-        patience: checks in a row above it before reporting; an integer >= 1.
+        patience: how long it must last before it is reported, in check intervals (every check over
+            ``(patience - 1) x every_n_steps`` steps); an integer >= 1.
 
     Example:
         >>> import lightning.pytorch as pl
@@ -166,8 +170,7 @@ class WeightDecayMonitor(SentinelCallback):
         super().__init__(on_detect=on_detect, every_n_steps=every_n_steps, warmup_steps=warmup_steps)
         self.max_decay_per_step = require_number("max_decay_per_step", max_decay_per_step, above=0, below=1)
         self.patience = require_int("patience", patience)
-        self._steps_seen: dict[str, int] = {}  # per optimizer key
-        self._streaks: dict[str, int] = {}  # per where: checks in a row above the limit
+        self._too_strong = Persistence()  # per where: the step from which every check found it too strong
 
     @override
     def _state_key_settings(self) -> dict[str, Any]:
@@ -175,32 +178,27 @@ class WeightDecayMonitor(SentinelCallback):
 
     @override
     def _extra_state(self) -> dict[str, Any]:
-        return {"steps_seen": dict(self._steps_seen), "streaks": dict(self._streaks)}
+        return {"too_strong_since": self._too_strong.state_dict()}
 
     @override
     def _load_extra_state(self, state: dict[str, Any]) -> None:
-        self._steps_seen = {str(key): int(value) for key, value in state.get("steps_seen", {}).items()}
-        self._streaks = {str(key): int(value) for key, value in state.get("streaks", {}).items()}
+        self._too_strong.load_state_dict(state.get("too_strong_since", {}))
 
     @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        key = optimizer_key(trainer, optimizer)
-        step_index = self._steps_seen.get(key, 0)
-        self._steps_seen[key] = step_index + 1
-        if WEIGHT_DECAY_TOO_STRONG not in self.active_checks or not self._is_due(step_index):
+        if WEIGHT_DECAY_TOO_STRONG not in self.active_checks or not self._due(trainer):
             return
+        key = optimizer_key(trainer, optimizer)
         prefix = f"{key}:" if key else ""
         for index, group in enumerate(optimizer.param_groups):
             where = f"{prefix}param_groups[{index}]"
             rate = decay_per_step(optimizer, group) if _trains(group) else None
-            if rate is None or rate <= self.max_decay_per_step:
-                self._streaks[where] = 0
-                continue
-            self._streaks[where] = self._streaks.get(where, 0) + 1
-            if self._streaks[where] >= self.patience:
-                self._report_decay(trainer, pl_module, group, where, rate)
+            too_strong = rate is not None and rate > self.max_decay_per_step
+            span = (self.patience - 1) * self.every_n_steps
+            if self._too_strong.update(where, too_strong, int(trainer.global_step), span):
+                self._report_decay(trainer, pl_module, group, where, rate)  # type: ignore[arg-type]
         self._settle(trainer)
 
     def _report_decay(
@@ -225,7 +223,7 @@ class WeightDecayMonitor(SentinelCallback):
             WEIGHT_DECAY_TOO_STRONG,
             Severity.WARNING,
             f"weight decay removes {rate:.2%} of every decayed weight per optimizer step (lr {lr:.3g} x weight_decay "
-            f"{weight_decay:.3g}{carried}) on {self.patience} checks in a row: without the gradient pushing back, "
+            f"{weight_decay:.3g}{carried}) on every check since step {self._too_strong.since.get(where, 0)}: without the gradient pushing back, "
             f"the weights of {where} ({shown}) halve every {halving:.0f} steps, so the decay, not the "
             "loss, decides where they settle",
             where=where,

@@ -331,7 +331,7 @@ def scenario(name: str) -> dict[str, Any]:
     elif name == "count":
         # healthy: batch norm, accumulating 2 batches, checked every 3rd optimizer step (after batches 2, 8, 14, 20)
         module, settings["accumulate_grad_batches"], settings["max_steps"] = Classifier(net=bn_net()), 2, 10
-        sentinel = Sentinel(checks=[ReplicaSyncMonitor(every_n_steps=3)])
+        sentinel = Sentinel(checks=[ReplicaSyncMonitor()], every_n_steps=3)
         extra = [CollectiveCounter(), BatchNormStatistics()]
     elif name == "crash-rank1":
         # the check's own code fails on rank 1 only, at its second check (batch 3): both ranks switch it off
