@@ -5,6 +5,8 @@
 - ``frozen-parameters``: parameters that get gradients but do not change when their optimizer steps.
 - ``update-ratio-too-high`` / ``update-ratio-too-low``: a layer's ``||delta W|| / ||W||`` per optimizer
   step far from the ~1e-3 rule of thumb.
+- ``gradients-not-zeroed``: gradients that are never zeroed between optimizer steps, so each step
+  applies the sum of every gradient so far.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
-from lightning_sentinel._stats import LayerGrouping, tensor_norms
+from lightning_sentinel._stats import LayerGrouping, shards_gradients, tensor_norms
 from lightning_sentinel._validate import require_bool, require_int, require_number, require_order
 from lightning_sentinel.base import OnDetect, SentinelCallback
 from lightning_sentinel.catalog import CheckSpec, add_to_presets, register
@@ -32,6 +34,7 @@ NOT_IN_OPTIMIZER = "parameters-not-in-optimizer"
 FROZEN = "frozen-parameters"
 RATIO_HIGH = "update-ratio-too-high"
 RATIO_LOW = "update-ratio-too-low"
+NOT_ZEROED = "gradients-not-zeroed"
 
 register(
     CheckSpec(
@@ -70,6 +73,16 @@ register(
         "a layer's update/weight norm ratio per step is far below ~1e-3 (learning rate too low)",
         "||dW||/||W|| < 1e-6 on 3 checked steps in a row, not while the lr warms up or has decayed below half its peak",
     ),
+    CheckSpec(
+        NOT_ZEROED,
+        "ParameterUpdateMonitor",
+        Severity.ERROR,
+        "gradients are never zeroed between optimizer steps (manual optimization without zero_grad, an "
+        "optimizer_zero_grad override that does nothing): each step applies the sum of every gradient so far",
+        "every backward pass between two optimizer steps finds a sampled parameter's .grad still holding the last "
+        "step's gradient (never None, never zero), after 2 checked steps in a row (every 10 steps); accumulation "
+        "over micro-batches between two steps is not judged",
+    ),
 )
 
 
@@ -105,6 +118,8 @@ def module_groups(names: Iterable[str], universe: Iterable[str]) -> list[str]:
 
 
 TINY_WEIGHT_RMS = 1e-3  # layers whose weights are smaller (near-zero inits) are not judged too fast
+_ZEROING_SAMPLE = 4  # parameters watched per optimizer for gradients-not-zeroed, spread over its list
+_ZEROING_CHECKS = 2  # checked steps in a row whose gradients were carried over before it is reported
 
 
 def ratio_streak(ratio: float, streak: int, high: float, low: float) -> tuple[int, int]:
@@ -142,6 +157,31 @@ def burst_verdict(ratio: float, weight_rms: float, is_weight_layer: bool, burst:
         (False, False)
     """
     return is_weight_layer and weight_rms >= TINY_WEIGHT_RMS and math.isfinite(ratio) and ratio > burst
+
+
+# what a parameter's .grad held just before a backward pass accumulated into it (see ``carried_over``)
+GRAD_WAS_NONE, GRAD_WAS_ZERO, GRAD_WAS_NONZERO = 0.0, 1.0, 2.0
+
+
+def carried_over(held_before: Sequence[float]) -> bool:
+    """Whether a parameter's gradient survived from one optimizer step into the next.
+
+    ``held_before`` holds, for each backward pass that accumulated into the parameter between two steps of
+    its optimizer, what its ``.grad`` held just before: ``GRAD_WAS_NONE`` (``zero_grad()`` set it to
+    ``None``), ``GRAD_WAS_ZERO`` (``zero_grad(set_to_none=False)``) or ``GRAD_WAS_NONZERO``. Zeroing once
+    anywhere between the steps (before the first of k accumulated micro-batches, or for one of two losses
+    that share parameters) shows as a ``None`` or zero before some backward; a gradient never zeroed is
+    non-zero before every one of them. No backward pass: nothing to judge.
+
+    Example:
+        >>> carried_over([GRAD_WAS_NONZERO])  # manual optimization without zero_grad
+        True
+        >>> carried_over([GRAD_WAS_NONE, GRAD_WAS_NONZERO, GRAD_WAS_NONZERO])  # 3 micro-batches accumulated
+        False
+        >>> carried_over([GRAD_WAS_NONZERO, GRAD_WAS_ZERO]), carried_over([])
+        (False, False)
+    """
+    return bool(held_before) and all(state == GRAD_WAS_NONZERO for state in held_before)
 
 
 def lr_excuses_low_ratio(
@@ -202,10 +242,27 @@ class _Candidate:
 
 
 @dataclass
+class _ZeroingWatch:
+    """Gradient hooks on a few parameters of one optimizer, from a checked step to its next step: before
+    each backward pass accumulates into a watched parameter, what its ``.grad`` held is recorded."""
+
+    names: list[str]
+    handles: list[RemovableHandle]
+    held: list[list[Tensor | float]]  # per watched parameter, per backward: GRAD_WAS_NONE or a device flag
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+
+@dataclass
 class _OptimizerState:
     view: OptimizerView
     steps_seen: int = 0
     snapshot: _Snapshot | None = None
+    zeroing: _ZeroingWatch | None = None
+    carry_streak: int = 0
     previous_lr: float | None = None
     peak_lr: float = 0.0
     frozen_streak: dict[str, int] = field(default_factory=dict)
@@ -288,7 +345,7 @@ class ParameterUpdateMonitor(SentinelCallback):
         >>> trainer = pl.Trainer(callbacks=[monitor], logger=False)
     """
 
-    CHECKS = (NOT_IN_OPTIMIZER, UNUSED, FROZEN, RATIO_HIGH, RATIO_LOW)
+    CHECKS = (NOT_IN_OPTIMIZER, UNUSED, FROZEN, RATIO_HIGH, RATIO_LOW, NOT_ZEROED)
 
     def __init__(
         self,
@@ -339,6 +396,7 @@ class ParameterUpdateMonitor(SentinelCallback):
                 "previous_lr": state.previous_lr,
                 "frozen_streak": dict(state.frozen_streak),
                 "ratio_streak": dict(state.ratio_streak),
+                "carry_streak": state.carry_streak,
             }
             for state in self._optimizers.values()
         }
@@ -363,6 +421,9 @@ class ParameterUpdateMonitor(SentinelCallback):
         self._candidates = {}
         for state in self._optimizers.values():
             state.snapshot = None
+            if state.zeroing is not None:
+                state.zeroing.remove()
+                state.zeroing = None
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -385,6 +446,7 @@ class ParameterUpdateMonitor(SentinelCallback):
                 state.previous_lr = None if previous is None else float(previous)
                 state.frozen_streak = {k: int(v) for k, v in saved.get("frozen_streak", {}).items()}
                 state.ratio_streak = {k: int(v) for k, v in saved.get("ratio_streak", {}).items()}
+                state.carry_streak = int(saved.get("carry_streak", 0))
             self._optimizers[id(optimizer)] = state
         return state
 
@@ -395,9 +457,12 @@ class ParameterUpdateMonitor(SentinelCallback):
         state = self._state_of(trainer, pl_module, optimizer)
         if state.snapshot is not None:  # manual optimization: this optimizer steps again in the same batch
             self._run_update_check(trainer, pl_module, state)
+        if state.zeroing is not None:  # the step after a checked one: were its gradients zeroed in between?
+            self._run_zeroing_check(trainer, state)
         step_index = state.steps_seen
         state.steps_seen += 1
         if not self._is_due(step_index):
+            self._settle(trainer)
             return
         if sum(len(group["params"]) for group in optimizer.param_groups) != len(state.view.parameters):
             state.view = optimizer_view(trainer, pl_module, optimizer)  # add_param_group (e.g. unfreezing)
@@ -405,6 +470,8 @@ class ParameterUpdateMonitor(SentinelCallback):
             self._run_unused_check(trainer, pl_module, state, step_index)
         if {FROZEN, RATIO_HIGH, RATIO_LOW} & set(self.active_checks):
             self._take_snapshot(trainer, optimizer, state)
+        if NOT_ZEROED in self.active_checks and not shards_gradients(trainer.strategy):
+            self._watch_zeroing(state)
         self._settle(trainer)
 
     @override
@@ -514,6 +581,72 @@ class ParameterUpdateMonitor(SentinelCallback):
             hint="look for a .detach(), .item()/.numpy() round trip, torch.no_grad() or a module built but never called "
             "in forward; if the branch is unused on purpose, set requires_grad_(False) on it (DDP also needs "
             "find_unused_parameters=True otherwise)",
+        )
+
+    # ------------------------------------------------------------------ gradients-not-zeroed
+    def _watch_zeroing(self, state: _OptimizerState) -> None:
+        """Hook up to ``_ZEROING_SAMPLE`` parameters (spread over the optimizer's) until its next step."""
+        view = state.view
+        present = [i for i, p in enumerate(view.parameters) if p.requires_grad and p.grad is not None]
+        if not present:
+            return
+        count = min(_ZEROING_SAMPLE, len(present))
+        chosen = sorted({present[(j * (len(present) - 1)) // max(count - 1, 1)] for j in range(count)})
+        watch = _ZeroingWatch(names=[view.names[i] for i in chosen], handles=[], held=[[] for _ in chosen])
+        for index, held in zip(chosen, watch.held, strict=True):
+            watch.handles.append(
+                view.parameters[index].register_hook(self._make_zeroing_hook(view.parameters[index], held))
+            )
+        state.zeroing = watch
+
+    @staticmethod
+    def _make_zeroing_hook(parameter: Tensor, held: list[Tensor | float]) -> Any:
+        def hook(gradient: Tensor) -> None:
+            # runs before the incoming gradient is added to parameter.grad: what does .grad hold now?
+            before = parameter.grad
+            held.append(GRAD_WAS_NONE if before is None else before.detach().ne(0).any())
+
+        return hook
+
+    def _run_zeroing_check(self, trainer: pl.Trainer, state: _OptimizerState) -> None:
+        watch, state.zeroing = state.zeroing, None
+        assert watch is not None
+        watch.remove()
+        flags = [value for held in watch.held for value in held if isinstance(value, Tensor)]
+        read = iter(torch.stack(flags).float().add(1.0).tolist() if flags else [])  # the one host read
+        held_before = [
+            [value if not isinstance(value, Tensor) else next(read) for value in held] for held in watch.held
+        ]
+        judged = [(name, held) for name, held in zip(watch.names, held_before, strict=True) if held]
+        if not judged:
+            return  # no backward pass reached the watched parameters: nothing to say
+        carried = [name for name, held in judged if carried_over(held)]
+        state.carry_streak = state.carry_streak + 1 if carried else 0
+        if state.carry_streak < _ZEROING_CHECKS:
+            return
+        view = state.view
+        prefix = f"{view.key}:" if view.key else ""
+        backward_passes = max(len(held) for _, held in judged)
+        layer = carried[0].rsplit(".", 1)[0] if "." in carried[0] else carried[0]
+        self._report(
+            trainer,
+            NOT_ZEROED,
+            Severity.ERROR,
+            f"{len(carried)} of {len(judged)} sampled parameters ({_listing(carried)}) still held the previous optimizer "
+            f"step's gradient before every backward pass up to this step ({backward_passes} pass"
+            f"{'es' if backward_passes != 1 else ''}; never set to None or zeroed), on {state.carry_streak} checked steps "
+            "in a row: the gradients are never zeroed, so each step applies the sum of every gradient so far",
+            where=prefix + layer,
+            evidence={
+                "parameters_carried": float(len(carried)),
+                "parameters_sampled": float(len(judged)),
+                "backward_passes": float(backward_passes),
+                "checks": float(state.carry_streak),
+            },
+            hint="call optimizer.zero_grad() once per optimizer step: under manual optimization before "
+            "self.manual_backward(loss) (or right after optimizer.step()); to accumulate over k micro-batches, zero "
+            "after each k-th step; an optimizer_zero_grad override must still zero the gradients",
+            dedupe_as=f"{prefix}{NOT_ZEROED}",
         )
 
     # ------------------------------------------------------------------ updates
