@@ -157,7 +157,11 @@ def markov_text(
     lengths[short] = torch.randint(length // 2, length, (int(short.sum()),), generator=generator)
     mask = (torch.arange(length).unsqueeze(0) < lengths.unsqueeze(1)).long()
     tokens = tokens * mask
-    return {"input_ids": tokens, "attention_mask": mask, "labels": tokens.masked_fill(mask == 0, IGNORE_INDEX)}
+    return {
+        "input_ids": tokens,
+        "attention_mask": mask,
+        "labels": tokens.masked_fill(mask == 0, IGNORE_INDEX),
+    }
 
 
 def markov_text_loaders(
@@ -177,7 +181,9 @@ def markov_text_loaders(
 
 
 # ====================================================================== models
-def tiny_gpt2(vocab: int = 32, length: int = 24, width: int = 32, layers: int = 2, heads: int = 2) -> nn.Module:
+def tiny_gpt2(
+    vocab: int = 32, length: int = 24, width: int = 32, layers: int = 2, heads: int = 2
+) -> nn.Module:
     """``transformers.GPT2LMHeadModel`` from a tiny ``GPT2Config`` (random weights, no dropout)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -281,3 +287,136 @@ class CausalLMModule(pl.LightningModule):
         optimizer = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+# ====================================================================== regression
+@functools.cache
+def _smooth_regression(n: int, seed: int) -> tuple[Tensor, Tensor]:
+    """``n`` rows of 8 standard-normal features and a smooth target with a little noise (std 0.1 of ~1)."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 8, generator=generator)
+    y = torch.sin(x[:, 0]) + x[:, 1] * x[:, 2] + 0.5 * x[:, 3].square() - 0.5 + 0.3 * x[:, 4]
+    y = y + 0.1 * torch.randn(n, generator=generator)
+    return x, y.unsqueeze(1)
+
+
+def smooth_regression_loaders(
+    scale: float = 1.0, shift: float = 0.0, n: int = 4096, batch_size: int = 64, seed: int = 0
+) -> zoo.Loaders:
+    """Training (3/4) and validation (1/4) loaders of a smooth synthetic regression whose target is
+    ``shift + scale * y`` with ``y`` of unit scale: ``scale=1, shift=0`` standardised, ``scale=50,
+    shift=200`` unscaled (raw units, roughly 50-400)."""
+    x, y = _smooth_regression(n, seed)
+    y = shift + scale * (y - y.mean()) / y.std()
+    split = 3 * n // 4
+    train = zoo.make_loader(x[:split], y[:split], batch_size, True, seed)
+    val = zoo.make_loader(x[split:], y[split:], 256, False, seed)
+    return train, val
+
+
+def centre_head_(network: nn.Sequential, loader: DataLoader) -> nn.Sequential:
+    """Initialise the bias of the network's last ``Linear`` at the mean training target (in place;
+    returns it): the recipe for a regression head on unscaled targets ("init well")."""
+    targets = torch.cat([targets for _, targets in loader])
+    last = [layer for layer in network if isinstance(layer, nn.Linear)][-1]
+    with torch.no_grad():
+        last.bias.fill_(float(targets.mean()))
+    return network
+
+
+class Activation(nn.Module):
+    """A function as a module (``Activation(torch.exp)``), for heads built from functional calls."""
+
+    def __init__(self, function: Callable[[Tensor], Tensor], name: str = "") -> None:
+        super().__init__()
+        self.function = function
+        self.name = name or getattr(function, "__name__", "function")
+
+    def forward(self, values: Tensor) -> Tensor:
+        return self.function(values)
+
+    def extra_repr(self) -> str:
+        return self.name
+
+
+# ====================================================================== gradient zeroing
+class SkippedZeroGradModule(zoo.ZooModule):
+    """Automatic optimization whose ``optimizer_zero_grad`` override does nothing (meant to save time, or
+    to accumulate by hand): Lightning never zeroes, so each step applies the sum of all gradients so far."""
+
+    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: torch.optim.Optimizer) -> None:
+        pass  # the bug: nothing zeroes the gradients
+
+
+class WrongOptimizerZeroedModule(zoo.ZooModule):
+    """Manual optimization with two optimizers (body, head) that zeroes the head's twice and the body's
+    never (a copy-paste slip): the body's gradients pile up step after step."""
+
+    def __init__(self, body: nn.Module, head: nn.Module, loss: nn.Module) -> None:
+        super().__init__(nn.Sequential(body, head), loss)
+        self.body, self.head = body, head
+        self.automatic_optimization = False
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        body_optimizer, head_optimizer = self.optimizers()  # type: ignore[misc]
+        loss = self._step(batch, "train")
+        head_optimizer.zero_grad()
+        head_optimizer.zero_grad()  # the bug: meant body_optimizer.zero_grad()
+        self.manual_backward(loss)
+        body_optimizer.step()
+        head_optimizer.step()
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        return (
+            torch.optim.Adam(self.body.parameters(), lr=1e-3),
+            torch.optim.Adam(self.head.parameters(), lr=1e-3),
+        )
+
+
+class ManualAccumulationModule(zoo.ZooModule):
+    """Manual optimization that accumulates ``every`` micro-batches into one step (loss / every), stepping
+    and zeroing after each ``every``-th: gradients pile up on purpose between steps, never across them."""
+
+    def __init__(self, *args: Any, every: int = 4, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.every = every
+        self.automatic_optimization = False
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        optimizer = self.optimizers()
+        loss = self._step(batch, "train")
+        self.manual_backward(loss / self.every)
+        if (batch_idx + 1) % self.every == 0:
+            optimizer.step()  # type: ignore[union-attr]
+            optimizer.zero_grad()  # type: ignore[union-attr]
+        return loss
+
+
+class SharedBodyTwoLossesModule(zoo.ZooModule):
+    """Manual optimization in the GAN / actor-critic style: two optimizers (body + head A, head B), each
+    zeroed just before its own backward pass; loss B also flows into the body, whose gradient therefore
+    holds something between A's step and A's next zeroing (as in a GAN whose fake batch is not detached)."""
+
+    def __init__(self, body: nn.Module, head_a: nn.Module, head_b: nn.Module, loss: nn.Module) -> None:
+        super().__init__(nn.Sequential(body, head_a), loss)
+        self.body, self.head_a, self.head_b = body, head_a, head_b
+        self.automatic_optimization = False
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        optimizer_a, optimizer_b = self.optimizers()  # type: ignore[misc]
+        inputs, targets = zoo.split_batch(batch)
+        optimizer_a.zero_grad()
+        loss_a = self.loss(self.head_a(self.body(inputs)), targets)
+        self.manual_backward(loss_a)
+        optimizer_a.step()
+        optimizer_b.zero_grad()
+        loss_b = self.loss(self.head_b(self.body(inputs)), targets)
+        self.manual_backward(loss_b)  # also reaches the body's parameters, which optimizer B does not hold
+        optimizer_b.step()
+        self.log("train_loss", loss_a, batch_size=len(targets))
+        return loss_a
+
+    def configure_optimizers(self) -> Any:
+        parameters_a = [*self.body.parameters(), *self.head_a.parameters()]
+        return torch.optim.Adam(parameters_a, lr=1e-3), torch.optim.Adam(self.head_b.parameters(), lr=1e-3)
