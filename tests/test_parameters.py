@@ -404,3 +404,17 @@ def test_gradients_not_zeroed_under_torch_compile(tmp_path):
     module.net = torch.compile(module.net, backend="aot_eager")
     trainer = fit(module, [ParameterUpdateMonitor()], root=tmp_path, max_steps=30)
     assert NOT_ZEROED in _ids(trainer)
+
+
+class _CosineToZero(Classifier):
+    def configure_optimizers(self):
+        optimizer = torch.optim.Adam(self.parameters(), lr=1e-3)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1.0 - step / 40) ** 8)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def test_a_schedule_that_decays_to_zero_does_not_freeze_the_parameters(tmp_path):
+    trainer = fit(_CosineToZero(), [ParameterUpdateMonitor(every_n_steps=2)], root=tmp_path, max_steps=60)
+    assert "frozen-parameters" not in _ids(trainer)
+    frozen = fit(Classifier(lr=0.0), [ParameterUpdateMonitor(every_n_steps=2)], root=tmp_path, max_steps=12)
+    assert "frozen-parameters" in _ids(frozen)  # lr 0 from the start: still frozen
