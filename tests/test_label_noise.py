@@ -158,6 +158,26 @@ def test_two_classes_and_token_labels_are_never_judged(tmp_path):
     assert calls == [] and _own(trainer) == []
 
 
+class _ColumnLabels(Classifier):
+    """Labels kept as an (N, 1) column and viewed as (N,) in the step: still one label per sample."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        column = y.unsqueeze(1).clone()
+        return nn.functional.cross_entropy(self(x), column.view(-1))
+
+
+def test_labels_viewed_from_a_column_are_still_judged(tmp_path):
+    trainer = fit(
+        _ColumnLabels(_net(), lr=1e-2, optimizer="adam"),
+        [LabelNoiseMonitor(every_n_steps=4)],
+        root=tmp_path,
+        max_steps=120,
+        loader=clusters_loader(noise=0.3),
+    )
+    assert [f.where for f in _own(trainer)] == ["F.cross_entropy in training_step"]
+
+
 def test_the_window_survives_a_resume(tmp_path):
     monitor = LabelNoiseMonitor(every_n_steps=4)
     _fit_on_clusters(tmp_path, noise=0.3, monitor=monitor, max_steps=60)
@@ -173,7 +193,7 @@ class _CausalLM(pl.LightningModule):
 
     def __init__(self):
         super().__init__()
-        from benchmarks.detection.zoo_long import tiny_gpt2
+        from benchmarks.detection.zoo_lm_rules import tiny_gpt2
 
         self.model = tiny_gpt2(vocab=32, length=24, width=32, layers=1)
 
@@ -185,7 +205,7 @@ class _CausalLM(pl.LightningModule):
 
 
 def _text_loader():
-    from benchmarks.detection.zoo_long import markov_text_loaders
+    from benchmarks.detection.zoo_lm_rules import markov_text_loaders
 
     return markov_text_loaders(n=1024, length=24, vocab=32, batch_size=16)[0]
 
@@ -242,4 +262,12 @@ def test_flattened_sequence_scores_are_recognised():
     assert flattened_from_sequence(logits[:, :-1].reshape(-1, 7), labels[:, 1:].reshape(-1))
     assert flattened_from_sequence(logits.flatten(0, 1).double(), labels.flatten())
     assert not flattened_from_sequence(torch.randn(10, 7, requires_grad=True) + 0, torch.randint(0, 7, (10,)))
+    # one label per sample: labels kept as (N, 1), scores as (N, 1, C), a selected position
+    column = torch.randint(0, 7, (10, 1))
+    assert not flattened_from_sequence(torch.randn(10, 7, requires_grad=True) * 2, column.view(-1))
+    assert not flattened_from_sequence(torch.randn(10, 7, requires_grad=True) * 2, column.squeeze(1))
+    assert not flattened_from_sequence(
+        (torch.randn(10, 1, 7, requires_grad=True) * 2).view(-1, 7), column.view(-1)
+    )
+    assert not flattened_from_sequence((logits * 2)[:, 0], labels[:, 0])
     assert vocabulary_sizes(nn.Sequential(nn.Embedding(30, 4), nn.Linear(4, 3))) == frozenset({30})
