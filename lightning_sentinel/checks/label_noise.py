@@ -110,11 +110,20 @@ _FLATTENING_NODES = ("ViewBackward", "UnsafeViewBackward", "ReshapeAliasBackward
 _LAYOUT_KEEPING_NODES = ("ToCopyBackward", "CloneBackward")
 
 
+def _merges_positions(sizes: Sequence[int], has_class_dim: bool) -> bool:
+    """Whether a tensor of shape ``sizes`` (before flattening) has positions besides its first (batch)
+    dimension: ``(batch, time, C)`` scores or ``(batch, time)`` targets, not ``(N, 1, C)`` or ``(N, 1)``."""
+    inner = list(sizes)[1:-1] if has_class_dim else list(sizes)[1:]
+    return any(int(size) > 1 for size in inner)
+
+
 def flattened_from_sequence(scores: Tensor, targets: Tensor, max_depth: int = 4) -> bool:
     """Whether ``(N, C)`` scores (or ``(N,)`` targets) are a sequence model's outputs flattened from
     ``(batch, time, C)``, as Hugging Face models and most language-model loops do before
-    ``cross_entropy``: the tensor is a view of a 3-D one, or its autograd graph shows a view/reshape of a
-    3-D tensor (behind a dtype cast or a copy). No device work.
+    ``cross_entropy``: the tensor is a flat view of a tensor with more than one position per row, or its
+    autograd graph shows a view/reshape of one (behind a dtype cast or a copy). Labels kept as ``(N, 1)``
+    and viewed as ``(N,)`` are one label per sample, and a selected position (``logits[:, 0]``) is not a
+    flattening. No device work.
 
     Example:
         >>> logits = torch.randn(4, 6, 10, requires_grad=True)
@@ -123,12 +132,17 @@ def flattened_from_sequence(scores: Tensor, targets: Tensor, max_depth: int = 4)
         True
         >>> flattened_from_sequence(logits[:, :-1].reshape(-1, 10), labels[:, 1:].reshape(-1))  # a copy
         True
-        >>> flattened_from_sequence(torch.randn(24, 10, requires_grad=True) * 2, torch.randint(0, 10, (24,)))
+        >>> flattened_from_sequence(torch.randn(24, 10, requires_grad=True) * 2, torch.randint(0, 10, (24, 1)).view(-1))
         False
     """
-    for tensor, rank in ((scores, 3), (targets, 2)):
+    for tensor, has_class_dim in ((scores, True), (targets, False)):
         base = tensor._base
-        if base is not None and base.dim() >= rank:
+        if (
+            base is not None
+            and base.dim() >= (3 if has_class_dim else 2)
+            and base.numel() == tensor.numel()
+            and _merges_positions(base.shape, has_class_dim)
+        ):
             return True
     node = scores.grad_fn
     for _ in range(max_depth):
@@ -137,7 +151,7 @@ def flattened_from_sequence(scores: Tensor, targets: Tensor, max_depth: int = 4)
         name = node.name()
         if name.startswith(_FLATTENING_NODES):
             sizes = getattr(node, "_saved_self_sym_sizes", None)
-            return sizes is not None and len(sizes) >= 3
+            return sizes is not None and len(sizes) >= 3 and _merges_positions(sizes, True)
         if not name.startswith(_LAYOUT_KEEPING_NODES):
             return False
         inputs = [next_node for next_node, _ in node.next_functions if next_node is not None]
