@@ -304,6 +304,17 @@ class ParameterUpdateMonitor(SentinelCallback):
       the weights' RMS (default init: ``lr > 2 / sqrt(3 fan_in)``, e.g. 0.036 for fan-in 1024). Layers
       whose weights start near 0 on purpose (RMS < 1e-3: LayerScale/ReZero gains, a head initialised at
       1e-5) grow many times over in their first steps and are judged by neither high-ratio rule.
+    - ``gradients-not-zeroed`` (error): on every ``every_n_steps``-th step of an optimizer, up to 4 of
+      its parameters (spread over its list) get a tensor hook until that optimizer's next step. The hook
+      runs before each backward pass adds into ``.grad`` and records what ``.grad`` holds: ``None``
+      (no device work), or one on-device flag "non-zero"; the flags are read once, at the next step.
+      A gradient that was never ``None`` and never all zero before every backward pass between the two
+      steps was never zeroed; reported after 2 checked steps in a row, named by the layer of the first
+      such parameter. Zeroing once anywhere in the window is enough to stay quiet: accumulation over
+      micro-batches (``accumulate_grad_batches``, or by hand: the first micro-batch after
+      ``zero_grad()`` sees ``None``), ``zero_grad(set_to_none=False)`` (zeros), and two optimizers that
+      each zero before their own backward while the second loss also reaches the first one's body. Not
+      run where gradients are sharded (FSDP, DeepSpeed).
 
     Defaults, calibrated on the healthy zoo of ``benchmarks/detection`` (32 runs: Adam/AdamW 1e-3..1e-2,
     SGD 0.05..0.1, MLP/CNN/ResNet/GRU/LSTM/Transformer/embeddings/mixture of experts, bf16, accumulation,
@@ -459,6 +470,7 @@ class ParameterUpdateMonitor(SentinelCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         state = self._state_of(trainer, pl_module, optimizer)
+        judged = state.snapshot is not None or state.zeroing is not None
         if state.snapshot is not None:  # manual optimization: this optimizer steps again in the same batch
             self._run_update_check(trainer, pl_module, state)
         if state.zeroing is not None:  # the step after a checked one: were its gradients zeroed in between?
@@ -466,7 +478,8 @@ class ParameterUpdateMonitor(SentinelCallback):
         step_index = state.steps_seen
         state.steps_seen += 1
         if not self._is_due(step_index):
-            self._settle(trainer)
+            if judged:
+                self._settle(trainer)
             return
         if sum(len(group["params"]) for group in optimizer.param_groups) != len(state.view.parameters):
             state.view = optimizer_view(trainer, pl_module, optimizer)  # add_param_group (e.g. unfreezing)
