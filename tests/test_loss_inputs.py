@@ -313,11 +313,46 @@ def test_a_lower_bound_that_cuts_off_standardized_targets_is_clipped_output(tmp_
     assert found[0].evidence["range_low"] == graph_range(head(torch.randn(2, 1, requires_grad=True))).low
 
 
-def test_a_bounded_head_that_covers_its_targets_is_quiet(tmp_path):
-    inside = _UnscaledRegressor(nn.ReLU6(), shift=3.0, scale=0.5)  # targets within [0, 6]
-    nn.init.constant_(inside.net[2].bias, 3.0)
-    trainer = fit(inside, [LossInputCheck(every_n_steps=2)], root=tmp_path, max_steps=12)
+class _Scaled(nn.Module):
+    def __init__(self, factor):
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, values):
+        return self.factor * torch.sigmoid(values)
+
+
+@pytest.mark.parametrize("head", ["relu6", "linear", "600-sigmoid"])
+def test_a_head_that_covers_its_targets_is_quiet(tmp_path, head):
+    if head == "relu6":
+        model = _UnscaledRegressor(nn.ReLU6(), shift=3.0, scale=0.5)  # targets within [0, 6]
+        nn.init.constant_(model.net[2].bias, 3.0)
+    elif head == "linear":  # a linear head on raw targets (~200): never judged, whatever its range
+        model = _UnscaledRegressor()
+        nn.init.constant_(model.net[2].bias, 200.0)
+    else:  # bounded, but (0, 600) covers targets of ~200
+        model = _UnscaledRegressor(_Scaled(600.0))
+        nn.init.constant_(model.net[2].bias, math.log(0.5))
+    seen = []
+
+    class Spy(LossInputCheck):
+        def _judge_calls(self, trainer, recorder, batch_idx):
+            seen.extend(call.bounds for call in recorder.calls)
+            super()._judge_calls(trainer, recorder, batch_idx)
+
+    trainer = fit(model, [Spy(every_n_steps=2)], root=tmp_path, max_steps=12)
     assert _own(trainer) == []
+    bounds = {"relu6": (0.0, 6.0), "linear": None, "600-sigmoid": (0.0, 600.0)}[head]
+    assert len(seen) == 6 and {None if b is None else (b.low, b.high) for b in seen} == {bounds}
+
+
+def test_a_sigmoid_head_on_unscaled_targets_is_clipped_output(tmp_path):
+    trainer = fit(
+        _UnscaledRegressor(nn.Sigmoid()), [LossInputCheck(every_n_steps=2)], root=tmp_path, max_steps=6
+    )
+    found = _own(trainer)
+    assert [(f.check, f.where) for f in found] == [("clipped-output", "loss")]
+    assert "sigmoid last (range [0, 1])" in found[0].message
 
 
 def test_healthy_regressions_are_silent(tmp_path):
