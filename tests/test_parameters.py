@@ -1,10 +1,12 @@
 """ParameterUpdateMonitor: pure rules, optimizer coverage, unused and frozen parameters, update ratios."""
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from _models import Classifier, MetricsRecorder, classification_loader, fit
 from torch import nn
 
+from benchmarks.host_reads import HostReadCounter
 from lightning_sentinel import findings
 from lightning_sentinel.checks.parameters import (
     GRAD_WAS_NONE,
@@ -292,7 +294,7 @@ def test_carried_over_needs_a_gradient_held_before_every_backward():
 
 
 class _Manual(Classifier):
-    """Manual optimization; ``zeroing`` is ``"none"`` (the bug), ``"none-set"`` (zero_grad(set_to_none=False))
+    """Manual optimization; ``zeroing`` is ``"none"`` (the bug), ``"zero-set"`` (zero_grad(set_to_none=False))
     or ``"every-4"`` (accumulation over 4 micro-batches, zeroed after each step)."""
 
     def __init__(self, zeroing, **kwargs):
@@ -326,10 +328,43 @@ def test_gradients_never_zeroed_are_reported_with_where(tmp_path):
     trainer = fit(_Manual("none", lr=0.01), [ParameterUpdateMonitor()], root=tmp_path, max_steps=30)
     found = [f for f in findings(trainer) if f.check == NOT_ZEROED]
     assert [(f.where, f.severity.value) for f in found] == [("net.0", "error")]
-    assert found[0].step == 11  # windows after checked steps 0 and 10: reported at the step after the second
+    assert (
+        found[0].step == 21
+    )  # the windows that end at checked steps 10 and 20, read with their update checks
     assert found[0].evidence["parameters_carried"] == found[0].evidence["parameters_sampled"] == 4
     automatic = fit(_NoZeroGradAutomatic(lr=0.01), [ParameterUpdateMonitor()], root=tmp_path, max_steps=30)
     assert [f.where for f in findings(automatic) if f.check == NOT_ZEROED] == ["net.0"]
+
+
+class _PerStepReads(pl.Callback):
+    def __init__(self, counter):
+        self.counter = counter
+        self.steps = []
+
+    def on_train_batch_start(self, *args):
+        self.steps.append(self.counter.take())
+
+
+def test_gradients_held_as_zeros_or_never_zeroed_are_read_on_checked_steps_only(tmp_path):
+    """zero_grad(set_to_none=False) leaves .grad allocated: every watched backward makes a device flag, and
+    the flags are read with the checked step's one read, never on the steps between."""
+    for zeroing in ("zero-set", "none"):
+        counter = HostReadCounter()
+        per_step = _PerStepReads(counter)
+        with counter:
+            trainer = fit(
+                _Manual(zeroing, lr=0.01),
+                [per_step, ParameterUpdateMonitor(every_n_steps=5)],
+                root=tmp_path,
+                max_steps=30,
+            )
+        steps = [*per_step.steps[1:], counter.take()]  # [i]: the reads from the start of batch i on
+        reads = {
+            i: sum(n for (module, _, _), n in step.items() if module == "checks/parameters.py")
+            for i, step in enumerate(steps)
+        }
+        assert {i for i, n in reads.items() if n} <= set(range(0, 30, 5)) and max(reads.values()) <= 1, reads
+        assert (NOT_ZEROED in _ids(trainer)) == (zeroing == "none")
 
 
 @pytest.mark.parametrize("zeroing", ["zero-set", "every-4"])

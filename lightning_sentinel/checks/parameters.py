@@ -244,17 +244,38 @@ class _Candidate:
 
 @dataclass
 class _ZeroingWatch:
-    """Gradient hooks on a few parameters of one optimizer, from a checked step to its next step: before
-    each backward pass accumulates into a watched parameter, what its ``.grad`` held is recorded."""
+    """Gradient hooks on a few parameters of one optimizer, from the step before a checked step to the
+    checked step: before each backward pass accumulates into a watched parameter, what its ``.grad``
+    held is recorded. ``close`` removes the hooks and stacks the device flags for the check's one read."""
 
     names: list[str]
     handles: list[RemovableHandle]
     held: list[list[Tensor | float]]  # per watched parameter, per backward: GRAD_WAS_NONE or a device flag
+    flags: Tensor | None = None  # after ``close``: the device flags in order (1: non-zero), or None
 
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
         self.handles = []
+
+    def close(self) -> None:
+        self.remove()
+        flags = [value for held in self.held for value in held if isinstance(value, Tensor)]
+        self.flags = torch.stack(flags).float() if flags else None
+
+    def held_before(self, flag_values: Sequence[float]) -> list[list[float]]:
+        """Per watched parameter, what ``.grad`` held before each backward pass, given the flags read back."""
+        read = iter(flag_values)
+        states: list[list[float]] = []
+        for held in self.held:
+            row: list[float] = []
+            for value in held:
+                if isinstance(value, Tensor):
+                    row.append(GRAD_WAS_NONZERO if next(read) > 0 else GRAD_WAS_ZERO)
+                else:
+                    row.append(value)
+            states.append(row)
+        return states
 
 
 @dataclass
@@ -262,7 +283,8 @@ class _OptimizerState:
     view: OptimizerView
     steps_seen: int = 0
     snapshot: _Snapshot | None = None
-    zeroing: _ZeroingWatch | None = None
+    zeroing: _ZeroingWatch | None = None  # hooks on, until the next (checked) step
+    zeroing_closed: _ZeroingWatch | None = None  # closed at a checked step, read with its check
     carry_streak: int = 0
     previous_lr: float | None = None
     peak_lr: float = 0.0
@@ -439,6 +461,7 @@ class ParameterUpdateMonitor(SentinelCallback):
             if state.zeroing is not None:
                 state.zeroing.remove()
                 state.zeroing = None
+            state.zeroing_closed = None
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -470,14 +493,27 @@ class ParameterUpdateMonitor(SentinelCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         state = self._state_of(trainer, pl_module, optimizer)
-        judged = state.snapshot is not None or state.zeroing is not None
+        judged = state.snapshot is not None
         if state.snapshot is not None:  # manual optimization: this optimizer steps again in the same batch
             self._run_update_check(trainer, pl_module, state)
-        if state.zeroing is not None:  # the step after a checked one: were its gradients zeroed in between?
-            self._run_zeroing_check(trainer, state)
+        if state.zeroing is not None:  # the backward passes since the previous step: judged with this check
+            state.zeroing.close()
+            state.zeroing, state.zeroing_closed = None, state.zeroing
         step_index = state.steps_seen
         state.steps_seen += 1
+        # gradients-not-zeroed watches the window that ends at a checked step, so that its flags are read
+        # with that step's one read (the hooks go on one step before: host work only)
+        watch_next = (
+            NOT_ZEROED in self.active_checks
+            and self._is_due(step_index + 1)
+            and not shards_gradients(trainer.strategy)
+        )
         if not self._is_due(step_index):
+            if state.zeroing_closed is not None:  # not expected (the window ends at a checked step)
+                self._run_zeroing_check(trainer, state)
+                judged = True
+            if watch_next:
+                self._watch_zeroing(state)
             if judged:
                 self._settle(trainer)
             return
@@ -487,7 +523,11 @@ class ParameterUpdateMonitor(SentinelCallback):
             self._run_unused_check(trainer, pl_module, state, step_index)
         if {FROZEN, RATIO_HIGH, RATIO_LOW} & set(self.active_checks):
             self._take_snapshot(trainer, optimizer, state)
-        if NOT_ZEROED in self.active_checks and not shards_gradients(trainer.strategy):
+        if (
+            state.zeroing_closed is not None and state.snapshot is None
+        ):  # no update check to share a read with
+            self._run_zeroing_check(trainer, state)
+        if watch_next:
             self._watch_zeroing(state)
         self._settle(trainer)
 
@@ -603,6 +643,9 @@ class ParameterUpdateMonitor(SentinelCallback):
     # ------------------------------------------------------------------ gradients-not-zeroed
     def _watch_zeroing(self, state: _OptimizerState) -> None:
         """Hook up to ``_ZEROING_SAMPLE`` parameters (spread over the optimizer's) until its next step."""
+        if state.zeroing is not None:
+            state.zeroing.remove()
+            state.zeroing = None
         view = state.view
         present = [i for i, p in enumerate(view.parameters) if p.requires_grad and p.grad is not None]
         if not present:
@@ -626,14 +669,17 @@ class ParameterUpdateMonitor(SentinelCallback):
         return hook
 
     def _run_zeroing_check(self, trainer: pl.Trainer, state: _OptimizerState) -> None:
-        watch, state.zeroing = state.zeroing, None
+        """Judge the closed window on its own read (when no update check reads at this step)."""
+        watch = state.zeroing_closed
         assert watch is not None
-        watch.remove()
-        flags = [value for held in watch.held for value in held if isinstance(value, Tensor)]
-        read = iter(torch.stack(flags).float().add(1.0).tolist() if flags else [])  # the one host read
-        held_before = [
-            [value if not isinstance(value, Tensor) else next(read) for value in held] for held in watch.held
-        ]
+        self._judge_zeroing(trainer, state, watch.flags.tolist() if watch.flags is not None else [])
+
+    def _judge_zeroing(
+        self, trainer: pl.Trainer, state: _OptimizerState, flag_values: Sequence[float]
+    ) -> None:
+        watch, state.zeroing_closed = state.zeroing_closed, None
+        assert watch is not None
+        held_before = watch.held_before(flag_values)
         judged = [(name, held) for name, held in zip(watch.names, held_before, strict=True) if held]
         if not judged:
             return  # no backward pass reached the watched parameters: nothing to say
@@ -709,8 +755,16 @@ class ParameterUpdateMonitor(SentinelCallback):
         scale_now = getattr(scaler, "_scale", None)
         if snapshot.scale is not None and isinstance(scale_now, Tensor):
             skipped = (scale_now < snapshot.scale).float().view(1).to(update_norms.device)
+        # gradients-not-zeroed's window closed at this step: its flags join the read
+        zeroing = state.zeroing_closed
+        flags = zeroing.flags if zeroing is not None and zeroing.flags is not None else skipped[:0]
         # the one host read of this check
-        values = torch.cat([skipped, update_norms, layer_update, layer_weight]).tolist()
+        values = torch.cat(
+            [skipped, update_norms, layer_update, layer_weight, flags.to(update_norms.device)]
+        ).tolist()
+        if zeroing is not None:
+            self._judge_zeroing(trainer, state, values[len(values) - flags.numel() :])
+        values = values[: len(values) - flags.numel()]
         if values[0] > 0:
             return  # the GradScaler skipped this step: nothing moved on purpose
         n_params, n_layers = len(snapshot.indices), len(grouping.layer_names)
