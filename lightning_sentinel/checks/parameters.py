@@ -80,9 +80,9 @@ register(
         Severity.ERROR,
         "gradients are never zeroed between optimizer steps (manual optimization without zero_grad, an "
         "optimizer_zero_grad override that does nothing): each step applies the sum of every gradient so far",
-        "every backward pass between two optimizer steps finds a sampled parameter's .grad still holding the last "
-        "step's gradient (never None, never zero), after 2 checked steps in a row (every 10 steps); accumulation "
-        "over micro-batches between two steps is not judged",
+        "every backward pass between a checked optimizer step and the step before it finds a sampled parameter's "
+        ".grad still holding the last step's gradient (never None, never zero), on 2 checked steps in a row (every "
+        "10 steps); accumulation over micro-batches between two steps is not judged",
     ),
 )
 
@@ -326,13 +326,13 @@ class ParameterUpdateMonitor(SentinelCallback):
       the weights' RMS (default init: ``lr > 2 / sqrt(3 fan_in)``, e.g. 0.036 for fan-in 1024). Layers
       whose weights start near 0 on purpose (RMS < 1e-3: LayerScale/ReZero gains, a head initialised at
       1e-5) grow many times over in their first steps and are judged by neither high-ratio rule.
-    - ``gradients-not-zeroed`` (error): on every ``every_n_steps``-th step of an optimizer, up to 4 of
-      its parameters (spread over its list) get a tensor hook until that optimizer's next step. The hook
+    - ``gradients-not-zeroed`` (error): from the optimizer step before each checked step to the checked
+      step, up to 4 of the optimizer's parameters (spread over its list) carry a tensor hook. The hook
       runs before each backward pass adds into ``.grad`` and records what ``.grad`` holds: ``None``
-      (no device work), or one on-device flag "non-zero"; the flags are read once, at the next step.
-      A gradient that was never ``None`` and never all zero before every backward pass between the two
-      steps was never zeroed; reported after 2 checked steps in a row, named by the layer of the first
-      such parameter. Zeroing once anywhere in the window is enough to stay quiet: accumulation over
+      (no device work), or one on-device flag "non-zero"; the flags join the checked step's one read
+      (nothing is read between checks). A gradient that was never ``None`` and never all zero before
+      every backward pass between the two steps was never zeroed; reported after 2 checked steps in a
+      row (step 21 at the default cadence), named by the layer of the first such parameter. Zeroing once anywhere in the window is enough to stay quiet: accumulation over
       micro-batches (``accumulate_grad_batches``, or by hand: the first micro-batch after
       ``zero_grad()`` sees ``None``), ``zero_grad(set_to_none=False)`` (zeros), and two optimizers that
       each zero before their own backward while the second loss also reaches the first one's body. Not
