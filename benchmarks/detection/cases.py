@@ -496,6 +496,7 @@ _EXTENSIONS = (
     "cases_labels",
     "cases_weight_decay",
     "cases_distributed",
+    "cases_lm_rules",
 )
 
 
