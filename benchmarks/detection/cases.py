@@ -495,6 +495,8 @@ _EXTENSIONS = (
     "cases_architectures",
     "cases_labels",
     "cases_weight_decay",
+    "cases_long",
+    "cases_regression",
 )
 
 
