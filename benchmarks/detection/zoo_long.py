@@ -117,7 +117,11 @@ def token_language_loaders(
 def _dict_loader(columns: Mapping[str, Tensor], batch_size: int, shuffle: bool, seed: int) -> DataLoader:
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(
-        zoo.DictDataset(**columns), batch_size=batch_size, shuffle=shuffle, generator=generator, drop_last=shuffle
+        zoo.DictDataset(**columns),
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=generator,
+        drop_last=shuffle,
     )
 
 
@@ -163,7 +167,9 @@ def digits_image_dict_loaders(
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
     n_val = int(len(images) * val_fraction)
     val_idx, train_idx = order[:n_val], order[n_val:]
-    train = _dict_loader({"pixel_values": images[train_idx], "labels": targets[train_idx]}, batch_size, True, seed)
+    train = _dict_loader(
+        {"pixel_values": images[train_idx], "labels": targets[train_idx]}, batch_size, True, seed
+    )
     val = _dict_loader({"pixel_values": images[val_idx], "labels": targets[val_idx]}, batch_size, False, seed)
     return train, val
 

@@ -170,19 +170,31 @@ def oscillation_verdict(
 
 
 def overfitting_verdict(
-    val_losses: Sequence[float], train_losses: Sequence[float], patience: int, min_rise: float
+    val_losses: Sequence[float],
+    train_losses: Sequence[float],
+    patience: int,
+    min_rise: float,
+    loss_scale: float = math.nan,
+    min_scale_rise: float = 0.0,
 ) -> tuple[bool, int]:
     """Whether validation loss rose while training loss fell, over ``patience`` validation runs.
 
     ``val_losses[i]`` and ``train_losses[i]`` are the losses at the i-th validation run (the training
     loss smoothed over the steps before it). Overfitting: the best validation loss is at least
     ``patience`` runs old, the latest is ``min_rise`` (relative) above it, and the training loss is
-    lower now than at the best validation run. Returns ``(overfitting, index_of_best)``.
+    lower now than at the best validation run. With a finite ``loss_scale`` (the size of the loss at
+    the start of training) the rise must also be at least ``min_scale_rise`` x ``loss_scale``: a model
+    that has come down from 2.3 to 0.02 and drifts to 0.03 (50% above its best, 0.4% of the scale)
+    stays converged; one that climbs back by a tenth of its starting loss has overfit. Returns
+    ``(overfitting, index_of_best)``.
 
     Example:
         >>> overfitting_verdict([1.0, 0.8, 0.9, 1.0, 1.1], [1.0, 0.6, 0.4, 0.2, 0.1], 3, 0.1)
         (True, 1)
         >>> overfitting_verdict([1.0, 0.8, 0.7, 0.65, 0.6], [1.0, 0.6, 0.4, 0.2, 0.1], 3, 0.1)[0]
+        False
+        >>> converged = [1.8, 0.03, 0.023, 0.026, 0.027, 0.028]  # 22% above its best, 0.2% of ln(10)
+        >>> overfitting_verdict(converged, [2.0, 0.1, 0.01, 0.005, 0.004, 0.003], 3, 0.2, 2.3, 0.05)[0]
         False
     """
     pairs = [(index, val) for index, val in enumerate(val_losses) if math.isfinite(val)]
@@ -193,7 +205,10 @@ def overfitting_verdict(
     last = len(val_losses) - 1
     if last - best_index < patience or not math.isfinite(latest_val):
         return False, best_index
-    rose = latest_val - best_val >= min_rise * max(abs(best_val), 1e-8)
+    rise = latest_val - best_val
+    rose = rise >= min_rise * max(abs(best_val), 1e-8)
+    if math.isfinite(loss_scale):
+        rose = rose and rise >= min_scale_rise * abs(loss_scale)
     train_best, train_now = train_losses[best_index], train_losses[-1]
     train_fell = math.isfinite(train_best) and math.isfinite(train_now) and train_now <= train_best
     return rose and train_fell, best_index
@@ -294,6 +309,7 @@ class LearningCurveMonitor(SentinelCallback):
         oscillation_factor: float = 0.8,
         overfit_patience: int = 3,
         overfit_min_rise: float = 0.2,
+        overfit_min_scale_rise: float = 0.05,
     ) -> None:
         super().__init__(on_detect=on_detect, every_n_steps=every_n_steps, warmup_steps=warmup_steps)
         self.monitor = require_text("monitor", monitor)
@@ -304,6 +320,9 @@ class LearningCurveMonitor(SentinelCallback):
         self.oscillation_factor = require_number("oscillation_factor", oscillation_factor, above=0)
         self.overfit_patience = require_int("overfit_patience", overfit_patience)
         self.overfit_min_rise = require_number("overfit_min_rise", overfit_min_rise, above=0)
+        self.overfit_min_scale_rise = require_number(
+            "overfit_min_scale_rise", overfit_min_scale_rise, at_least=0
+        )
         self.rise_fraction = 0.25
         self.divergence_patience = 2
         self._reset_run_state()
@@ -523,6 +542,11 @@ class LearningCurveMonitor(SentinelCallback):
             )
 
     # ------------------------------------------------------------------ validation
+    def _loss_scale(self) -> float:
+        """The size of the loss at the start: the larger of the first training chunk and the first validation."""
+        starts = [abs(value) for value in (self._start, *self._val_losses[:1]) if math.isfinite(value)]
+        return max(starts) if starts else math.nan
+
     def _run_overfitting_check(self, trainer: pl.Trainer) -> None:
         if OVERFITTING not in self.active_checks:
             return
@@ -548,22 +572,30 @@ class LearningCurveMonitor(SentinelCallback):
         self._val_losses.append(val)
         self._val_train_losses.append(train)
         overfitting, best_index = overfitting_verdict(
-            self._val_losses, self._val_train_losses, self.overfit_patience, self.overfit_min_rise
+            self._val_losses,
+            self._val_train_losses,
+            self.overfit_patience,
+            self.overfit_min_rise,
+            self._loss_scale(),
+            self.overfit_min_scale_rise,
         )
         if not overfitting:
             return
         best_val, train_at_best = self._val_losses[best_index], self._val_train_losses[best_index]
         runs = len(self._val_losses) - 1 - best_index
         gap, gap_at_best = val - train, best_val - train_at_best
+        scale = self._loss_scale()
+        of_scale = f" ({(val - best_val) / scale:.0%} of the starting loss {scale:.4g})" if scale > 0 else ""
         self._report(
             trainer,
             OVERFITTING,
             Severity.WARNING,
-            f"`{self.monitor}` rose from its best {best_val:.4g} to {val:.4g} over {runs} validation runs while "
-            f"the training loss fell from {train_at_best:.4g} to {train:.4g}: the gap grew {gap_at_best:.3g} -> "
-            f"{gap:.3g}",
+            f"`{self.monitor}` rose from its best {best_val:.4g} to {val:.4g}{of_scale} over {runs} validation "
+            f"runs while the training loss fell from {train_at_best:.4g} to {train:.4g}: the gap grew "
+            f"{gap_at_best:.3g} -> {gap:.3g}",
             where=self.monitor,
             evidence={
+                "loss_scale": scale,
                 "val_loss": val,
                 "best_val_loss": best_val,
                 "train_loss": train,
