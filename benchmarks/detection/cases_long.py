@@ -1,10 +1,10 @@
 """Long runs (3000 optimizer steps) that converge and stay converged, on foreign architectures too (a
-Hugging Face causal LM and ResNet from tiny configs, an LSTM, a pre-LN Transformer, regression with
-scaled and unscaled targets), under a constant learning rate and under schedules that decay to zero; and
-the faults that show up late in such runs (a learning rate that jumps up, labels memorised, real
-overfitting) or that only a manual loop has (gradients never zeroed).
+Hugging Face causal LM and ResNet from tiny configs, an LSTM, a pre-LN Transformer), under a constant
+learning rate and under schedules that decay to zero; and the faults that show up late in such runs (a
+learning rate that jumps up, wrong labels memorised: real overfitting). The regression runs are in
+:mod:`benchmarks.detection.cases_regression`.
 
-None is in the ``--fast`` subset: each takes 15-60 s on one thread.
+None is in the ``--fast`` subset: each takes 30-120 s on one thread (the Hugging Face models the most).
 
 Example:
     >>> min(case.trainer_kwargs["max_steps"] for case in CASES if case.healthy and "3000" in case.name)
@@ -22,7 +22,6 @@ from benchmarks.detection.cases import Built, Case
 from benchmarks.detection.cases_real_faults import LR_HIGH
 
 LONG = 3000
-NOT_ZEROED = "gradients-not-zeroed"
 OVERFITTING = "overfitting"
 _QUIET: frozenset[str] = frozenset()
 
@@ -78,18 +77,6 @@ def _pre_ln_transformer_digits_rows() -> Built:
     return module, train, val
 
 
-def _wave_regression(unscaled: bool) -> Built:
-    train, val = zoo_long.wave_regression_loaders(unscaled=unscaled)
-    network = zoo.mlp([8, 64, 64, 1])
-    if unscaled:
-        zoo_long.centred_head_(network, train)
-    lr = 3e-2 if unscaled else 1e-3  # unscaled targets (std ~65) need a larger step to move the head
-    module = zoo.ZooModule(
-        network, nn.MSELoss(), "adam", lr=lr, lr_lambda=zoo_long.schedule_factor("cosine", LONG)
-    )
-    return module, train, val
-
-
 # ---------------------------------------------------------------------- faulty
 def _digits_lr_jump() -> Built:
     train, val = zoo.digits_loaders(batch_size=64, val_fraction=0.2)
@@ -107,41 +94,6 @@ def _digits_lr_jump() -> Built:
 def _noisy_labels_memorised() -> Built:
     train, val = zoo_long.noisy_small_digits_loaders()
     module = zoo.ZooModule(zoo.mlp([64, 256, 256, 10]), nn.CrossEntropyLoss(), "adam", lr=1e-3)
-    return module, train, val
-
-
-def _small_regression_overfits() -> Built:
-    train, val = zoo_long.wave_regression_loaders(train_size=64, batch_size=16)
-    return zoo.ZooModule(zoo.mlp([8, 256, 256, 1]), nn.MSELoss(), "adam", lr=1e-3), train, val
-
-
-def _no_zero_grad_automatic() -> Built:
-    train, val = zoo.digits_loaders(batch_size=64, val_fraction=0.2)
-    module = zoo_long.NoZeroGradAutomaticModule(zoo.mlp([64, 128, 64, 10]), nn.CrossEntropyLoss(), "adam")
-    return module, train, val
-
-
-def _zero_grad_head_only() -> Built:
-    train, val = zoo.digits_loaders(batch_size=64, val_fraction=0.2)
-    module = zoo_long.ZeroGradHeadOnlyModule(
-        zoo.mlp([64, 128, 64, 10]), nn.CrossEntropyLoss(), "sgd", lr=0.05
-    )
-    return module, train, val
-
-
-# ---------------------------------------------------------------------- healthy twins of the not-zeroed faults
-def _manual_accumulation(set_to_none: bool) -> Built:
-    train, val = zoo.digits_loaders(batch_size=16, val_fraction=0.2)
-    module = zoo_long.ManualAccumulationModule(
-        zoo.mlp([64, 128, 64, 10]), nn.CrossEntropyLoss(), "adam", accumulate=4, set_to_none=set_to_none
-    )
-    return module, train, val
-
-
-def _shared_body_two_losses() -> Built:
-    train, val = zoo.digits_loaders(batch_size=64, val_fraction=0.2)
-    body = zoo.mlp([64, 128, 64], final_activation=True)
-    module = zoo_long.SharedBackboneTwoLossesModule(body, nn.Linear(64, 10), nn.CrossEntropyLoss())
     return module, train, val
 
 
@@ -208,24 +160,6 @@ CASES: tuple[Case, ...] = (
         "warm-up + cosine to 0",
         {"max_steps": LONG},
     ),
-    Case(
-        "long-3000-regression-scaled",
-        True,
-        _QUIET,
-        lambda: _wave_regression(unscaled=False),
-        "MLP with a linear head on a smooth synthetic regression (standardised scale), MSE, Adam with cosine "
-        "to 0, validation",
-        {"max_steps": LONG},
-    ),
-    Case(
-        "long-3000-regression-unscaled",
-        True,
-        _QUIET,
-        lambda: _wave_regression(unscaled=True),
-        "the same regression with its target in raw units (mean 150, std ~65: MSE ~4000 at the start), the "
-        "linear head's bias set to the target mean, Adam 3e-2 with cosine to 0",
-        {"max_steps": LONG},
-    ),
     # ---------------------------------------------------------------- late faults
     Case(
         "late-lr-jump-digits-mlp",
@@ -244,59 +178,5 @@ CASES: tuple[Case, ...] = (
         "MLP 64-256-256-10 without regularisation on 300 digits, 40% of them with a wrong label, 3000 steps: "
         "it learns the digits, then memorises the wrong labels and its clean validation loss climbs",
         {"max_steps": LONG, "check_val_every_n_epoch": 5},
-    ),
-    Case(
-        "late-small-regression-overfits",
-        False,
-        frozenset({OVERFITTING}),
-        _small_regression_overfits,
-        "MLP 8-256-256-1 on 64 samples of the synthetic regression for 3000 steps: the validation MSE turns up "
-        "while the training MSE goes to ~0",
-        {"max_steps": LONG, "check_val_every_n_epoch": 10},
-    ),
-    # ---------------------------------------------------------------- gradients never zeroed, and healthy twins
-    Case(
-        "no-zero-grad-automatic-hook",
-        False,
-        frozenset({NOT_ZEROED, *LR_HIGH}),
-        _no_zero_grad_automatic,
-        "automatic optimization whose optimizer_zero_grad hook is overridden to do nothing: every step uses "
-        "the sum of all gradients so far",
-        {"max_steps": 150},
-    ),
-    Case(
-        "zero-grad-head-only-manual",
-        False,
-        frozenset({NOT_ZEROED, *LR_HIGH}),
-        _zero_grad_head_only,
-        "manual optimization that zeroes only the classifier layer's gradients (self.net[-1].zero_grad()): the "
-        "body's gradients accumulate over all steps",
-        {"max_steps": 150},
-    ),
-    Case(
-        "manual-accumulation-4-zeroed",
-        True,
-        _QUIET,
-        lambda: _manual_accumulation(set_to_none=True),
-        "manual optimization accumulating 4 micro-batches of 16 before each step on purpose, zero_grad() after "
-        "the step",
-        {"max_steps": 150},
-    ),
-    Case(
-        "manual-accumulation-4-zeroed-in-place",
-        True,
-        _QUIET,
-        lambda: _manual_accumulation(set_to_none=False),
-        "the same deliberate accumulation with zero_grad(set_to_none=False) (gradients zeroed in place)",
-        {"max_steps": 150},
-    ),
-    Case(
-        "two-optimizers-shared-backward",
-        True,
-        _QUIET,
-        _shared_body_two_losses,
-        "two optimizers where the body's backward also reaches the head's not-yet-zeroed gradients, and the "
-        "head zeroes right before its own backward (GAN-like ordering)",
-        {"max_steps": 150},
     ),
 )

@@ -2,7 +2,7 @@
 schedules that decay to zero, a tiny Hugging Face causal language model on a synthetic token language, a
 Hugging Face ResNet on the digits, recurrent and pre-LN Transformer readers of the digits rows, a synthetic
 regression with scaled and unscaled targets, and the late faults (a learning rate that jumps up, labels
-memorised late, gradients never zeroed).
+memorised late, a small training set overfit).
 
 ``transformers`` (a dev extra) is imported only by the builders that need it.
 
@@ -308,80 +308,3 @@ def noisy_small_digits_loaders(
     train = zoo.make_loader(inputs[train_idx], labels, batch_size, True, seed)
     val = zoo.make_loader(inputs[val_idx], targets[val_idx], 200, False, seed)
     return train, val
-
-
-# ====================================================================== gradients never zeroed
-class NoZeroGradAutomaticModule(zoo.ZooModule):
-    """Automatic optimization whose ``optimizer_zero_grad`` hook is overridden to do nothing (meant to
-    save a kernel launch, or left from a copy of an accumulation recipe): every optimizer step uses the
-    sum of all gradients so far."""
-
-    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: torch.optim.Optimizer) -> None:
-        pass  # the bug
-
-
-class ZeroGradHeadOnlyModule(zoo.ZooModule):
-    """Manual optimization that zeroes only the classifier's gradients (``self.net[-1].zero_grad()``, a
-    half-finished refactor of ``optimizer.zero_grad()``): the body's gradients pile up."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.automatic_optimization = False
-
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        optimizer = self.optimizers()
-        loss = self._step(batch, "train")
-        self.net[-1].zero_grad()  # the bug: only the head
-        self.manual_backward(loss)
-        optimizer.step()  # type: ignore[union-attr]
-        return loss
-
-
-class ManualAccumulationModule(zoo.ZooModule):
-    """Manual optimization that accumulates ``accumulate`` micro-batches before each step on purpose,
-    zeroing after the step (``set_to_none`` as given): healthy."""
-
-    def __init__(self, *args: Any, accumulate: int = 4, set_to_none: bool = True, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.automatic_optimization = False
-        self.accumulate, self.set_to_none = accumulate, set_to_none
-
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        optimizer = self.optimizers()
-        loss = self._step(batch, "train")
-        self.manual_backward(loss / self.accumulate)
-        if (batch_idx + 1) % self.accumulate == 0:
-            optimizer.step()  # type: ignore[union-attr]
-            optimizer.zero_grad(set_to_none=self.set_to_none)  # type: ignore[union-attr]
-        return loss
-
-
-class SharedBackboneTwoLossesModule(zoo.ZooModule):
-    """Manual optimization with two optimizers, GAN-like: the body's loss back-propagates through the head
-    too, so it adds to the head's gradients while they still hold the head's last step; the head zeroes
-    its own gradients right before its own backward, so it never steps on stale ones (healthy)."""
-
-    def __init__(self, body: nn.Module, head: nn.Module, loss: nn.Module) -> None:
-        super().__init__(nn.Sequential(body, head), loss)
-        self.body, self.head = body, head
-        self.automatic_optimization = False
-
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        body_optimizer, head_optimizer = self.optimizers()  # type: ignore[misc]
-        inputs, targets = zoo.split_batch(batch)
-        body_optimizer.zero_grad()
-        loss = self.loss(self.head(self.body(inputs)), targets)
-        self.manual_backward(loss)  # also reaches the head's (not yet zeroed) gradients
-        body_optimizer.step()
-        head_optimizer.zero_grad()
-        head_loss = self.loss(self.head(self.body(inputs).detach()), targets)
-        self.manual_backward(head_loss)
-        head_optimizer.step()
-        self.log("train_loss", loss)
-        return loss
-
-    def configure_optimizers(self) -> Any:
-        return (
-            torch.optim.AdamW(self.body.parameters(), lr=1e-3, weight_decay=1e-2),
-            torch.optim.SGD(self.head.parameters(), lr=0.05, momentum=0.9),
-        )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,17 +58,12 @@ class LabelCounts:
         predicted: of those, samples whose label is the model's top class.
         contradicted: of those, samples whose label gets a probability below ``low_probability``.
         batches: sampled batches counted.
-        expected: how many labels the model itself expects to get a probability below
-            ``low_probability``: the sum, over the samples, of the probability the model puts on the
-            classes it gives less than ``low_probability`` (a calibrated model's expected count of
-            contradicted labels, were its predictions the truth).
     """
 
     labelled: int
     predicted: int
     contradicted: int
     batches: int = 1
-    expected: float = 0.0
 
     @property
     def accuracy(self) -> float:
@@ -80,75 +75,41 @@ class LabelCounts:
         """Share of the labels given a probability below ``low_probability``."""
         return self.contradicted / self.labelled if self.labelled else 0.0
 
-    @property
-    def expected_share(self) -> float:
-        """Share of the labels the model itself expects below ``low_probability`` (its spread-out mass)."""
-        return self.expected / self.labelled if self.labelled else 0.0
-
-    @property
-    def surprise(self) -> float:
-        """``contradicted / expected``: how many times more labels get a low probability than the model's
-        own predictions expect (``inf`` when it expects none, NaN without labels)."""
-        if not self.labelled:
-            return math.nan
-        return self.contradicted / self.expected if self.expected > 0 else math.inf
-
 
 def pool_recent(history: Sequence[LabelCounts], min_batches: int, min_samples: int) -> LabelCounts | None:
     """The newest batches of ``history`` (oldest first) pooled: as few as hold ``min_batches`` batches and
     ``min_samples`` labels, or ``None`` while the history is too short.
 
     Example:
-        >>> history = [LabelCounts(64, 48, 11, expected=2.5)] * 5
+        >>> history = [LabelCounts(64, 48, 11)] * 5
         >>> pooled = pool_recent(history, min_batches=5, min_samples=256)
-        >>> pooled.batches, pooled.labelled, round(pooled.contradicted_share, 3), round(pooled.surprise, 2)
-        (5, 320, 0.172, 4.4)
+        >>> pooled.batches, pooled.labelled, round(pooled.contradicted_share, 3)
+        (5, 320, 0.172)
         >>> pool_recent([LabelCounts(8, 7, 1)] * 31, min_batches=5, min_samples=256) is None  # small batches
         True
     """
     labelled = predicted = contradicted = batches = 0
-    expected = 0.0
     for counts in reversed(history):
         labelled += counts.labelled
         predicted += counts.predicted
         contradicted += counts.contradicted
         batches += counts.batches
-        expected += counts.expected
         if batches >= min_batches and labelled >= min_samples:
-            return LabelCounts(labelled, predicted, contradicted, batches, expected)
+            return LabelCounts(labelled, predicted, contradicted, batches)
     return None
-
-
-def noise_verdict(pooled: LabelCounts, max_share: float, min_surprise: float) -> bool:
-    """Whether pooled labels are noisy: at least ``max_share`` of them get a low probability, and at least
-    ``min_surprise`` times as many as the model's own predictions expect.
-
-    A task whose targets are uncertain by nature (the next token of a text, an ambiguous image) gets
-    many low probabilities on correct labels, but a model that learned it spreads its probability just
-    as much, so it expects them: ``surprise`` stays near 1. Wrong labels among right ones meet a model
-    that learned the right ones confidently: it expects few low probabilities and gets many.
-
-    Example:
-        >>> noise_verdict(LabelCounts(320, 250, 55, 5, expected=6.0), 0.1, 2.0)  # confident model, wrong labels
-        True
-        >>> noise_verdict(LabelCounts(5000, 3000, 1250, 5, expected=1240.0), 0.1, 2.0)  # a language model
-        False
-    """
-    return pooled.contradicted_share >= max_share and pooled.surprise >= min_surprise
 
 
 # ---------------------------------------------------------------------- device statistics
 def label_counts(scores: Tensor, targets: Tensor, ignore_index: int, low_probability: float) -> Tensor:
-    """``[labelled, predicted, contradicted, expected]`` of ``(N, C)`` class scores against ``(N,)`` class
-    indices (see :class:`LabelCounts`).
+    """``[labelled, predicted, contradicted]`` of ``(N, C)`` class scores against ``(N,)`` class indices.
 
     ``log_softmax`` turns logits into log-probabilities and leaves log-probabilities (``nll_loss``'s
     input) as they are, so both losses are read the same way.
 
     Example:
         >>> scores = torch.tensor([[4.0, 0.0, 0.0], [4.0, 0.0, 0.0], [0.0, 4.0, 0.0]])
-        >>> [round(value, 3) for value in label_counts(scores, torch.tensor([0, 2, -100]), -100, 0.05).tolist()]
-        [2.0, 1.0, 1.0, 0.071]
+        >>> label_counts(scores, torch.tensor([0, 2, -100]), -100, 0.05).tolist()
+        [2.0, 1.0, 1.0]
     """
     log_probabilities = scores.detach().float().log_softmax(1)
     classes = log_probabilities.shape[1]
@@ -156,70 +117,8 @@ def label_counts(scores: Tensor, targets: Tensor, ignore_index: int, low_probabi
     labels = targets.clamp(0, classes - 1).unsqueeze(1)
     label_log_probability = log_probabilities.gather(1, labels).squeeze(1)
     predicted = (log_probabilities.argmax(1, keepdim=True) == labels).squeeze(1) & valid
-    threshold = math.log(low_probability)
-    contradicted = (label_log_probability < threshold) & valid
-    probabilities = log_probabilities.exp()
-    expected = (probabilities * (log_probabilities < threshold)).sum(1) * valid
-    return torch.stack(
-        [valid.sum().float(), predicted.sum().float(), contradicted.sum().float(), expected.sum()]
-    )
-
-
-def flattened_positions(scores: Tensor, targets: Tensor, token_counts: frozenset[int] = frozenset()) -> bool:
-    """Whether ``(N, C)`` scores and ``(N,)`` targets hold one row per *position* of a sequence or image, not
-    one per sample: the scores are a flattening of a tensor with more dimensions (``logits.view(-1, V)``,
-    as Hugging Face's causal and masked LM losses do: a view of it, or a reshape in the autograd graph),
-    the targets a view of a 2-D tensor, or ``N`` equals the number of tokens (or shifted tokens) of a
-    2-D integer tensor of the batch (``token_counts``).
-
-    Example:
-        >>> logits, labels = torch.randn(4, 16, 30, requires_grad=True), torch.randint(0, 30, (4, 16))
-        >>> flattened_positions(logits.view(-1, 30), labels.view(-1))
-        True
-        >>> flattened_positions(logits[:, :-1].reshape(-1, 30), labels[:, 1:].reshape(-1))  # a copy, in the graph
-        True
-        >>> flattened_positions(torch.randn(64, 10), torch.randint(0, 10, (64,)))
-        False
-        >>> flattened_positions(torch.randn(60, 10), torch.randint(0, 10, (60,)), frozenset({64, 60}))
-        True
-    """
-    base = scores._base
-    if (base is not None and base.dim() > 2) or (targets._base is not None and targets._base.dim() > 1):
-        return True
-    node = scores.grad_fn
-    for _ in range(4):  # behind a cast or a clone: the reshape that flattened the positions
-        if node is None:
-            break
-        sizes = getattr(node, "_saved_self_sym_sizes", None)
-        if sizes is not None and len(sizes) > 2 and node.name().startswith(("View", "UnsafeView", "Reshape")):
-            return True
-        inputs = [next_node for next_node, _ in node.next_functions if next_node is not None]
-        if len(inputs) != 1:
-            break
-        node = inputs[0]
-    return scores.shape[0] in token_counts
-
-
-def batch_token_counts(batch: Any) -> frozenset[int]:
-    """``B x T`` and ``B x (T - 1)`` of every 2-D integer tensor of a batch (token ids, labels): the row counts
-    a flattened per-token loss has.
-
-    Example:
-        >>> sorted(batch_token_counts({"input_ids": torch.zeros(4, 16, dtype=torch.long), "x": torch.zeros(4, 3)}))
-        [60, 64]
-    """
-    counts: set[int] = set()
-    pending = [batch]
-    while pending and len(counts) < 32:
-        item = pending.pop()
-        if isinstance(item, Tensor):
-            if item.dim() == 2 and not item.is_floating_point() and item.shape[1] > 1:
-                counts.update({item.shape[0] * item.shape[1], item.shape[0] * (item.shape[1] - 1)})
-        elif isinstance(item, Mapping):
-            pending.extend(item.values())
-        elif isinstance(item, (list, tuple)):
-            pending.extend(item)
-    return frozenset(counts)
+    contradicted = (label_log_probability < math.log(low_probability)) & valid
+    return torch.stack([valid.sum(), predicted.sum(), contradicted.sum()]).float()
 
 
 # ---------------------------------------------------------------------- the interception
@@ -230,7 +129,6 @@ class LabelCall:
     where: str
     call_site: str
     counts: Tensor
-    positions: bool = False  # one label per token/pixel, not per sample
 
 
 class _LabelInterceptor(LossCallRecorder):
@@ -238,17 +136,10 @@ class _LabelInterceptor(LossCallRecorder):
 
     intercepted = {F.cross_entropy: "cross_entropy", F.nll_loss: "nll_loss"}
 
-    def __init__(
-        self,
-        module_names: dict[int, str],
-        low_probability: float,
-        min_classes: int,
-        token_counts: frozenset[int] = frozenset(),
-    ) -> None:
+    def __init__(self, module_names: dict[int, str], low_probability: float, min_classes: int) -> None:
         super().__init__(module_names)
         self.low_probability = low_probability
         self.min_classes = min_classes
-        self.token_counts = token_counts
         self.calls: list[LabelCall] = []
 
     @override
@@ -262,22 +153,17 @@ class _LabelInterceptor(LossCallRecorder):
             and isinstance(targets, Tensor)
             and scores.is_floating_point()
             and not targets.is_floating_point()  # class probabilities (mixup, distillation) are not labels
-            and scores.dim() >= 2
-            # one label per sample (N, C) / (N,), or per position: tokens (N, C, T) / (N, T), pixels (N, C, H, W)
-            and tuple(targets.shape) == (scores.shape[0], *scores.shape[2:])
-            and targets.numel() > 0
+            and scores.dim() == 2  # one label per sample: token or pixel labels are left alone
+            and targets.dim() == 1
+            and scores.shape[0] == targets.shape[0] > 0
             and scores.shape[1] >= self.min_classes
         ):
             return
         ignore_index = call_argument(args, kwargs, IGNORE_INDEX_POSITION, "ignore_index", -100)
         where, site = loss_call_site(label, self.module_names)
-        positions = scores.dim() > 2 or flattened_positions(scores, targets, self.token_counts)
         with torch.no_grad():
-            if scores.dim() > 2:  # positions become rows: (N, C, ...) -> (N x ..., C)
-                scores = scores.movedim(1, -1).reshape(-1, scores.shape[1])
-                targets = targets.reshape(-1)
             counts = label_counts(scores, targets.to(scores.device), int(ignore_index), self.low_probability)
-        self.calls.append(LabelCall(where, site, counts, positions))
+        self.calls.append(LabelCall(where, site, counts))
 
 
 # ---------------------------------------------------------------------- the callback
@@ -346,7 +232,6 @@ class LabelNoiseMonitor(SampledLossCallCheck[_LabelInterceptor]):
         window: int = 5,
         min_samples: int = 256,
         min_classes: int = 3,
-        min_surprise: float = 2.0,
     ) -> None:
         super().__init__(on_detect=on_detect, every_n_steps=every_n_steps, warmup_steps=warmup_steps)
         self.low_probability = require_number("low_probability", low_probability, above=0, below=1)
@@ -355,9 +240,7 @@ class LabelNoiseMonitor(SampledLossCallCheck[_LabelInterceptor]):
         self.window = require_int("window", window)
         self.min_samples = require_int("min_samples", min_samples)
         self.min_classes = require_int("min_classes", min_classes, minimum=3)
-        self.min_surprise = require_number("min_surprise", min_surprise, at_least=1)
         self._history: dict[str, deque[LabelCounts]] = {}
-        self._batch: Any = None
 
     @override
     def _state_key_settings(self) -> dict[str, Any]:
@@ -370,9 +253,7 @@ class LabelNoiseMonitor(SampledLossCallCheck[_LabelInterceptor]):
     @override
     def _extra_state(self) -> dict[str, Any]:
         history = {
-            where: [
-                [counts.labelled, counts.predicted, counts.contradicted, counts.expected] for counts in kept
-            ]
+            where: [[counts.labelled, counts.predicted, counts.contradicted] for counts in kept]
             for where, kept in self._history.items()
         }
         return {**super()._extra_state(), "history": history}
@@ -381,7 +262,7 @@ class LabelNoiseMonitor(SampledLossCallCheck[_LabelInterceptor]):
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         super()._load_extra_state(state)
         self._history = {
-            str(where): self._new_history(_counts_from_state(counts) for counts in kept)
+            str(where): self._new_history(LabelCounts(*map(int, counts)) for counts in kept)
             for where, kept in state.get("history", {}).items()
         }
 
@@ -390,20 +271,8 @@ class LabelNoiseMonitor(SampledLossCallCheck[_LabelInterceptor]):
         return deque(counts, maxlen=max(self.window, -(-self.min_samples // 4)))
 
     @override
-    def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        self._batch = batch  # its shapes tell a flattened per-token loss apart (read only on sampled batches)
-        try:
-            super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
-        finally:
-            self._batch = None
-
-    @override
     def _new_recorder(self, module_names: dict[int, str]) -> _LabelInterceptor:
-        return _LabelInterceptor(
-            module_names, self.low_probability, self.min_classes, batch_token_counts(self._batch)
-        )
+        return _LabelInterceptor(module_names, self.low_probability, self.min_classes)
 
     @override
     def _judge_calls(self, trainer: pl.Trainer, recorder: _LabelInterceptor, batch_idx: int) -> None:
@@ -412,17 +281,14 @@ class LabelNoiseMonitor(SampledLossCallCheck[_LabelInterceptor]):
             return
         device = calls[0].counts.device
         values = torch.stack([call.counts.to(device) for call in calls]).tolist()  # the one host read
-        for call, (labelled, predicted, contradicted, expected) in zip(calls, values, strict=True):
-            counts = LabelCounts(int(labelled), int(predicted), int(contradicted), expected=expected)
+        for call, (labelled, predicted, contradicted) in zip(calls, values, strict=True):
+            counts = LabelCounts(int(labelled), int(predicted), int(contradicted))
             if counts.labelled == 0 or counts.accuracy < self.min_accuracy:
                 continue
             history = self._history.setdefault(call.where, self._new_history())
             history.append(counts)
             pooled = pool_recent(history, self.window, self.min_samples)
-            # per sample: the share alone (calibrated on the zoo); per token or pixel, where targets are uncertain
-            # by nature, the labels must also surprise the model's own predictions
-            surprise_needed = self.min_surprise if call.positions else 0.0
-            if pooled is not None and noise_verdict(pooled, self.max_share, surprise_needed):
+            if pooled is not None and pooled.contradicted_share >= self.max_share:
                 self._report_noise(trainer, call, pooled, batch_idx)
 
     def _report_noise(
@@ -435,9 +301,8 @@ class LabelNoiseMonitor(SampledLossCallCheck[_LabelInterceptor]):
             Severity.WARNING,
             f"{share:.0%} of the training labels of the last {pooled.batches} sampled batches ({pooled.labelled} "
             f"labels, up to batch {batch_idx}) get a probability below {self.low_probability:g} from a model whose "
-            f"top class is the label for {pooled.accuracy:.0%} of them and whose own predictions expect "
-            f"{pooled.expected_share:.1%} ({_times(pooled.surprise)}), at {call.call_site}: these labels contradict "
-            "what the model learned from the other samples",
+            f"top class is the label for {pooled.accuracy:.0%} of them, at {call.call_site}: these labels "
+            "contradict what the model learned from the other samples",
             where=call.where,
             evidence={
                 "contradicted_share": share,
@@ -445,8 +310,6 @@ class LabelNoiseMonitor(SampledLossCallCheck[_LabelInterceptor]):
                 "labels": float(pooled.labelled),
                 "sampled_batches": float(pooled.batches),
                 "low_probability": self.low_probability,
-                "expected_share": pooled.expected_share,
-                "surprise": pooled.surprise if math.isfinite(pooled.surprise) else 1e30,
             },
             hint="look at the training samples with the highest loss (cross_entropy with reduction='none') and their "
             "labels; check how labels are produced and joined to the inputs (an off-by-one or unsorted join, a "
@@ -454,18 +317,6 @@ class LabelNoiseMonitor(SampledLossCallCheck[_LabelInterceptor]):
             "smoothing or a noise-robust loss, or clean them with confident learning",
             magnitude=share,
         )
-
-
-def _times(surprise: float) -> str:
-    return f"{surprise:.1f}x more" if math.isfinite(surprise) else "none expected"
-
-
-def _counts_from_state(values: Sequence[float]) -> LabelCounts:
-    """A checkpointed ``[labelled, predicted, contradicted(, expected)]`` record (older checkpoints hold three
-    numbers: nothing was expected, so the rule falls back to the share alone)."""
-    labelled, predicted, contradicted = (int(value) for value in values[:3])
-    expected = float(values[3]) if len(values) > 3 else 0.0
-    return LabelCounts(labelled, predicted, contradicted, expected=expected)
 
 
 add_to_presets(LabelNoiseMonitor, ("fast", "full"), order=45)

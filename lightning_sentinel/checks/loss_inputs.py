@@ -216,133 +216,6 @@ def producer_of(values: Tensor, max_depth: int = 8) -> str:
     return UNKNOWN_ORIGIN
 
 
-def _scalar(value: Any) -> float | None:
-    """A saved autograd constant as a float: a number or a one-element tensor (else ``None``)."""
-    if isinstance(value, Tensor):
-        return float(value.detach().reshape(())) if value.numel() == 1 else None
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    return None
-
-
-def _known_range(node: Any, name: str) -> tuple[str, float, float] | None:
-    """``(activation, low, high)`` of an autograd node whose output range is fixed, else ``None``."""
-    fixed = {
-        "Sigmoid": ("sigmoid", 0.0, 1.0),
-        "Hardsigmoid": ("hardsigmoid", 0.0, 1.0),
-        "Tanh": ("tanh", -1.0, 1.0),
-        "Relu": ("relu", 0.0, math.inf),
-        "Softplus": ("softplus", 0.0, math.inf),
-    }
-    base = re.sub(r"Backward\d*$", "", name)
-    if base in fixed:
-        return fixed[base]
-    if base == "Hardtanh":
-        low, high = (
-            _scalar(getattr(node, "_saved_min_val", None)),
-            _scalar(getattr(node, "_saved_max_val", None)),
-        )
-        if low is None or high is None:
-            return None
-        return ("relu6" if (low, high) == (0.0, 6.0) else "hardtanh"), low, high
-    if base in ("Clamp", "ClampMin", "ClampMax"):
-        low, high = getattr(node, "_saved_min", None), getattr(node, "_saved_max", None)
-        low_value = -math.inf if low is None else _scalar(low)
-        high_value = math.inf if high is None else _scalar(high)
-        if low_value is None or high_value is None or (math.isinf(low_value) and math.isinf(high_value)):
-            return None
-        return "clamp", low_value, high_value
-    return None
-
-
-def _constant_factor(node: Any, name: str) -> tuple[float, Any] | None:
-    """``(factor, input node)`` of a multiplication or division of one graph input by a constant number."""
-    inputs = [next_node for next_node, _ in node.next_functions]
-    if name.startswith("NegBackward") and len(inputs) == 1:
-        return -1.0, inputs[0]
-    if not (name.startswith("MulBackward") or name.startswith("DivBackward")) or len(inputs) != 2:
-        return None
-    if inputs[0] is not None and inputs[1] is None:
-        constant, source = _scalar(getattr(node, "_saved_other", None)), inputs[0]
-    elif inputs[0] is None and inputs[1] is not None and name.startswith("MulBackward"):
-        constant, source = _scalar(getattr(node, "_saved_self", None)), inputs[1]
-    else:
-        return None
-    if constant is None or not math.isfinite(constant) or constant == 0:
-        return None
-    return (constant if name.startswith("MulBackward") else 1.0 / constant), source
-
-
-def activation_range(values: Tensor, max_depth: int = 8) -> tuple[str, float, float] | None:
-    """The activation that confines ``values`` to a range, read from their autograd graph behind reshapes,
-    selections, casts and a multiplication by a constant: ``(activation, low, high)`` for a sigmoid or
-    hardsigmoid ``[0, 1]``, tanh ``[-1, 1]``, ReLU or softplus ``[0, inf)``, hardtanh/ReLU6 and clamp
-    (their own bounds); ``None`` when the graph shows no such activation (a linear output, an unknown op,
-    no graph under ``no_grad``).
-
-    Example:
-        >>> head = torch.nn.Linear(3, 1)
-        >>> x = torch.randn(4, 3)
-        >>> activation_range(torch.relu(head(x)).squeeze(-1)), activation_range(100 * torch.sigmoid(head(x)))
-        (('relu', 0.0, inf), ('sigmoid', 0.0, 100.0))
-        >>> activation_range(torch.nn.functional.relu6(head(x))), activation_range(head(x).clamp(-2, 2))
-        (('relu6', 0.0, 6.0), ('clamp', -2.0, 2.0))
-        >>> activation_range(head(x)) is None, activation_range(torch.sigmoid(head(x)) + 1.0) is None
-        (True, True)
-    """
-    node = values.grad_fn
-    factor = 1.0
-    for _ in range(max_depth):
-        if node is None:
-            return None
-        name = node.name()
-        known = _known_range(node, name)
-        if known is not None:
-            activation, low, high = known
-            ends = [
-                bound * factor if math.isfinite(bound) else math.copysign(math.inf, bound * factor)
-                for bound in (low, high)
-            ]
-            return activation, min(ends), max(ends)
-        scaled = _constant_factor(node, name)
-        if scaled is not None:
-            factor *= scaled[0]
-            node = scaled[1]
-            continue
-        if not _PASS_THROUGH.fullmatch(name):
-            return None
-        inputs = [next_node for next_node, _ in node.next_functions if next_node is not None]
-        if len(inputs) != 1:
-            return None
-        node = inputs[0]
-    return None
-
-
-def range_target_stats(outputs: Tensor, targets: Tensor, low: float, high: float) -> Tensor:
-    """``[min output, max output, share of outputs at a bound, share of targets outside [low, high]]`` on the
-    outputs' device (a target counts as outside beyond 1e-3 x max(1, |bound|); an output is at a bound
-    within 5% of a finite range, or exactly at the end of a half-line).
-
-    Example:
-        >>> outputs, targets = torch.tensor([0.0, 0.5, 2.0, 0.0]), torch.tensor([-1.0, 0.4, 2.1, -0.2])
-        >>> range_target_stats(outputs, targets, 0.0, math.inf).tolist()
-        [0.0, 2.0, 0.5, 0.5]
-    """
-    out = outputs.detach().float()
-    tgt = targets.detach().float().to(out.device)
-    minimum, maximum = torch.aminmax(out)
-    at_bound = torch.zeros_like(out, dtype=torch.bool)
-    outside = torch.zeros_like(tgt, dtype=torch.bool)
-    band = _PIN_BAND * (high - low) if math.isfinite(high - low) else 0.0  # a half-line: exactly at its end
-    for bound, below in ((low, True), (high, False)):
-        if not math.isfinite(bound):
-            continue
-        at_bound |= (out <= bound + band) if below else (out >= bound - band)
-        margin = 1e-3 * max(1.0, abs(bound))
-        outside |= (tgt < bound - margin) if below else (tgt > bound + margin)
-    return torch.stack([minimum, maximum, at_bound.float().mean(), outside.float().mean()])
-
-
 def broadcast_verdict(
     input_shape: tuple[int, ...], target_shape: tuple[int, ...]
 ) -> tuple[str, tuple[int, ...]]:
@@ -531,8 +404,6 @@ class LossCall:
     stats: Tensor | None
     # what produced the input (``producer_of``), for the sigmoid and clipped-output rules
     origin: str = UNKNOWN_ORIGIN
-    # the bounded activation last in the input's graph and its range (``activation_range``), regression only
-    activation: tuple[str, float, float] | None = None
 
     @property
     def classes(self) -> int:
@@ -562,7 +433,6 @@ class _LossInterceptor(LossCallRecorder):
         target_shape = tuple(target.shape) if isinstance(target, Tensor) else None
         stats: Tensor | None = None
         origin = UNKNOWN_ORIGIN
-        activation: tuple[str, float, float] | None = None
         with torch.no_grad():
             if kind == _CLASSIFICATION:
                 stats = classification_stats(values)
@@ -575,16 +445,10 @@ class _LossInterceptor(LossCallRecorder):
                 and target.is_floating_point()
                 and target.numel() > 0
             ):
+                stats = regression_stats(values, target)
                 origin = producer_of(values)
-                activation = activation_range(values)
-                if activation is not None:  # the range comes from the activation itself, not from the values
-                    stats = range_target_stats(values, target, activation[1], activation[2])
-                else:
-                    stats = regression_stats(values, target)
         self.calls.append(
-            LossCall(
-                function, kind, where, site, tuple(values.shape), target_shape, stats, origin, activation
-            )
+            LossCall(function, kind, where, site, tuple(values.shape), target_shape, stats, origin)
         )
 
 
@@ -745,13 +609,6 @@ class LossInputCheck(SampledLossCallCheck[_LossInterceptor]):
                 before = held.get(key, (True, call, None))[0]
                 probabilities = call.origin != UNBOUNDED_ORIGIN and inside_unit_interval(stats[0], stats[1])
                 held[key] = (before and probabilities, call, (stats[0], stats[1]))
-            elif call.kind == _REGRESSION and stats and call.activation is not None:
-                key = (CLIPPED_OUTPUT, call.where)
-                _, low, high = call.activation
-                minimum, maximum, pinned, outside = stats
-                clipped = outside >= self.min_target_share
-                before = held.get(key, (True, call, None))[0]
-                held[key] = (before and clipped, call, (clipped, (low, high), pinned, outside, True))
             elif call.kind == _REGRESSION and stats:
                 key = (CLIPPED_OUTPUT, call.where)
                 # an activation seen in the graph needs no output at its bound (a batch of 32 often has none
@@ -922,11 +779,7 @@ class LossInputCheck(SampledLossCallCheck[_LossInterceptor]):
         assert bounds is not None
         low, high = bounds
         shown = f"[{low:g}, {high:g}]" if math.isfinite(high) else f"[{low:g}, inf)"
-        if not math.isfinite(low):
-            shown = f"(-inf, {high:g}]"
         activation = {RANGE_UNIT: "a sigmoid", RANGE_SYMMETRIC: "a tanh"}.get(bounds, "a ReLU (or clamp)")
-        if call.activation is not None:
-            activation = f"a {call.activation[0]}"
         self._report(
             trainer,
             CLIPPED_OUTPUT,
@@ -934,10 +787,7 @@ class LossInputCheck(SampledLossCallCheck[_LossInterceptor]):
             f"{call.function} output stays inside {shown} with {pinned:.0%} pinned at the bound, while "
             f"{outside:.0%} of the targets lie outside it, on {streak} sampled steps in a row, at {call.call_site}: "
             + (
-                f"the autograd graph shows {activation} last, so the output cannot reach those targets (and gets "
-                "no or almost no gradient where it is clipped)"
-                if call.activation is not None
-                else "the autograd graph shows a bounded activation last, so the output cannot reach those targets"
+                "the autograd graph shows a bounded activation last, so the output cannot reach those targets"
                 if seen
                 else f"the output seems to pass through {activation} and cannot reach those targets"
             ),

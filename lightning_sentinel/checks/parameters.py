@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import math
-import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,7 +20,7 @@ from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
-from lightning_sentinel._stats import LayerGrouping, shards_gradients, tensor_norms
+from lightning_sentinel._stats import LayerGrouping, tensor_norms
 from lightning_sentinel._validate import require_bool, require_int, require_number, require_order
 from lightning_sentinel.base import OnDetect, SentinelCallback
 from lightning_sentinel.catalog import CheckSpec, add_to_presets, register
@@ -33,7 +32,6 @@ NOT_IN_OPTIMIZER = "parameters-not-in-optimizer"
 FROZEN = "frozen-parameters"
 RATIO_HIGH = "update-ratio-too-high"
 RATIO_LOW = "update-ratio-too-low"
-NOT_ZEROED = "gradients-not-zeroed"
 
 register(
     CheckSpec(
@@ -71,16 +69,6 @@ register(
         Severity.WARNING,
         "a layer's update/weight norm ratio per step is far below ~1e-3 (learning rate too low)",
         "||dW||/||W|| < 1e-6 on 3 checked steps in a row, not while the lr warms up or has decayed below half its peak",
-    ),
-    CheckSpec(
-        NOT_ZEROED,
-        "ParameterUpdateMonitor",
-        Severity.ERROR,
-        "gradients are never zeroed between optimizer steps (no zero_grad in a manual loop, an optimizer_zero_grad "
-        "hook that does nothing): each step uses the sum of every gradient so far",
-        "on the step before a check, the first backward after the optimizer step adds to the same gradient tensor, "
-        "still holding that step's non-zero values, and nothing resets it before the next step; checked on the "
-        "first and last parameter of each optimizer; deliberate accumulation (zeroed after each step) never fires",
     ),
 )
 
@@ -172,30 +160,6 @@ def lr_excuses_low_ratio(
     return rising or lr < decayed_fraction * peak_lr
 
 
-def stale_gradient_verdict(
-    accumulated: bool, reset: bool, same_tensor_at_step: bool, held_previous_values: bool
-) -> bool:
-    """Whether a parameter's gradient was carried over from one optimizer step into the next.
-
-    ``accumulated``: a backward pass added to the gradient between the two steps; ``reset``: it was set
-    to ``None``, replaced or modified in place (``zero_()``) before or between those backward passes;
-    ``same_tensor_at_step``: the next step read the very tensor the backward passes added to;
-    ``held_previous_values``: when the first of them added to it, the gradient still held non-zero
-    values, those of the previous step. Deliberate accumulation over micro-batches zeroes after each
-    step, so the first backward after a step finds nothing (``None`` or zeros); only a loop that never
-    zeroes hands the previous step's gradient to the next.
-
-    Example:
-        >>> stale_gradient_verdict(True, False, True, True)  # no zero_grad: the old gradient is summed in
-        True
-        >>> stale_gradient_verdict(True, True, True, False)  # zero_grad(set_to_none=False) before backward
-        False
-        >>> stale_gradient_verdict(True, True, False, True)  # another loss added to it first, then zeroed
-        False
-    """
-    return accumulated and not reset and same_tensor_at_step and held_previous_values
-
-
 def _low_ratio_hint(ratios: list[float], low_layers: list[int], low_ratio: float) -> str:
     """What to try for slow layers: the learning rate if the whole model is slow, else the gradient path."""
     moving = sorted(r for i, r in enumerate(ratios) if i not in low_layers and math.isfinite(r) and r > 0)
@@ -237,70 +201,6 @@ class _Candidate:
     got_gradient: bool = False
 
 
-_PROBE_ELEMENTS = 1024  # gradient entries tested for left-over values at the first backward after a step
-
-
-@dataclass
-class _ZeroingProbe:
-    """One parameter watched from an optimizer step to the next: was its gradient reset in between?
-
-    A tensor hook (called with each incoming gradient, before it is added) sees the gradient as the
-    backward pass finds it; a post-accumulate hook notes the tensor and its version after each addition,
-    so that anything done to it between two backward passes (``zero_()``, set to ``None``) shows.
-    """
-
-    name: str
-    parameter: Tensor
-    consumed: Any  # weak reference to the gradient the previous optimizer step used (or None)
-    accumulations: int = 0
-    reset: bool = False
-    held_values: Tensor | None = None  # device flag: non-zero entries at the first backward
-    last_tensor: Any = None  # weak reference to the gradient after the latest backward
-    last_version: int = -1
-    handles: list[RemovableHandle] = field(default_factory=list)
-
-    def before_accumulation(self, incoming: Tensor) -> None:
-        gradient = self.parameter.grad
-        if gradient is None:
-            self.reset = True
-        elif self.accumulations == 0:
-            if gradient is not _deref(self.consumed):
-                self.reset = True
-            elif not self.reset:
-                with torch.no_grad():
-                    self.held_values = (gradient.detach().reshape(-1)[:_PROBE_ELEMENTS] != 0).any()
-        elif gradient is not _deref(self.last_tensor) or gradient._version != self.last_version:
-            self.reset = True  # set to None, replaced or zeroed between two backward passes
-
-    def after_accumulation(self, parameter: Tensor) -> None:
-        self.accumulations += 1
-        gradient = parameter.grad
-        self.last_tensor = None if gradient is None else weakref.ref(gradient)
-        self.last_version = -1 if gradient is None else gradient._version
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles = []
-
-
-def _deref(reference: Any) -> Any:
-    return None if reference is None else reference()
-
-
-def _guarded(probe: _ZeroingProbe, hook: Any) -> Any:
-    """``hook`` for the autograd engine: it returns nothing and never raises into the user's backward pass
-    (a failure only makes the probe give no verdict)."""
-
-    def run(tensor: Tensor) -> None:
-        try:
-            hook(tensor)
-        except Exception:
-            probe.reset = True
-
-    return run
-
-
 @dataclass
 class _OptimizerState:
     view: OptimizerView
@@ -310,8 +210,6 @@ class _OptimizerState:
     peak_lr: float = 0.0
     frozen_streak: dict[str, int] = field(default_factory=dict)
     ratio_streak: dict[str, int] = field(default_factory=dict)
-    probes: list[_ZeroingProbe] = field(default_factory=list)  # armed on the step before a check
-    stale: list[tuple[str, Tensor]] = field(default_factory=list)  # judged at the check: read at batch end
 
 
 def _max_lr(optimizer: torch.optim.Optimizer) -> float:
@@ -390,7 +288,7 @@ class ParameterUpdateMonitor(SentinelCallback):
         >>> trainer = pl.Trainer(callbacks=[monitor], logger=False)
     """
 
-    CHECKS = (NOT_IN_OPTIMIZER, UNUSED, FROZEN, RATIO_HIGH, RATIO_LOW, NOT_ZEROED)
+    CHECKS = (NOT_IN_OPTIMIZER, UNUSED, FROZEN, RATIO_HIGH, RATIO_LOW)
 
     def __init__(
         self,
@@ -465,9 +363,6 @@ class ParameterUpdateMonitor(SentinelCallback):
         self._candidates = {}
         for state in self._optimizers.values():
             state.snapshot = None
-            for probe in state.probes:
-                probe.remove()
-            state.probes, state.stale = [], []
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -502,14 +397,6 @@ class ParameterUpdateMonitor(SentinelCallback):
             self._run_update_check(trainer, pl_module, state)
         step_index = state.steps_seen
         state.steps_seen += 1
-        if state.probes:
-            self._judge_zeroing(state)
-        if (
-            NOT_ZEROED in self.active_checks
-            and self._is_due(step_index + 1)
-            and not shards_gradients(trainer.strategy)
-        ):
-            self._arm_zeroing(state)
         if not self._is_due(step_index):
             return
         if sum(len(group["params"]) for group in optimizer.param_groups) != len(state.view.parameters):
@@ -524,14 +411,11 @@ class ParameterUpdateMonitor(SentinelCallback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        pending = [state for state in self._optimizers.values() if state.snapshot is not None or state.stale]
+        pending = [state for state in self._optimizers.values() if state.snapshot is not None]
         if not pending:
             return
         for state in pending:
-            if state.snapshot is not None:
-                self._run_update_check(trainer, pl_module, state)
-            else:
-                self._report_stale(trainer, state, self._read_stale(state))
+            self._run_update_check(trainer, pl_module, state)
         self._settle(trainer)
 
     # ------------------------------------------------------------------ parameters-not-in-optimizer
@@ -632,74 +516,6 @@ class ParameterUpdateMonitor(SentinelCallback):
             "find_unused_parameters=True otherwise)",
         )
 
-    # ------------------------------------------------------------------ gradients-not-zeroed
-    def _arm_zeroing(self, state: _OptimizerState) -> None:
-        """On the step before a check: watch the first and last parameter with a gradient until the next step."""
-        view = state.view
-        with_grad = [i for i, p in enumerate(view.parameters) if p.requires_grad and p.grad is not None]
-        for index in dict.fromkeys(with_grad[:1] + with_grad[-1:]):
-            parameter = view.parameters[index]
-            gradient = parameter.grad
-            if (
-                gradient is None
-                or gradient.is_sparse
-                or not hasattr(parameter, "register_post_accumulate_grad_hook")
-            ):
-                continue
-            probe = _ZeroingProbe(view.names[index], parameter, weakref.ref(gradient))
-            probe.handles = [
-                parameter.register_hook(_guarded(probe, probe.before_accumulation)),
-                parameter.register_post_accumulate_grad_hook(_guarded(probe, probe.after_accumulation)),
-            ]
-            state.probes.append(probe)
-
-    def _judge_zeroing(self, state: _OptimizerState) -> None:
-        """At the check step: which watched gradients came over from the previous step (host facts; the
-        device flag of left-over values is read with the check's other statistics)."""
-        probes, state.probes = state.probes, []
-        for probe in probes:
-            probe.remove()
-            gradient = probe.parameter.grad
-            same = gradient is not None and gradient is _deref(probe.last_tensor)
-            if probe.held_values is not None and stale_gradient_verdict(
-                probe.accumulations > 0, probe.reset, same, True
-            ):
-                state.stale.append((probe.name, probe.held_values))
-
-    @staticmethod
-    def _read_stale(state: _OptimizerState) -> dict[str, float]:
-        """The left-over-value flags of ``state.stale`` (one host read), when no update check reads them."""
-        names = [name for name, _ in state.stale]
-        flags = [flag.float().view(1) for _, flag in state.stale]
-        state.stale = []
-        device = flags[0].device
-        return dict(zip(names, torch.cat([flag.to(device) for flag in flags]).tolist(), strict=True))
-
-    def _report_stale(self, trainer: pl.Trainer, state: _OptimizerState, held: dict[str, float]) -> None:
-        stale = [name for name, value in held.items() if value > 0]
-        if not stale or NOT_ZEROED not in self.active_checks:
-            return
-        view = state.view
-        trainable = [n for n, p in zip(view.names, view.parameters, strict=True) if p.requires_grad]
-        groups = module_groups(stale, trainable)
-        prefix = f"{view.key}:" if view.key else ""
-        self._report(
-            trainer,
-            NOT_ZEROED,
-            Severity.ERROR,
-            f"the gradient of {_listing(stale)} still held the previous optimizer step's values when the next "
-            "backward pass added to it, and the next optimizer step used the sum: the gradients are not zeroed "
-            "between optimizer steps, so each step adds up every gradient since the start (it looks like a "
-            "learning rate that keeps growing)",
-            where=prefix + (groups[0].rsplit(".", 1)[0] if "." in groups[0] else groups[0]),
-            evidence={"parameters_checked": float(len(held)), "parameters_not_zeroed": float(len(stale))},
-            hint="call optimizer.zero_grad() once per optimizer step (before the backward pass, or right after "
-            "optimizer.step()) for every optimizer, e.g. opt = self.optimizers(); opt.zero_grad(); "
-            "self.manual_backward(loss); opt.step(); to accumulate k micro-batches, zero after each step; do not "
-            "override optimizer_zero_grad with a no-op",
-            dedupe_as=f"{prefix}{NOT_ZEROED}",
-        )
-
     # ------------------------------------------------------------------ updates
     def _take_snapshot(
         self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer, state: _OptimizerState
@@ -743,13 +559,8 @@ class ParameterUpdateMonitor(SentinelCallback):
         scale_now = getattr(scaler, "_scale", None)
         if snapshot.scale is not None and isinstance(scale_now, Tensor):
             skipped = (scale_now < snapshot.scale).float().view(1).to(update_norms.device)
-        stale_names = [name for name, _ in state.stale]
-        stale_flags = [flag.float().view(1).to(update_norms.device) for _, flag in state.stale]
-        state.stale = []
         # the one host read of this check
-        values = torch.cat([*stale_flags, skipped, update_norms, layer_update, layer_weight]).tolist()
-        self._report_stale(trainer, state, dict(zip(stale_names, values[: len(stale_names)], strict=True)))
-        values = values[len(stale_names) :]
+        values = torch.cat([skipped, update_norms, layer_update, layer_weight]).tolist()
         if values[0] > 0:
             return  # the GradScaler skipped this step: nothing moved on purpose
         n_params, n_layers = len(snapshot.indices), len(grouping.layer_names)
