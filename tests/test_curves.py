@@ -92,6 +92,11 @@ def test_overfitting_rule_weighs_the_rise_against_the_starting_loss():
     # a regression in raw units (MSE ~4000 at the start): the scale comes with the loss
     assert not overfitting_verdict([x * 4000 for x in val], train, 3, 0.2, 4000.0, 0.05)[0]
     assert overfitting_verdict([x * 4000 for x in memorised], train, 3, 0.2, 4000.0, 0.05)[0]
+    # a training loss sitting converged near 0 (wobbling 1e-5 -> 1.3e-5) while the validation loss climbs
+    at_floor = [2.0, 0.3, 0.01, 1e-5, 1.1e-5, 1.2e-5, 1.3e-5, 1.3e-5]
+    assert overfitting_verdict(memorised, at_floor, 3, 0.2, math.log(10), 0.05)[0]
+    # both climbing together is divergence, not overfitting
+    assert not overfitting_verdict(memorised, [2.0, 0.3, 0.05, 0.1, 0.3, 0.5, 0.7, 0.9], 3, 0.2, 2.3, 0.05)[0]
     # no scale known (validation before any training chunk): the relative rule alone
     assert overfitting_verdict(val, train, 3, 0.2, math.nan, 0.05)[0]
 

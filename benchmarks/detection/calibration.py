@@ -125,7 +125,7 @@ def _overfitting(of_scale: bool) -> Extractor:
         latest = val_losses[-1]
         if len(val_losses) - 1 - best_index < patience or not math.isfinite(latest):
             return None
-        if not train_losses[-1] <= train_losses[best_index]:
+        if not train_losses[-1] - train_losses[best_index] <= 0.25 * max(latest - best_val, 0.0):
             return None
         if of_scale:
             return (latest - best_val) / abs(loss_scale) if math.isfinite(loss_scale) and loss_scale else None

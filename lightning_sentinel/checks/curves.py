@@ -169,6 +169,9 @@ def oscillation_verdict(
     return ratio > factor, ratio
 
 
+_TRAIN_RISE_SHARE = 0.25  # how much of the validation loss's rise the training loss may share (noise at 0)
+
+
 def overfitting_verdict(
     val_losses: Sequence[float],
     train_losses: Sequence[float],
@@ -181,8 +184,10 @@ def overfitting_verdict(
 
     ``val_losses[i]`` and ``train_losses[i]`` are the losses at the i-th validation run (the training
     loss smoothed over the steps before it). Overfitting: the best validation loss is at least
-    ``patience`` runs old, the latest is ``min_rise`` (relative) above it, and the training loss is
-    lower now than at the best validation run. With a finite ``loss_scale`` (the size of the loss at
+    ``patience`` runs old, the latest is ``min_rise`` (relative) above it, and the training loss did
+    not climb with it: it is lower now than at the best validation run, or higher by less than a quarter
+    of the validation loss's rise (a training loss converged near 0 wobbles; one that climbs as much as
+    the validation loss is diverging). With a finite ``loss_scale`` (the size of the loss at
     the start of training) the rise must also be at least ``min_scale_rise`` x ``loss_scale``: a model
     that has come down from 2.3 to 0.02 and drifts to 0.03 (50% above its best, 0.4% of the scale)
     stays converged; one that climbs back by a tenth of its starting loss has overfit. Returns
@@ -210,8 +215,14 @@ def overfitting_verdict(
     if math.isfinite(loss_scale):
         rose = rose and rise >= min_scale_rise * abs(loss_scale)
     train_best, train_now = train_losses[best_index], train_losses[-1]
-    train_fell = math.isfinite(train_best) and math.isfinite(train_now) and train_now <= train_best
-    return rose and train_fell, best_index
+    # the training loss fell, or sat converged (a rise of a small share of the validation's is noise at its
+    # floor); a training loss that climbs with the validation loss is divergence, not overfitting
+    train_held = (
+        math.isfinite(train_best)
+        and math.isfinite(train_now)
+        and train_now - train_best <= _TRAIN_RISE_SHARE * max(rise, 0.0)
+    )
+    return rose and train_held, best_index
 
 
 def loss_from_outputs(outputs: Any) -> Tensor | None:

@@ -53,7 +53,8 @@ register(
         "ParameterUpdateMonitor",
         Severity.WARNING,
         "a parameter gets gradients but does not change when its optimizer steps (lr 0, gradients always zero)",
-        "update exactly 0 on 3 checked steps in a row (checked every 10 steps)",
+        "update exactly 0 on 3 checked steps in a row (checked every 10 steps); not while a schedule has decayed "
+        "a positive lr below half its peak",
     ),
     CheckSpec(
         RATIO_HIGH,
@@ -232,7 +233,9 @@ class ParameterUpdateMonitor(SentinelCallback):
       ``on_before_optimizer_step`` and compared after the step (``on_train_batch_end``, or the next
       step of the same optimizer under manual optimization): per layer (module owning the parameters)
       ``||delta W|| / ||W||`` with fused norms, one host read per check, the copies freed at once.
-      A parameter whose update is exactly zero on ``patience`` checks in a row is frozen; a layer
+      A parameter whose update is exactly zero on ``patience`` checks in a row is frozen (not while a
+      schedule has decayed a positive lr below ``decayed_fraction`` of its peak: near the end of a decay to
+      0, lr x update falls below the float resolution of large weights, e.g. a bias of 150); a layer
       whose ratio stays above ``high_ratio`` (below ``low_ratio``) on ``patience`` checks in a row
       moves too fast (too slow). A low ratio is excused while the learning rate rises (warm-up) or
       after it decayed below ``decayed_fraction`` of its peak (an intended schedule). Steps that a
@@ -275,7 +278,7 @@ class ParameterUpdateMonitor(SentinelCallback):
             number > 0.
         low_ratio: per-layer update/weight norm ratio below which the update is too small; a finite
             number > 0, below ``high_ratio``.
-        decayed_fraction: a low ratio is not judged once the lr fell below this fraction of its peak;
+        decayed_fraction: a low ratio (or a zero update) is not judged once the lr fell below this fraction of its peak;
             in (0, 1].
         log_ratios: log the largest and smallest layer ratio of each check under ``sentinel/update_ratio/``.
         burst_ratio: per-layer ratio that is too high on a single check (weight layers of ordinary scale
@@ -598,6 +601,11 @@ class ParameterUpdateMonitor(SentinelCallback):
         self, trainer: pl.Trainer, state: _OptimizerState, snapshot: _Snapshot, updates: list[float]
     ) -> None:
         view = state.view
+        if 0.0 < snapshot.lr < self.decayed_fraction * state.peak_lr:
+            # a schedule that decays to 0 (cosine, linear): near its end lr x update falls below the float
+            # resolution of large weights (a bias at 150 under lr 4e-5); that is the schedule, not a fault
+            state.frozen_streak.clear()
+            return
         names = [view.names[i] for i in snapshot.indices]
         seen = set(names)
         for name in list(state.frozen_streak):
