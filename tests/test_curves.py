@@ -85,16 +85,16 @@ def test_overfitting_rule_weighs_the_rise_against_the_starting_loss():
     val = [1.8, 0.2, 0.05, 0.0229, 0.025, 0.026, 0.027, 0.0284]
     train = [2.0, 0.3, 0.05, 0.01, 0.005, 0.003, 0.002, 0.001]
     assert overfitting_verdict(val, train, 3, 0.2)[0]  # the relative rule alone alarms
-    assert not overfitting_verdict(val, train, 3, 0.2, math.log(10), 0.05)[0]  # 0.24% of the scale
+    assert not overfitting_verdict(val, train, 3, 0.2, math.log(10), 0.075)[0]  # 0.24% of the scale
     # wrong labels memorised: back up by a third of the starting loss
     memorised = [1.8, 0.6, 0.45, 0.5, 0.7, 0.9, 1.1, 1.3]
-    assert overfitting_verdict(memorised, train, 3, 0.2, math.log(10), 0.05) == (True, 2)
+    assert overfitting_verdict(memorised, train, 3, 0.2, math.log(10), 0.075) == (True, 2)
     # a regression in raw units (MSE ~4000 at the start): the scale comes with the loss
-    assert not overfitting_verdict([x * 4000 for x in val], train, 3, 0.2, 4000.0, 0.05)[0]
-    assert overfitting_verdict([x * 4000 for x in memorised], train, 3, 0.2, 4000.0, 0.05)[0]
+    assert not overfitting_verdict([x * 4000 for x in val], train, 3, 0.2, 4000.0, 0.075)[0]
+    assert overfitting_verdict([x * 4000 for x in memorised], train, 3, 0.2, 4000.0, 0.075)[0]
     # a training loss sitting converged near 0 (wobbling 1e-5 -> 1.3e-5) while the validation loss climbs
     at_floor = [2.0, 0.3, 0.01, 1e-5, 1.1e-5, 1.2e-5, 1.3e-5, 1.3e-5]
-    assert overfitting_verdict(memorised, at_floor, 3, 0.2, math.log(10), 0.05)[0]
+    assert overfitting_verdict(memorised, at_floor, 3, 0.2, math.log(10), 0.075)[0]
     # both climbing together is divergence, not overfitting
     assert not overfitting_verdict(memorised, [2.0, 0.3, 0.05, 0.1, 0.3, 0.5, 0.7, 0.9], 3, 0.2, 2.3, 0.05)[0]
     # no scale known (validation before any training chunk): the relative rule alone
@@ -295,9 +295,9 @@ def test_a_converged_model_that_stays_converged_is_quiet_and_a_late_overfit_is_c
     )
     found = _ours(trainer)
     assert [(f.check, f.where) for f in found] == [(OVERFITTING, "val_loss")]
-    # the starting loss is the first 5-step chunk's mean, ~2.07: caught once the rise passes 0.104, at
-    # 0.04 + 0.02 x 5 - 0.03 = 0.11 (the 46th validation, at step 20 x 46)
-    assert found[0].step == 920
+    # the starting loss is the first 5-step chunk's mean, ~2.07: caught once the rise passes 7.5% of it, 0.155,
+    # at 0.04 + 0.02 x 8 - 0.03 = 0.17 (the 49th validation, at step 20 x 49)
+    assert found[0].step == 980
     assert found[0].evidence["loss_scale"] == pytest.approx(2.07, abs=0.05)
     assert "of the starting loss" in found[0].message
 

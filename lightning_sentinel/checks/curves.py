@@ -320,7 +320,7 @@ class LearningCurveMonitor(SentinelCallback):
         oscillation_factor: float = 0.8,
         overfit_patience: int = 3,
         overfit_min_rise: float = 0.2,
-        overfit_min_scale_rise: float = 0.05,
+        overfit_min_scale_rise: float = 0.075,
     ) -> None:
         super().__init__(on_detect=on_detect, every_n_steps=every_n_steps, warmup_steps=warmup_steps)
         self.monitor = require_text("monitor", monitor)

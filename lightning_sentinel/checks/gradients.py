@@ -42,7 +42,8 @@ register(
         "GradientNormMonitor",
         Severity.WARNING,
         "total (unscaled, pre-clip) gradient norm jumps far above its running median, or passes an absolute bound",
-        "norm > 10x the median of the last 20 checks (after 5), or norm > 1e4",
+        "norm > 10x the median of the last 20 checks (after 5) and, once 20 checks exist, > 10x the median of "
+        "the first 20 (the gradients while it learned); or norm > 1e4",
     ),
     CheckSpec(
         VANISHING,
@@ -185,8 +186,12 @@ class GradientNormMonitor(SentinelCallback):
     Rules (calibrated on the healthy zoo of ``benchmarks/detection``):
 
     - ``exploding-gradients``: total norm > ``spike_factor`` x the median of the last ``window``
-      checks (once ``min_history`` checks exist), or > ``max_norm``. ``where`` is the layer with
-      the largest gradient norm.
+      checks (once ``min_history`` checks exist) and, once ``window`` checks exist, also
+      > ``spike_factor`` x the median of the first ``window`` checks (frozen then, checkpointed), or
+      > ``max_norm``. ``where`` is the layer with the largest gradient norm. The early median gives
+      the rule a sense of scale: once the loss nears 0 most batches give tiny gradients and an
+      ordinary batch with one hard sample is many times the running median, yet no larger than the
+      gradients the model had while it learned; a real explosion late in a run is far above both.
     - ``vanishing-gradients``: a layer's grad/weight norm ratio < ``vanishing_ratio``, or the first
       weight layer's ratio < ``depth_ratio_threshold`` x the last one's, on ``patience`` checks in a
       row, while the loss is above ``converged_fraction`` of its first value.
