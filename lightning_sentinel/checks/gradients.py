@@ -198,7 +198,12 @@ class GradientNormMonitor(SentinelCallback):
 
     Calibration (``benchmarks/RESULTS.md``, 53 healthy runs x 3 seeds): the largest healthy
     spike was 7.7x the running median (``lstm-sequences``; threshold 10x, margin 1.3x), the largest
-    total norm 45 (bound 1e4, 223x); the smallest layer grad/weight ratio 2.2e-4 (threshold 1e-7,
+    total norm 45 (bound 1e4, 223x). The 3000-step runs of ``cases_long.py`` spike far above their
+    running median once converged (the digits MLP with AdamW: 26x at a constant lr, 13x under cosine;
+    a pre-LN Transformer 19x) but at most 4.0x their early median (pre-LN Transformer; the short zoo
+    4.6x, ``noisy-batch8-sgd-long``: margin 2.2x), while the digits MLP whose lr jumps x100 at step
+    2000 reaches 107x its early median (``warmup-without-cap``, the mildest fault judged after the
+    early median exists, 11.7x). The smallest layer grad/weight ratio 2.2e-4 (threshold 1e-7,
     2150x), the smallest first/last-layer ratio 7.8e-4 (``mlp-zero-init-head``; threshold 1e-5, 78x).
 
     Args:
