@@ -322,6 +322,7 @@ PROBES: tuple[Probe, ...] = (
         "overfitting_verdict",
         _overfitting(of_scale=True),
         _default("curves", "LearningCurveMonitor", "overfit_min_scale_rise"),
+        guard="the rise must also be 20% above the best (previous row)",
     ),
     Probe(
         "clipped-output",
