@@ -123,6 +123,23 @@ def test_lr_zero_freezes_the_parameters(tmp_path):
     assert found.evidence["lr"] == 0.0 and "learning rate is 0" in found.message
 
 
+class _DecayToNearZero(Classifier):
+    """SGD whose lr decays from 0.05 to 1e-12 after step 10 (the tail of a schedule that ends at 0)."""
+
+    def configure_optimizers(self):
+        optimizer = super().configure_optimizers()
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 if step < 10 else 2e-11)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def test_updates_below_float_resolution_at_the_end_of_a_decay_are_not_frozen(tmp_path):
+    # lr 1e-12: every update rounds away in float32 (exactly 0), as a bias of 150 does under lr 4e-5 near the
+    # end of a cosine decay; a schedule did that, so frozen-parameters stays quiet (lr 0 from the start is not
+    # excused: test_lr_zero_freezes_the_parameters)
+    trainer = fit(_DecayToNearZero(), [ParameterUpdateMonitor(every_n_steps=2)], root=tmp_path, max_steps=30)
+    assert "frozen-parameters" not in _ids(trainer)
+
+
 def test_tiny_learning_rate_is_too_low_but_a_warmup_is_not(tmp_path):
     trainer = fit(Classifier(lr=1e-8), [ParameterUpdateMonitor(every_n_steps=2)], root=tmp_path, max_steps=10)
     # (a bias's update may even round away in float32: frozen-parameters, also a right diagnosis)

@@ -497,6 +497,8 @@ _EXTENSIONS = (
     "cases_weight_decay",
     "cases_distributed",
     "cases_lm_rules",
+    "cases_long",
+    "cases_regression",
 )
 
 
