@@ -65,9 +65,13 @@ def test_split_batch_conventions():
         split_batch(SimpleNamespace(src=x, tgt=y), input_key="src", target_key="tgt").input_name
         == "batch.src"
     )
-    assert "none of the keys" in split_batch({"a": x}).reason
+    assert (
+        "none of the input names" in split_batch({"a": x}).reason
+        and "input_key" in split_batch({"a": x}).reason
+    )
     assert split_batch(object()).reason
-    assert "not a tensor" in split_batch(([x], y)).reason
+    assert "not a tensor" in split_batch({"x": [1, 2]}).reason
+    assert split_batch(([x], y)).input_name == "batch[0][0]"  # nested: the first tensor of the inputs
 
 
 def test_moments_merge_like_one_pass_and_skip_non_finite_batches():
