@@ -339,10 +339,25 @@ def _conventional_targets(batch: Any) -> Path | None:
         if key is None:
             return None
         target = child(batch, key)
-        return (key,) if isinstance(target, Tensor) else _first_tensor(target, (key,))
+        if isinstance(target, Tensor) or not children(target):
+            return (key,)  # a tensor, or something else that find_parts reports as not a tensor
+        return _first_tensor(target, (key,)) or (key,)
     if isinstance(batch, (tuple, list)) and len(batch) > 1:
         return _first_tensor(batch[1], (1,))
     return None
+
+
+def target_path(batch: Any, target_key: Key | None = None) -> Path | None:
+    """Where the targets of ``batch`` are (``target_key``'s path, else the convention's), or ``None``.
+
+    Example:
+        >>> target_path({"x": 1, "label": 2}), target_path([1, 2, 3], 2), target_path(object())
+        (('label',), (2,), None)
+    """
+    if target_key is None:
+        return _conventional_targets(batch)
+    path = _as_path(target_key, batch)
+    return path if get_path(batch, path) is not None else None
 
 
 def _conventional_mask(batch: Any, input_path: Path) -> Path | None:
@@ -404,20 +419,16 @@ def find_parts(batch: Any, input_key: Key | None = None, target_key: Key | None 
             "naming the tensor the model reads (a dotted path for nested batches, e.g. 'inputs.input_ids')",
         )
     target_reason = ""
-    if target_key is not None:
-        target_path: Path | None = _as_path(target_key, batch)
-        if get_path(batch, target_path) is None:
-            target_reason = f"`target_key={target_key!r}` is not in the batch (items: {_keys_of(batch)})"
-            target_path = None
-    else:
-        target_path = _conventional_targets(batch)
-    targets = get_path(batch, target_path) if target_path is not None else None
-    if not isinstance(targets, Tensor) or target_path == input_path:
-        if target_path is not None and not target_reason and target_path != input_path:
+    targets_at = target_path(batch, target_key)
+    if target_key is not None and targets_at is None:
+        target_reason = f"`target_key={target_key!r}` is not in the batch (items: {_keys_of(batch)})"
+    targets = get_path(batch, targets_at) if targets_at is not None else None
+    if not isinstance(targets, Tensor) or targets_at == input_path:
+        if targets_at is not None and not target_reason and targets_at != input_path:
             target_reason = (
-                f"the targets {path_name(batch, target_path)} are a {type(targets).__name__}, not a tensor"
+                f"the targets {path_name(batch, targets_at)} are a {type(targets).__name__}, not a tensor"
             )
-        targets, target_path = None, None
+        targets, targets_at = None, None
     if targets is None and not target_reason:
         target_reason = f"no targets in the batch (items: {_keys_of(batch)}): pass `target_key=` naming them"
     mask_path = _conventional_mask(batch, input_path)
@@ -427,10 +438,10 @@ def find_parts(batch: Any, input_key: Key | None = None, target_key: Key | None 
         targets,
         mask,
         input_path,
-        target_path,
+        targets_at,
         mask_path,
         input_name,
-        path_name(batch, target_path) if target_path is not None else "",
+        path_name(batch, targets_at) if targets_at is not None else "",
         path_name(batch, mask_path) if mask_path is not None else "",
         "",
         target_reason,

@@ -184,9 +184,9 @@ def shuffled_targets(targets: Sequence[Tensor], seed: int = 0) -> list[Tensor]:
     otherwise each batch is shuffled within itself (sequences padded to each batch's own length).
 
     Example:
-        >>> labels = [torch.tensor([[5, 6, -100], [7, 8, 9]])]
-        >>> shuffled_targets(labels)[0].tolist()
-        [[7, 8, -100], [5, 6, -100]]
+        >>> labels = [torch.tensor([[5, 6, -100], [7, 8, 9], [1, 2, 3], [4, -100, -100]])]
+        >>> shuffled_targets(labels)[0].tolist()  # samples 2 and 3 exchanged; 0 and 1 kept by chance
+        [[5, 6, -100], [7, 8, 9], [4, -100, -100], [1, -100, -100]]
     """
     generator = torch.Generator().manual_seed(seed)
     if len({tuple(target.shape[1:]) for target in targets}) == 1:
