@@ -495,6 +495,7 @@ _EXTENSIONS = (
     "cases_architectures",
     "cases_labels",
     "cases_weight_decay",
+    "cases_hf",
 )
 
 
