@@ -133,7 +133,7 @@ def ignores_input_verdict(real: float, shuffled: float, zeroed: float, margin: f
     """Whether the real-data loss fails to beat a baseline by ``margin`` (a fraction of the baseline).
 
     Returns ``(ignored, baseline)``: the name of the first baseline the real loss does not beat
-    (``"zeroed inputs"`` first: that diagnosis is the more specific), or ``""``.
+    (``"zeroed inputs"`` first), or ``""``.
 
     Example:
         >>> ignores_input_verdict(0.4, 2.2, 2.3, 0.05)
@@ -149,6 +149,39 @@ def ignores_input_verdict(real: float, shuffled: float, zeroed: float, margin: f
         if math.isfinite(baseline) and real > baseline - margin * abs(baseline):
             return True, name
     return False, ""
+
+
+def ignored_part(baseline: str, same_as_zeroed: bool | None) -> str:
+    """What the model learns nothing from: ``"inputs"`` (they never reach the output) or ``"labels"`` (they do
+    not belong to the inputs). A model blind to its inputs beats neither baseline, and neither does one trained
+    on labels that belong to other inputs: the trials tell them apart by the real run's training losses, which
+    are exactly the zeroed-input run's when the inputs never reach the output (``same_as_zeroed``). Unknown
+    (``None``): the baseline not beaten decides.
+
+    Example:
+        >>> ignored_part("zeroed inputs", True), ignored_part("zeroed inputs", False), ignored_part("shuffled labels", None)
+        ('inputs', 'labels', 'labels')
+    """
+    if same_as_zeroed is None:
+        return "inputs" if baseline == "zeroed inputs" else "labels"
+    return "inputs" if same_as_zeroed else "labels"
+
+
+def same_training(first: Sequence[float], second: Sequence[float], tolerance: float = 1e-4) -> bool:
+    """Whether two trial trainings saw the same losses step by step (within ``tolerance`` x their scale): the
+    real run and the zeroed-input run are the same computation when the inputs never reach the output.
+
+    Example:
+        >>> same_training([2.3, 2.1, 1.9], [2.3, 2.1, 1.9]), same_training([2.3, 2.1, 1.9], [2.3, 2.2, 2.1])
+        (True, False)
+    """
+    if not first or len(first) != len(second):
+        return False
+    scale = max(sum(abs(value) for value in first) / len(first), 1e-12)
+    return all(
+        math.isfinite(a) and math.isfinite(b) and abs(a - b) <= tolerance * scale
+        for a, b in zip(first, second, strict=True)
+    )
 
 
 def pulling_away(
@@ -596,17 +629,20 @@ class LabelShuffleCheck(_PreflightCheck):
             ]
             deadline = started + self.max_seconds
             results: dict[str, tuple[float, float]] = {}
+            training: dict[str, list[float]] = {}
             out_of_time = False
             for name, data in (("real", train), ("shuffled", shuffled), ("zeroed", zeroed)):
                 run = trial.train(data, self.max_steps, deadline, held_out=held_out, evaluations=2)
                 out_of_time = out_of_time or run.out_of_time
+                training[name] = run.losses
                 usable = run.losses and not run.non_finite and len(run.evaluations) == 2
                 results[name] = (
                     (run.evaluation_at(0.5), run.evaluation_at(1.0)) if usable else (math.nan, math.nan)
                 )
         finally:
             trial.release()
-        self._judge(trainer, pl_module, results, out_of_time, time.perf_counter() - started, parts)
+        same = same_training(training["real"], training["zeroed"])
+        self._judge(trainer, pl_module, results, out_of_time, time.perf_counter() - started, parts, same)
 
     def _judge(
         self,
@@ -616,6 +652,7 @@ class LabelShuffleCheck(_PreflightCheck):
         out_of_time: bool,
         seconds: float,
         parts: BatchParts,
+        same_as_zeroed: bool | None = None,
     ) -> None:
         real, shuffled, zeroed = (results[name][1] for name in ("real", "shuffled", "zeroed"))
         self._log_measured(
@@ -639,7 +676,8 @@ class LabelShuffleCheck(_PreflightCheck):
             "zeroed_halfway_loss": results["zeroed"][0],
             "seconds": seconds,
         }
-        where = parts.input_name if baseline == "zeroed inputs" else parts.target_name
+        part = ignored_part(baseline, same_as_zeroed)
+        where = parts.input_name if part == "inputs" else parts.target_name
         losses = f"held-out loss real {real:.4g}, shuffled labels {shuffled:.4g}, zeroed inputs {zeroed:.4g}"
         if out_of_time:
             self._report(
@@ -670,9 +708,11 @@ class LabelShuffleCheck(_PreflightCheck):
             return
         other = zeroed if baseline == "zeroed inputs" else shuffled
         cause = (
-            "the inputs do not reach the output (zeroed somewhere in forward/training_step, detached, or overwritten)"
-            if baseline == "zeroed inputs"
-            else "the labels do not belong to their inputs (shuffled or misaligned in the data pipeline)"
+            "the inputs do not reach the output (zeroed somewhere in forward/training_step, detached, or overwritten: "
+            "the real run trained exactly like the one on zeroed inputs)"
+            if part == "inputs"
+            else "the labels do not belong to their inputs (shuffled or misaligned in the data pipeline), or the inputs "
+            "barely reach the output"
         )
         self._report(
             trainer,
