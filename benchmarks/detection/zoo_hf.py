@@ -122,9 +122,7 @@ def token_tagging_loaders(n: int = 768, length: int = 16, batch_size: int = 16, 
     """Per-token classification of the topic texts: each token's band of the vocabulary (4 tags), ``-100`` at
     padding, as ``DataCollatorForTokenClassification`` pads them."""
     tokens, mask, _ = _topics(n, length, seed)
-    tags = torch.where(
-        mask.bool(), (tokens - FIRST) // 8, torch.full_like(tokens, IGNORE)
-    )
+    tags = torch.where(mask.bool(), (tokens - FIRST) // 8, torch.full_like(tokens, IGNORE))
     rows = [{"input_ids": tokens[i], "attention_mask": mask[i], "labels": tags[i]} for i in range(n)]
     cut = int(n * 0.75)
     return _loader(rows[:cut], batch_size, True, seed), _loader(rows[cut:], 64, False, seed)

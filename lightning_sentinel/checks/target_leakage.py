@@ -463,12 +463,14 @@ def _targets_are_tokens(record: LossRecord, tokens: Tensor) -> bool:
     length, columns = rows.shape[1], tokens.shape[-1]
     flat_tokens = tokens.reshape(tokens.shape[0], -1)
     for offset in (0, 1):
-        if length + offset > columns:
-            continue
-        window = flat_tokens[:, offset : offset + length]
-        labelled = rows >= 0
-        if bool(labelled.any() & ((rows == window) | ~labelled).all()):
-            return True
+        compared = min(length, columns - offset)
+        head, tail = rows[:, :compared], rows[:, compared:]
+        window = flat_tokens[:, offset : offset + compared]
+        labelled = head >= 0
+        if bool(labelled.any() & ((head == window) | ~labelled).all() & (tail < 0).all()):
+            return (
+                True  # e.g. a Hugging Face loss's labels[:, 1:] padded with -100: the tokens shifted by one
+            )
     return False
 
 
