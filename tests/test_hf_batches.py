@@ -37,9 +37,10 @@ def _lm_data():
 
 
 def _every_check() -> list[pl.Callback]:
+    """Every trial (on short budgets: these tests ask whether they run; the presets' budgets are tried below)."""
     return [
-        OverfitBatchCheck(max_seconds=120.0),
-        LabelShuffleCheck(max_seconds=120.0),
+        OverfitBatchCheck(max_steps=60, max_fraction=0.8, max_seconds=120.0),
+        LabelShuffleCheck(max_steps=30, max_seconds=120.0),
         BatchIndependenceCheck(),
         TargetLeakageCheck(),
         BatchInspector(every_n_steps=1, window_batches=2),
