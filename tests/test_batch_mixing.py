@@ -16,6 +16,15 @@ from lightning_sentinel.checks._copy_probe import differentiable_in_eval
 from lightning_sentinel.checks.batch_mixing import BatchIndependenceCheck, leaking_samples, per_sample_norms
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: tiny models slow down many times with two threads on a busy machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def _mixing(trainer):
     return [f for f in findings(trainer) if f.check == "batch-mixing"]
 

@@ -28,6 +28,15 @@ from lightning_sentinel.checks.data import (
 DATA_CHECKS = set(BatchInspector.CHECKS)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: tiny models slow down many times with two threads on a busy machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def _mine(trainer, severities=(Severity.WARNING, Severity.ERROR)):
     return [f for f in findings(trainer) if f.check in DATA_CHECKS and f.severity in severities]
 

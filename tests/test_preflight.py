@@ -29,6 +29,15 @@ from lightning_sentinel.checks.preflight import (
 PREFLIGHT = {"model-ignores-input", "cannot-overfit-batch"}
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: the trials' hundreds of tiny steps slow down many times with two on a busy machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def _mine(trainer: pl.Trainer, severity: str | None = None) -> list:
     return [
         f
@@ -383,3 +392,41 @@ def test_a_model_that_cannot_be_copied_gives_an_info(tmp_path):
     assert {f.severity.value for f in found} == {"info"} and len(found) == 2
     assert all("TypeError" in f.message for f in found)
     assert trainer.global_step == 2
+
+
+# ---------------------------------------------------------------------- the trials train what the user trains
+class _FrozenBackbone(pl.LightningModule):
+    """A batch-norm backbone frozen and kept in eval mode, a trained head; records what each step sees."""
+
+    seen: list[
+        tuple[bool, bool]
+    ] = []  # (backbone in train mode, backbone weights unchanged), shared by copies
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(32), nn.ReLU())
+        self.backbone.requires_grad_(False)
+        self.backbone.eval()
+        self.head = nn.Linear(32, 4)
+        self.initial = self.backbone[0].weight.detach().clone()
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch
+        unchanged = torch.equal(self.backbone[0].weight, self.initial)
+        _FrozenBackbone.seen.append((self.backbone.training, unchanged))
+        return nn.functional.cross_entropy(self.head(self.backbone(x)), y)
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.Adam(self.parameters(), lr=1e-2)  # frozen parameters in the optimizer too
+
+
+def test_the_trials_keep_eval_mode_modules_and_frozen_parameters(tmp_path):
+    _FrozenBackbone.seen = []
+    x, y = _digits_like()
+    module = _FrozenBackbone()
+    running_mean = module.backbone[1].running_mean.clone()
+    trainer = fit(module, _checks(), loader=_loader(x, y), root=tmp_path, max_steps=1)
+    assert _mine(trainer) == []
+    assert len(_FrozenBackbone.seen) > 300  # the trials' steps and evaluations, then the real step
+    assert all(not training and unchanged for training, unchanged in _FrozenBackbone.seen)
+    assert torch.equal(module.backbone[1].running_mean, running_mean)  # eval mode: statistics never updated
