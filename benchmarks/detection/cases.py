@@ -499,6 +499,7 @@ _EXTENSIONS = (
     "cases_lm_rules",
     "cases_long",
     "cases_regression",
+    "cases_hf",
 )
 
 
