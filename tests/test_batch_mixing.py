@@ -16,6 +16,15 @@ from lightning_sentinel.checks._copy_probe import differentiable_in_eval
 from lightning_sentinel.checks.batch_mixing import BatchIndependenceCheck, leaking_samples, per_sample_norms
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: tiny models slow down many times with two threads on a busy machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def _mixing(trainer):
     return [f for f in findings(trainer) if f.check == "batch-mixing"]
 
@@ -115,16 +124,51 @@ class _TwoInputs(zoo_mixing.Seq2SeqModule):
     pass
 
 
-def test_unknown_forward_gives_one_info_and_state_round_trips(tmp_path):
+class _MixedSeq2Seq(zoo_mixing.Seq2SeqModule):
+    """A seq2seq model whose decoder input is, by mistake, rolled along the batch (sample i decodes with
+    sample i-1's target)."""
+
+    def training_step(self, batch, batch_idx):
+        source, target = batch
+        start = torch.full_like(target[:, :1], zoo_mixing.BOS)
+        decoder_input = torch.cat([start, source.roll(1, dims=0)[:, :-1]], dim=1)  # the bug: roll over dim 0
+        logits = self(source, decoder_input)
+        return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
+
+
+def test_a_forward_that_needs_two_inputs_is_probed_through_training_step(tmp_path):
     loader, _ = zoo_mixing.reversal_loaders(n=64, batch_size=16)
     check = BatchIndependenceCheck(on_detect="raise")
     trainer = fit(_TwoInputs(zoo_mixing.GRUSeq2Seq()), [check], loader, root=tmp_path, max_steps=2)
-    [finding] = _mixing(trainer)
-    assert finding.severity.value == "info" and "forward" in finding.message
-    assert finding.message.startswith("batch-independence check skipped") and "input_key=" in finding.hint
+    assert _mixing(trainer) == []  # forward(source, decoder_input): perturbation through training_step, quiet
     restored = BatchIndependenceCheck(on_detect="raise")
     restored.load_state_dict(check.state_dict())
     assert restored._done
+    trainer = fit(_MixedSeq2Seq(zoo_mixing.GRUSeq2Seq()), [BatchIndependenceCheck()], loader, root=tmp_path)
+    [finding] = _mixing(trainer)
+    assert finding.severity.value == "error" and finding.where == "batch[0]"
+    assert "perturbing sample 15" in finding.message and finding.evidence["first_leaked_sample"] == 0
+
+
+class _NoInterceptedLoss(_TwoInputs):
+    def training_step(self, batch, batch_idx):
+        source, target = batch
+        logits = self(source, target)
+        return -(logits.log_softmax(-1).gather(-1, target[..., None])).mean()  # a loss by hand
+
+
+def test_what_cannot_be_probed_gives_one_info(tmp_path):
+    loader, _ = zoo_mixing.reversal_loaders(n=64, batch_size=16)
+    trainer = fit(
+        _NoInterceptedLoss(zoo_mixing.GRUSeq2Seq()),
+        [BatchIndependenceCheck(on_detect="raise")],
+        loader,
+        root=tmp_path,
+        max_steps=2,
+    )
+    [finding] = _mixing(trainer)
+    assert finding.severity.value == "info" and "forward" in finding.message
+    assert finding.message.startswith("batch-independence check skipped") and "input_key=" in finding.hint
 
 
 @pytest.mark.parametrize("name", ["reshape-mixes-batch-mlp", "gru-not-batch-first"])

@@ -80,6 +80,27 @@ def test_overfitting_rule():
     assert not overfitting_verdict([1.0, 0.8, 0.82, 0.83, 0.84], train, 3, 0.1)[0]  # within 10%
 
 
+def test_overfitting_rule_weighs_the_rise_against_the_starting_loss():
+    # the 3000-step digits MLP: 0.0229 -> 0.0284 (24% above its best) on a loss that started at ln(10)
+    val = [1.8, 0.2, 0.05, 0.0229, 0.025, 0.026, 0.027, 0.0284]
+    train = [2.0, 0.3, 0.05, 0.01, 0.005, 0.003, 0.002, 0.001]
+    assert overfitting_verdict(val, train, 3, 0.2)[0]  # the relative rule alone alarms
+    assert not overfitting_verdict(val, train, 3, 0.2, math.log(10), 0.075)[0]  # 0.24% of the scale
+    # wrong labels memorised: back up by a third of the starting loss
+    memorised = [1.8, 0.6, 0.45, 0.5, 0.7, 0.9, 1.1, 1.3]
+    assert overfitting_verdict(memorised, train, 3, 0.2, math.log(10), 0.075) == (True, 2)
+    # a regression in raw units (MSE ~4000 at the start): the scale comes with the loss
+    assert not overfitting_verdict([x * 4000 for x in val], train, 3, 0.2, 4000.0, 0.075)[0]
+    assert overfitting_verdict([x * 4000 for x in memorised], train, 3, 0.2, 4000.0, 0.075)[0]
+    # a training loss sitting converged near 0 (wobbling 1e-5 -> 1.3e-5) while the validation loss climbs
+    at_floor = [2.0, 0.3, 0.01, 1e-5, 1.1e-5, 1.2e-5, 1.3e-5, 1.3e-5]
+    assert overfitting_verdict(memorised, at_floor, 3, 0.2, math.log(10), 0.075)[0]
+    # both climbing together is divergence, not overfitting
+    assert not overfitting_verdict(memorised, [2.0, 0.3, 0.05, 0.1, 0.3, 0.5, 0.7, 0.9], 3, 0.2, 2.3, 0.05)[0]
+    # no scale known (validation before any training chunk): the relative rule alone
+    assert overfitting_verdict(val, train, 3, 0.2, math.nan, 0.05)[0]
+
+
 def test_loss_from_outputs():
     assert loss_from_outputs(torch.tensor(2.0)).item() == 2.0
     assert loss_from_outputs({"loss": torch.tensor([3.0])}).item() == 3.0
@@ -99,6 +120,7 @@ def test_loss_from_outputs():
         ("oscillation_factor", float("inf")),
         ("overfit_patience", 0),
         ("overfit_min_rise", -0.1),
+        ("overfit_min_scale_rise", -0.01),
         ("monitor", ""),
     ],
 )
@@ -242,6 +264,59 @@ def test_overfitting_names_the_monitored_key_and_gives_the_gap(tmp_path):
     )
     assert found[0].step == 140  # the 7th validation: 1.0 >= 1.2 x 0.8, 4 runs after the best
     assert "early stopping" in found[0].hint
+
+
+def test_a_converged_model_that_stays_converged_is_quiet_and_a_late_overfit_is_caught(tmp_path):
+    # 60 validations of a model converged near 0 whose validation loss drifts 0.03 -> 0.045 (50% above its
+    # best, 0.7% of its starting loss), then the same run memorising wrong labels: val back to 0.6
+    levels = [2.3 * math.exp(-i / 20) + 1e-4 for i in range(1300)]
+    converged = [1.5, 0.3, 0.08, 0.03] + [0.03 + 0.00025 * i for i in range(60)]
+    late = converged[:40] + [0.04 + 0.02 * i for i in range(30)]
+    settings = {
+        "max_steps": 1280,
+        "limit_train_batches": 20,
+        "limit_val_batches": 1,
+        "num_sanity_val_steps": 0,
+    }
+    trainer = fit(
+        _WithVal(levels, val_losses=converged),
+        [LearningCurveMonitor()],
+        loader=_loader(),
+        root=tmp_path,
+        **settings,
+    )
+    assert _ours(trainer) == []
+    trainer = fit(
+        _WithVal(levels, val_losses=late),
+        [LearningCurveMonitor()],
+        loader=_loader(),
+        root=tmp_path,
+        **settings,
+    )
+    found = _ours(trainer)
+    assert [(f.check, f.where) for f in found] == [(OVERFITTING, "val_loss")]
+    # the starting loss is the first 5-step chunk's mean, ~2.07: caught once the rise passes 7.5% of it, 0.155,
+    # at 0.04 + 0.02 x 8 - 0.03 = 0.17 (the 49th validation, at step 20 x 49)
+    assert found[0].step == 980
+    assert found[0].evidence["loss_scale"] == pytest.approx(2.07, abs=0.05)
+    assert "of the starting loss" in found[0].message
+
+
+def test_late_divergence_after_convergence_is_caught_and_a_converged_wobble_is_not(tmp_path):
+    # converged at ~1e-3 after 300 steps; a 3x wobble stays quiet; the loss thrown back to ~2 late is diverging
+    levels = [2.3 * math.exp(-i / 30) + 1e-3 for i in range(300)]
+    wobble = levels + [1e-3 * (1 + 2 * (i % 7 == 0)) for i in range(900)]
+    jump = levels + [1e-3] * 600 + [2.0 + 0.01 * i for i in range(300)]
+    trainer = fit(
+        Scripted(_noisy(wobble)), [LearningCurveMonitor()], loader=_loader(), root=tmp_path, max_steps=1200
+    )
+    assert _ours(trainer) == []
+    trainer = fit(
+        Scripted(_noisy(jump)), [LearningCurveMonitor()], loader=_loader(), root=tmp_path, max_steps=1200
+    )
+    found = _ours(trainer)
+    assert [f.check for f in found] == [DIVERGENCE] and found[0].where == "loss"
+    assert 900 < found[0].step <= 930
 
 
 def test_healthy_validation_is_silent_and_a_missing_key_is_an_info(tmp_path):

@@ -299,6 +299,26 @@ def test_calibration_probe_records_the_nearest_healthy_value() -> None:
     assert spike.margin == pytest.approx(10.0 / 3.0)
 
 
+def test_calibration_probes_of_the_scale_rules() -> None:
+    from benchmarks.detection import calibration
+    from lightning_sentinel.checks import curves, gradients
+
+    recorder = calibration.Recorder()
+    with calibration.probing(recorder):
+        recorder.case = "converged"
+        gradients.exploding_verdict(1.6, [0.06] * 5, 10.0, 1e4, 5, 0.8)  # 27x the running median, 2x early
+        recorder.case = "drift"  # 24% above its best, 0.24% of ln 10
+        curves.overfitting_verdict(
+            [1.8, 0.0229, 0.025, 0.026, 0.0284], [2, 0.01, 0.005, 0.003, 0.002], 3, 0.2, 2.3, 0.075
+        )
+    rows = {row.statistic: row for row in calibration.margins(recorder)}
+    assert rows["grad norm / running median"].nearest == pytest.approx(1.6 / 0.06)
+    assert rows["grad norm / max(running median, early median)"].nearest == pytest.approx(2.0)
+    assert rows["val loss rise over its best (train falling)"].nearest == pytest.approx(0.0055 / 0.0229)
+    scale = rows["val loss rise over its best / starting loss (train falling)"]
+    assert scale.nearest == pytest.approx(0.0055 / 2.3) and scale.threshold == 0.075
+
+
 def test_every_check_id_is_the_expected_diagnosis_of_some_fault() -> None:
     expected = set().union(*(case.expected for case in CASES if not case.healthy))
     assert set(registered_checks()) <= expected

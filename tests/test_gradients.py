@@ -21,6 +21,66 @@ def test_exploding_rule():
     assert not exploding_verdict(float("nan"), history, 10.0, 1e4, 5)[0]
 
 
+def test_exploding_rule_weighs_the_gradients_of_the_first_checks():
+    # a 3000-step digits MLP (AdamW, dropout): converged, its running median is 0.06 and a hard batch gives 1.6,
+    # 26x the median but 2.2x the median of its first 20 checks (0.72) while it learned
+    converged = [0.05, 0.07, 0.06, 0.06, 0.05, 0.08, 0.06]
+    assert exploding_verdict(1.6, converged, 10.0, 1e4, 5)[0]  # the running median alone: a false alarm
+    assert not exploding_verdict(1.6, converged, 10.0, 1e4, 5, early_reference=0.72)[0]
+    # the same run with its lr x100 at step 2000: 86, 120x the early median
+    exploding, reason, reference = exploding_verdict(86.0, converged, 10.0, 1e4, 5, early_reference=0.72)
+    assert exploding and reference == 0.72 and reason == "119x the early median 0.72"
+    # early in a run the early median is the running median (it is frozen once `window` checks exist)
+    assert exploding_verdict(11.0, [1.0] * 5, 10.0, 1e4, 5, early_reference=None)[0]
+    assert exploding_verdict(2e4, converged, 10.0, 1e4, 5, early_reference=1e3)[0]  # the bound stays absolute
+
+
+class _LossScaled(Classifier):
+    """A classifier whose loss is multiplied by ``scale(step)``: the gradient norm follows the script."""
+
+    def __init__(self, scale):
+        super().__init__(lr=1e-4)
+        self.scale = scale
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return self.scale(self.global_step) * nn.functional.cross_entropy(self(x), y)
+
+
+def _late_run(step, spike):
+    """Learning for 25 steps, then converged (gradients 100x smaller), one spike at step 60."""
+    if step < 25:
+        return 1.0
+    return spike if step == 60 else 0.01
+
+
+def test_a_converged_models_hard_batch_is_quiet_and_a_late_explosion_is_caught(tmp_path):
+    monitor = GradientNormMonitor(every_n_steps=1)
+    trainer = fit(_LossScaled(lambda step: _late_run(step, 0.3)), [monitor], root=tmp_path, max_steps=70)
+    (state,) = monitor._optimizers.values()
+    # frozen after 20 checks (steps 0-19, learning): ~50x the converged gradients of the last 20 checks
+    assert state.early_reference > 30 * sorted(state.history)[len(state.history) // 2]
+    assert [
+        f for f in findings(trainer) if f.check == "exploding-gradients"
+    ] == []  # 30x the median, 0.3x early
+    monitor = GradientNormMonitor(every_n_steps=1)
+    trainer = fit(_LossScaled(lambda step: _late_run(step, 30.0)), [monitor], root=tmp_path, max_steps=70)
+    found = [f for f in findings(trainer) if f.check == "exploding-gradients"]
+    assert [f.step for f in found] == [60] and found[0].where.startswith("net.")
+    assert "the early median" in found[0].message
+    assert found[0].evidence["grad_norm"] > 10 * found[0].evidence["reference"]
+
+
+def test_the_early_median_survives_a_resume(tmp_path):
+    monitor = GradientNormMonitor(every_n_steps=1)
+    fit(Classifier(), [monitor], root=tmp_path, max_steps=30)
+    (state,) = monitor._optimizers.values()
+    assert state.early_reference is not None and len(state.history) == 20
+    restored = GradientNormMonitor(every_n_steps=1)
+    restored.load_state_dict(monitor.state_dict())
+    assert restored._saved_early == {"": state.early_reference}
+
+
 def test_vanishing_rules():
     assert vanishing_layers([1e-3, 1e-12, 0.0, 1e-12], [1.0, 1.0, 1.0, 0.0], 1e-7) == [
         1

@@ -2,6 +2,7 @@
 
 import math
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from _models import Classifier, fit
@@ -20,6 +21,7 @@ from lightning_sentinel.checks.loss_at_init import (
     regression_init_stats,
     too_high,
     too_low,
+    within_budget,
 )
 
 
@@ -285,3 +287,103 @@ def test_harness_cases(name):
     else:
         assert own and own[0].where == "loss" and own[0].step <= 1
     assert result.verdict == "ok"
+
+
+# ---------------------------------------------------------------------- language models and per-token tasks
+def test_token_statistics_are_ln_vocabulary_without_the_ignored_positions():
+    vocab = 50
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, vocab, (4 * 6,), generator=generator)
+    labels[::3] = -100  # padding
+    scores = torch.zeros(4 * 6, vocab)
+    scores[labels == -100, 0] = 100.0  # confidently wrong on the ignored positions only
+    observed, classes, _, _ = classification_init_stats(scores, labels).tolist()
+    assert observed == pytest.approx(math.log(vocab)) and classes == vocab
+    # a call too large for the budget: the labelled rows are taken first, the ignored ones never
+    kept, kept_labels = within_budget(scores, labels, budget=5 * vocab)
+    assert kept.shape == (5, vocab) and bool((kept_labels != -100).all())
+    assert torch.equal(kept, torch.zeros(5, vocab))
+    # per-position scores (N, C, T) keep every k-th position of the last dimension
+    kept, kept_labels = within_budget(
+        torch.zeros(2, vocab, 12), torch.zeros(2, 12).long(), budget=2 * vocab * 4
+    )
+    assert kept.shape == (2, vocab, 4) and kept_labels.shape == (2, 4)
+
+
+class _CausalLM(pl.LightningModule):
+    """A tiny ``GPT2LMHeadModel`` on dict batches with padding (-100). ``own_loss``: the model's own loss
+    (it shifts and flattens the logits); otherwise the loop does it, with ``CrossEntropyLoss(ignore_index=-100,
+    label_smoothing=0.1)``."""
+
+    def __init__(self, initializer_range=0.02, own_loss=True):
+        super().__init__()
+        from benchmarks.detection.zoo_lm_rules import tiny_gpt2
+
+        self.model = tiny_gpt2(initializer_range=initializer_range)
+        self.own_loss = own_loss
+        self.loss = nn.CrossEntropyLoss(ignore_index=-100, label_smoothing=0.1)
+
+    def training_step(self, batch, batch_idx):
+        if self.own_loss:
+            return self.model(**batch).loss
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        vocab = logits.shape[-1]
+        return self.loss(logits[:, :-1].reshape(-1, vocab), batch["labels"][:, 1:].reshape(-1))
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+
+def _fit_lm(root, module, **kwargs):
+    from benchmarks.detection.zoo_lm_rules import markov_text_loaders
+
+    loader = markov_text_loaders(n=64, batch_size=16)[0]
+    return fit(module, [LossAtInitCheck(**kwargs)], root=root, max_steps=2, loader=loader)
+
+
+@pytest.mark.parametrize("own_loss", [True, False])
+def test_a_language_model_starts_at_ln_vocabulary_and_an_overconfident_init_is_caught(
+    tmp_path, own_loss, monkeypatch
+):
+    pytest.importorskip("transformers")
+    assert _own(_fit_lm(tmp_path / "healthy", _CausalLM(own_loss=own_loss)), ("info", "warning")) == []
+    (finding,) = _own(_fit_lm(tmp_path / "overconfident", _CausalLM(1.0, own_loss)))  # embeddings N(0, 1)
+    assert finding.where == ("F.cross_entropy in fixed_cross_entropy" if own_loss else "loss")
+    assert finding.evidence["classes"] == 32 and finding.evidence["expected"] == pytest.approx(math.log(32))
+    assert finding.evidence["observed"] > 2 * math.log(32)
+    # the same verdicts on a budget of 40 rows (of 16 x 23 tokens) per call
+    from lightning_sentinel.checks import loss_at_init
+
+    monkeypatch.setattr(loss_at_init, "STATS_BUDGET", 40 * 32)
+    assert _own(_fit_lm(tmp_path / "healthy-budget", _CausalLM(own_loss=own_loss))) == []
+    (finding,) = _own(_fit_lm(tmp_path / "overconfident-budget", _CausalLM(1.0, own_loss)))
+    assert finding.evidence["observed"] > 2 * math.log(32)
+
+
+def test_a_masked_lm_is_judged_on_its_masked_positions_only(tmp_path):
+    pytest.importorskip("transformers")
+    from benchmarks.detection.zoo_lm_rules import dict_loaders, masked_text, tiny_bert_mlm
+
+    class MaskedLM(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = tiny_bert_mlm(vocab=33)
+
+        def training_step(self, batch, batch_idx):
+            return self.model(**batch).loss
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+    stats = []
+
+    class Spy(LossAtInitCheck):
+        def _run_loss_at_init_check(self, trainer, mode, returned, batch_idx):
+            stats.extend(call.stats.tolist() for call in mode.calls)
+            super()._run_loss_at_init_check(trainer, mode, returned, batch_idx)
+
+    loader = dict_loaders(masked_text, n=64, batch_size=16, length=24, vocab=32)[0]
+    trainer = fit(MaskedLM(), [Spy()], root=tmp_path, max_steps=2, loader=loader)
+    assert _own(trainer, ("info", "warning")) == []
+    ((observed, classes, _, _),) = stats  # ~85% of the labels are -100
+    assert classes == 33 and abs(observed - math.log(33)) < 0.3

@@ -18,10 +18,13 @@ from benchmarks.detection.runner import run_case
 from lightning_sentinel import findings
 from lightning_sentinel.checks.loss_inputs import (
     LossInputCheck,
+    OutputRange,
     RegressionStats,
     bounded_range,
     broadcast_verdict,
     clipped_verdict,
+    graph_range,
+    graph_range_verdict,
     looks_like_probabilities,
     not_log_probabilities,
     producer_of,
@@ -226,6 +229,130 @@ def test_clipped_output_without_a_graph_needs_outputs_at_the_bound(tmp_path):
         and found[0].evidence["activation_in_graph"] == 0.0
         and found[0].evidence["pinned_share"] >= 0.01
     )
+
+
+def test_graph_range_reads_exact_bounds_of_activations_and_clamps():
+    head = nn.Linear(3, 1)
+    x = torch.randn(4, 3)
+    ranges = {
+        "relu6": nn.ReLU6()(head(x)),
+        "hardtanh": nn.functional.hardtanh(head(x), -2.0, 3.0),
+        "clamp": head(x).clamp(0.0, 10.0).squeeze(-1),
+        "clamp_min": head(x).clamp(min=0.5),
+        "elu": nn.functional.elu(head(x), 0.5),
+        "selu": nn.functional.selu(head(x)),
+        "gelu": nn.functional.gelu(head(x)),
+        "silu": nn.functional.silu(head(x)),
+        "exp": torch.exp(head(x)).view(-1),
+        "square": head(x) ** 2,
+        "scaled": 300 * torch.sigmoid(head(x)),
+        "halved": torch.tanh(head(x)) / 2,
+        "softplus": nn.functional.softplus(head(x)),
+    }
+    found = {
+        name: (r.activation, r.low, r.high) for name, r in ((n, graph_range(v)) for n, v in ranges.items())
+    }
+    assert found == {
+        "relu6": ("ReLU6", 0.0, 6.0),
+        "hardtanh": ("hardtanh", -2.0, 3.0),
+        "clamp": ("clamp", 0.0, 10.0),
+        "clamp_min": ("clamp", 0.5, math.inf),
+        "elu": ("ELU", -0.5, math.inf),
+        "selu": ("SELU", pytest.approx(-1.7581, abs=1e-4), math.inf),
+        "gelu": ("GELU", -0.17, math.inf),
+        "silu": ("SiLU", -0.2785, math.inf),
+        "exp": ("exp", 0.0, math.inf),
+        "square": ("an even power", 0.0, math.inf),
+        "scaled": ("sigmoid", 0.0, 300.0),
+        "halved": ("tanh", -0.5, 0.5),
+        "softplus": ("softplus", 0.0, math.inf),
+    }
+    for unbounded in (head(x), nn.functional.leaky_relu(head(x)), head(x) ** 3, torch.relu(head(x)) + 1.0):
+        assert graph_range(unbounded) is None
+    with torch.no_grad():
+        assert graph_range(torch.relu(head(x))) is None
+    assert graph_range_verdict(0.0, 6.0, 0.9, OutputRange("ReLU6", 0.0, 6.0), 0.05)
+    assert not graph_range_verdict(0.0, 6.0, 0.01, OutputRange("ReLU6", 0.0, 6.0), 0.05)
+    assert not graph_range_verdict(
+        -3.0, 6.0, 0.9, OutputRange("ReLU6", 0.0, 6.0), 0.05
+    )  # outputs outside: not it
+
+
+class _UnscaledRegressor(_Regressor):
+    """Targets in raw units (around 200, std ~35), or around ``shift``."""
+
+    def __init__(self, head=None, shift=200.0, scale=20.0):
+        super().__init__(head=head)
+        self.shift, self.scale = shift, scale
+
+    def training_step(self, batch, batch_idx):
+        x, _ = batch
+        target = (self.shift + self.scale * (x[:, :1] * 1.5 + x[:, 1:2])).detach()
+        return self.loss(self(x), target)
+
+
+@pytest.mark.parametrize(
+    ("head", "shown"),
+    [
+        (nn.ReLU6(), "[0, 6]"),
+        (nn.Hardtanh(0.0, 50.0), "[0, 50]"),
+    ],
+)
+def test_an_upper_bound_below_unscaled_targets_is_clipped_output(tmp_path, head, shown):
+    trainer = fit(_UnscaledRegressor(head), [LossInputCheck(every_n_steps=2)], root=tmp_path, max_steps=6)
+    found = _own(trainer)
+    assert [(f.check, f.where) for f in found] == [("clipped-output", "loss")]
+    assert shown in found[0].message and found[0].evidence["targets_outside_share"] > 0.9
+
+
+@pytest.mark.parametrize("head", [nn.GELU(), nn.ELU(), nn.SiLU()])
+def test_a_lower_bound_that_cuts_off_standardized_targets_is_clipped_output(tmp_path, head):
+    trainer = fit(_Regressor(head=head), [LossInputCheck(every_n_steps=2)], root=tmp_path, max_steps=6)
+    found = _own(trainer)
+    assert [(f.check, f.where, f.step) for f in found] == [("clipped-output", "loss", 5)]
+    assert found[0].evidence["range_low"] == graph_range(head(torch.randn(2, 1, requires_grad=True))).low
+
+
+class _Scaled(nn.Module):
+    def __init__(self, factor):
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, values):
+        return self.factor * torch.sigmoid(values)
+
+
+@pytest.mark.parametrize("head", ["relu6", "linear", "600-sigmoid"])
+def test_a_head_that_covers_its_targets_is_quiet(tmp_path, head):
+    if head == "relu6":
+        model = _UnscaledRegressor(nn.ReLU6(), shift=3.0, scale=0.5)  # targets within [0, 6]
+        nn.init.constant_(model.net[2].bias, 3.0)
+    elif head == "linear":  # a linear head on raw targets (~200): never judged, whatever its range
+        model = _UnscaledRegressor()
+        nn.init.constant_(model.net[2].bias, 200.0)
+    else:  # bounded, but (0, 600) covers targets of ~200
+        model = _UnscaledRegressor(_Scaled(600.0))
+        nn.init.constant_(model.net[2].bias, math.log(0.5))
+    seen = []
+
+    class Spy(LossInputCheck):
+        def _judge_calls(self, trainer, recorder, batch_idx):
+            seen.extend(call.bounds for call in recorder.calls)
+            super()._judge_calls(trainer, recorder, batch_idx)
+
+    trainer = fit(model, [Spy(every_n_steps=2)], root=tmp_path, max_steps=12)
+    assert _own(trainer) == []
+    bounds = {"relu6": (0.0, 6.0), "linear": None, "600-sigmoid": (0.0, 600.0)}[head]
+    assert len(seen) == 6 and {None if b is None else (b.low, b.high) for b in seen} == {bounds}
+
+
+def test_a_sigmoid_head_on_unscaled_targets_is_clipped_output(tmp_path):
+    trainer = fit(
+        _UnscaledRegressor(nn.Sigmoid()), [LossInputCheck(every_n_steps=2)], root=tmp_path, max_steps=6
+    )
+    found = _own(trainer)
+    assert [(f.check, f.where) for f in found] == [("clipped-output", "loss")]
+    assert "sigmoid last (range [0, 1])" in found[0].message
 
 
 def test_healthy_regressions_are_silent(tmp_path):

@@ -1,14 +1,20 @@
 """ParameterUpdateMonitor: pure rules, optimizer coverage, unused and frozen parameters, update ratios."""
 
+import lightning.pytorch as pl
 import pytest
 import torch
-from _models import Classifier, MetricsRecorder, fit
+from _models import Classifier, MetricsRecorder, classification_loader, fit
 from torch import nn
 
+from benchmarks.host_reads import HostReadCounter
 from lightning_sentinel import findings
 from lightning_sentinel.checks.parameters import (
+    GRAD_WAS_NONE,
+    GRAD_WAS_NONZERO,
+    GRAD_WAS_ZERO,
     ParameterUpdateMonitor,
     burst_verdict,
+    carried_over,
     lr_excuses_low_ratio,
     module_groups,
     ratio_streak,
@@ -115,6 +121,23 @@ def test_lr_zero_freezes_the_parameters(tmp_path):
     (found,) = findings(trainer)
     assert found.check == "frozen-parameters" and found.where == "net" and found.step == 5
     assert found.evidence["lr"] == 0.0 and "learning rate is 0" in found.message
+
+
+class _DecayToNearZero(Classifier):
+    """SGD whose lr decays from 0.05 to 1e-12 after step 10 (the tail of a schedule that ends at 0)."""
+
+    def configure_optimizers(self):
+        optimizer = super().configure_optimizers()
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 if step < 10 else 2e-11)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def test_updates_below_float_resolution_at_the_end_of_a_decay_are_not_frozen(tmp_path):
+    # lr 1e-12: every update rounds away in float32 (exactly 0), as a bias of 150 does under lr 4e-5 near the
+    # end of a cosine decay; a schedule did that, so frozen-parameters stays quiet (lr 0 from the start is not
+    # excused: test_lr_zero_freezes_the_parameters)
+    trainer = fit(_DecayToNearZero(), [ParameterUpdateMonitor(every_n_steps=2)], root=tmp_path, max_steps=30)
+    assert "frozen-parameters" not in _ids(trainer)
 
 
 def test_tiny_learning_rate_is_too_low_but_a_warmup_is_not(tmp_path):
@@ -273,3 +296,177 @@ def test_a_param_group_added_later_is_watched(tmp_path):
     trainer = fit(_Unfreezing(), [monitor], root=tmp_path, max_steps=16)
     found = [(f.check, f.where) for f in findings(trainer)]
     assert found == [("frozen-parameters", "net.0")]  # the new group's lr is 0
+
+
+# ---------------------------------------------------------------------- gradients-not-zeroed
+NOT_ZEROED = "gradients-not-zeroed"
+
+
+def test_carried_over_needs_a_gradient_held_before_every_backward():
+    assert carried_over([GRAD_WAS_NONZERO]) and carried_over([GRAD_WAS_NONZERO] * 4)
+    assert not carried_over([GRAD_WAS_NONE, GRAD_WAS_NONZERO, GRAD_WAS_NONZERO])  # micro-batches accumulated
+    assert not carried_over([GRAD_WAS_ZERO])  # zero_grad(set_to_none=False)
+    assert not carried_over([GRAD_WAS_NONZERO, GRAD_WAS_NONE])  # zeroed before a second loss's backward
+    assert not carried_over([])
+
+
+class _Manual(Classifier):
+    """Manual optimization; ``zeroing`` is ``"none"`` (the bug), ``"zero-set"`` (zero_grad(set_to_none=False))
+    or ``"every-4"`` (accumulation over 4 micro-batches, zeroed after each step)."""
+
+    def __init__(self, zeroing, **kwargs):
+        super().__init__(**kwargs)
+        self.zeroing = zeroing
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        optimizer = self.optimizers()
+        x, y = batch
+        loss = nn.functional.cross_entropy(self(x), y)
+        if self.zeroing == "every-4":
+            self.manual_backward(loss / 4)
+            if (batch_idx + 1) % 4 == 0:
+                optimizer.step()
+                optimizer.zero_grad()
+            return loss
+        if self.zeroing == "zero-set":
+            optimizer.zero_grad(set_to_none=False)
+        self.manual_backward(loss)
+        optimizer.step()
+        return loss
+
+
+class _NoZeroGradAutomatic(Classifier):
+    def optimizer_zero_grad(self, epoch, batch_idx, optimizer):
+        pass  # the bug: Lightning never zeroes
+
+
+def test_gradients_never_zeroed_are_reported_with_where(tmp_path):
+    trainer = fit(_Manual("none", lr=0.01), [ParameterUpdateMonitor()], root=tmp_path, max_steps=30)
+    found = [f for f in findings(trainer) if f.check == NOT_ZEROED]
+    assert [(f.where, f.severity.value) for f in found] == [("net.0", "error")]
+    assert (
+        found[0].step == 21
+    )  # the windows that end at checked steps 10 and 20, read with their update checks
+    assert found[0].evidence["parameters_carried"] == found[0].evidence["parameters_sampled"] == 4
+    automatic = fit(_NoZeroGradAutomatic(lr=0.01), [ParameterUpdateMonitor()], root=tmp_path, max_steps=30)
+    assert [f.where for f in findings(automatic) if f.check == NOT_ZEROED] == ["net.0"]
+
+
+class _PerStepReads(pl.Callback):
+    def __init__(self, counter):
+        self.counter = counter
+        self.steps = []
+
+    def on_train_batch_start(self, *args):
+        self.steps.append(self.counter.take())
+
+
+def test_gradients_held_as_zeros_or_never_zeroed_are_read_on_checked_steps_only(tmp_path):
+    """zero_grad(set_to_none=False) leaves .grad allocated: every watched backward makes a device flag, and
+    the flags are read with the checked step's one read, never on the steps between."""
+    for zeroing in ("zero-set", "none"):
+        counter = HostReadCounter()
+        per_step = _PerStepReads(counter)
+        with counter:
+            trainer = fit(
+                _Manual(zeroing, lr=0.01),
+                [per_step, ParameterUpdateMonitor(every_n_steps=5)],
+                root=tmp_path,
+                max_steps=30,
+            )
+        steps = [*per_step.steps[1:], counter.take()]  # [i]: the reads from the start of batch i on
+        reads = {
+            i: sum(n for (module, _, _), n in step.items() if module == "checks/parameters.py")
+            for i, step in enumerate(steps)
+        }
+        assert {i for i, n in reads.items() if n} <= set(range(0, 30, 5)) and max(reads.values()) <= 1, reads
+        assert (NOT_ZEROED in _ids(trainer)) == (zeroing == "none")
+
+
+@pytest.mark.parametrize("zeroing", ["zero-set", "every-4"])
+def test_zeroing_with_set_to_none_false_or_accumulating_by_hand_is_quiet(tmp_path, zeroing):
+    monitor = ParameterUpdateMonitor(every_n_steps=2)
+    trainer = fit(
+        _Manual(zeroing, lr=0.01), [monitor], root=tmp_path, max_steps=60 if zeroing == "zero-set" else 15
+    )
+    assert NOT_ZEROED not in _ids(trainer)
+    assert all(state.zeroing is None or state.zeroing.handles for state in monitor._optimizers.values())
+    assert sum(state.steps_seen for state in monitor._optimizers.values()) >= 15
+
+
+def test_automatic_accumulation_is_quiet(tmp_path):
+    trainer = fit(
+        Classifier(lr=0.01),
+        [ParameterUpdateMonitor(every_n_steps=2)],
+        root=tmp_path,
+        max_steps=12,
+        accumulate_grad_batches=4,
+        loader=classification_loader(n=512, batch_size=8),
+    )
+    assert NOT_ZEROED not in _ids(trainer)
+
+
+class _SharedBodyTwoLosses(Classifier):
+    """Each optimizer zeroed just before its own backward; the second loss also reaches the first optimizer's
+    body, so its gradient holds something between the first optimizer's step and its next zeroing."""
+
+    def __init__(self):
+        super().__init__(net=nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 3)))
+        self.other_head = nn.Linear(32, 3)
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        first, second = self.optimizers()
+        x, y = batch
+        first.zero_grad()
+        self.manual_backward(nn.functional.cross_entropy(self(x), y))
+        first.step()
+        second.zero_grad()
+        self.manual_backward(nn.functional.cross_entropy(self.other_head(self.net[:2](x)), y))
+        second.step()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.net.parameters(), lr=0.05), torch.optim.SGD(
+            self.other_head.parameters(), lr=0.05
+        )
+
+
+class _WrongOptimizerZeroed(_SharedBodyTwoLosses):
+    def training_step(self, batch, batch_idx):
+        first, second = self.optimizers()
+        x, y = batch
+        second.zero_grad()
+        second.zero_grad()  # the bug: meant first.zero_grad()
+        self.manual_backward(nn.functional.cross_entropy(self(x), y))
+        self.manual_backward(nn.functional.cross_entropy(self.other_head(self.net[:2](x).detach()), y))
+        first.step()
+        second.step()
+
+
+def test_two_optimizers_shared_body_quiet_and_the_wrong_one_zeroed_named(tmp_path):
+    healthy = fit(_SharedBodyTwoLosses(), [ParameterUpdateMonitor()], root=tmp_path, max_steps=60)
+    assert NOT_ZEROED not in _ids(healthy)
+    broken = fit(_WrongOptimizerZeroed(), [ParameterUpdateMonitor()], root=tmp_path, max_steps=60)
+    assert [f.where for f in findings(broken) if f.check == NOT_ZEROED] == ["optimizer_0:net.0"]
+
+
+def test_gradients_not_zeroed_under_torch_compile(tmp_path):
+    module = _Manual("none", lr=0.01)
+    module.net = torch.compile(module.net, backend="aot_eager")
+    trainer = fit(module, [ParameterUpdateMonitor()], root=tmp_path, max_steps=30)
+    assert NOT_ZEROED in _ids(trainer)
+
+
+class _CosineToZero(Classifier):
+    def configure_optimizers(self):
+        optimizer = torch.optim.Adam(self.parameters(), lr=1e-3)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1.0 - step / 40) ** 8)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def test_a_schedule_that_decays_to_zero_does_not_freeze_the_parameters(tmp_path):
+    trainer = fit(_CosineToZero(), [ParameterUpdateMonitor(every_n_steps=2)], root=tmp_path, max_steps=60)
+    assert "frozen-parameters" not in _ids(trainer)
+    frozen = fit(Classifier(lr=0.0), [ParameterUpdateMonitor(every_n_steps=2)], root=tmp_path, max_steps=12)
+    assert "frozen-parameters" in _ids(frozen)  # lr 0 from the start: still frozen

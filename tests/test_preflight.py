@@ -12,12 +12,11 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_sentinel import findings
+from lightning_sentinel.checks._batches import find_parts, replace_parts
 from lightning_sentinel.checks._trial import (
     TrialUnavailable,
-    find_layout,
     first_optimizer,
     forked_random_state,
-    replace_parts,
     step_schedulers,
 )
 from lightning_sentinel.checks.preflight import (
@@ -28,6 +27,15 @@ from lightning_sentinel.checks.preflight import (
 )
 
 PREFLIGHT = {"model-ignores-input", "cannot-overfit-batch"}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: the trials' hundreds of tiny steps slow down many times with two on a busy machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 def _mine(trainer: pl.Trainer, severity: str | None = None) -> list:
@@ -78,13 +86,13 @@ def test_optimizer_forms_and_step_schedulers():
 
 def test_batch_layouts():
     x, y = torch.ones(4, 2), torch.arange(4)
-    assert find_layout([x, y], None, None).target_key == 1
-    assert find_layout({"features": x, "label": y}, None, None).input_key == "features"
-    assert find_layout({"a": x, "b": y}, "a", "b").target_key == "b"
+    assert find_parts([x, y]).target_path == (1,)
+    assert find_parts({"features": x, "label": y}).input_path == ("features",)
+    assert find_parts({"a": x, "b": y}, "a", "b").target_path == ("b",)
     for bad in (object(), {"a": x}, ([1, 2], y)):
-        with pytest.raises(TrialUnavailable):
-            find_layout(bad, None, None)
-    replaced = replace_parts((x, y), 0, 1, targets=y.flip(0))
+        assert find_parts(bad).reason
+    parts = find_parts((x, y))
+    replaced = replace_parts((x, y), parts, targets=y.flip(0))
     assert isinstance(replaced, tuple) and replaced[1].tolist() == [3, 2, 1, 0] and y.tolist() == [0, 1, 2, 3]
 
 
@@ -315,21 +323,37 @@ class _Box:
         self.x, self.y = x, y
 
 
+class _Pair:
+    def __init__(self, src: Tensor, tgt: Tensor) -> None:
+        self.src, self.tgt = src, tgt
+
+
 class _BoxModule(Classifier):
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return nn.functional.cross_entropy(self(batch.x), batch.y)
+        x, y = (batch.x, batch.y) if isinstance(batch, _Box) else (batch.src, batch.tgt)
+        return nn.functional.cross_entropy(self(x), y)
 
 
-def test_an_unsplittable_layout_gives_an_info_not_a_crash(tmp_path):
-    loader = DataLoader(
-        [(torch.randn(8), int(i % 3)) for i in range(64)],
-        batch_size=16,
-        collate_fn=lambda rows: _Box(torch.stack([r[0] for r in rows]), torch.tensor([r[1] for r in rows])),
+def _object_loader(box: type) -> DataLoader:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 8, generator=generator)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()
+    return DataLoader(
+        list(zip(x, y, strict=True)),
+        batch_size=32,
+        shuffle=True,
+        generator=generator,
+        collate_fn=lambda rows: box(torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])),
     )
-    trainer = fit(_BoxModule(), _checks(), loader=loader, root=tmp_path, max_steps=2)
+
+
+def test_object_batches_are_tried_and_unknown_attributes_give_an_info_naming_them(tmp_path):
+    trainer = fit(_BoxModule(), _checks(), loader=_object_loader(_Box), root=tmp_path / "box", max_steps=2)
+    assert _mine(trainer) == []  # batch.x / batch.y by the convention
+    trainer = fit(_BoxModule(), _checks(), loader=_object_loader(_Pair), root=tmp_path / "pair", max_steps=2)
     found = _mine(trainer)
     assert {f.severity.value for f in found} == {"info"} and len(found) == 2
-    assert all("_Box" in f.message for f in found)
+    assert all("_Pair" in f.message and "'src'" in f.message and "input_key" in f.message for f in found)
 
 
 def test_runs_once_and_not_again_on_resume(tmp_path):
@@ -368,3 +392,41 @@ def test_a_model_that_cannot_be_copied_gives_an_info(tmp_path):
     assert {f.severity.value for f in found} == {"info"} and len(found) == 2
     assert all("TypeError" in f.message for f in found)
     assert trainer.global_step == 2
+
+
+# ---------------------------------------------------------------------- the trials train what the user trains
+class _FrozenBackbone(pl.LightningModule):
+    """A batch-norm backbone frozen and kept in eval mode, a trained head; records what each step sees."""
+
+    seen: list[
+        tuple[bool, bool]
+    ] = []  # (backbone in train mode, backbone weights unchanged), shared by copies
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(32), nn.ReLU())
+        self.backbone.requires_grad_(False)
+        self.backbone.eval()
+        self.head = nn.Linear(32, 4)
+        self.initial = self.backbone[0].weight.detach().clone()
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch
+        unchanged = torch.equal(self.backbone[0].weight, self.initial)
+        _FrozenBackbone.seen.append((self.backbone.training, unchanged))
+        return nn.functional.cross_entropy(self.head(self.backbone(x)), y)
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.Adam(self.parameters(), lr=1e-2)  # frozen parameters in the optimizer too
+
+
+def test_the_trials_keep_eval_mode_modules_and_frozen_parameters(tmp_path):
+    _FrozenBackbone.seen = []
+    x, y = _digits_like()
+    module = _FrozenBackbone()
+    running_mean = module.backbone[1].running_mean.clone()
+    trainer = fit(module, _checks(), loader=_loader(x, y), root=tmp_path, max_steps=1)
+    assert _mine(trainer) == []
+    assert len(_FrozenBackbone.seen) > 300  # the trials' steps and evaluations, then the real step
+    assert all(not training and unchanged for training, unchanged in _FrozenBackbone.seen)
+    assert torch.equal(module.backbone[1].running_mean, running_mean)  # eval mode: statistics never updated

@@ -24,6 +24,15 @@ from lightning_sentinel.checks.target_leakage import (
 )
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: tiny models slow down many times with two threads on a busy machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def _leaks(trainer):
     return [f for f in findings(trainer) if f.check == "target-leakage"]
 

@@ -225,8 +225,9 @@ BAD_VALUES: dict[type, dict[str, Bad]] = {
         "input_key": KEY,
         "sample_index": [(-1, ValueError), (1.5, TypeError), ("0", TypeError)],
         "tolerance": POSITIVE,
+        "target_key": KEY,
     },
-    TargetLeakageCheck: {"on_detect": ON_DETECT, "target_key": KEY, "tolerance": POSITIVE},
+    TargetLeakageCheck: {"on_detect": ON_DETECT, "target_key": KEY, "tolerance": POSITIVE, "input_key": KEY},
     Sentinel: {
         "preset": [("slow", ValueError), (None, ValueError), (["fast"], ValueError)],
         "checks": [

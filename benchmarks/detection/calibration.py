@@ -77,13 +77,25 @@ def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _spike(args: tuple[Any, ...], result: Any) -> float | None:
-    norm, history, _, _, min_history = args[:5]
-    finite = [value for value in history if math.isfinite(value)]
-    if len(history) < min_history or not finite or not math.isfinite(norm):
-        return None
-    reference = statistics.median(finite)
-    return norm / reference if reference > 0 else None
+def _spike(early: bool) -> Extractor:
+    """The norm over the running median (``early=False``), or over what the rule compares it with: the
+    larger of the running median and the early median (``early=True``; ``None`` before the early median
+    exists, when the two are the same)."""
+
+    def extract(args: tuple[Any, ...], result: Any) -> float | None:
+        norm, history, _, _, min_history = args[:5]
+        early_reference = args[5] if len(args) > 5 else None
+        finite = [value for value in history if math.isfinite(value)]
+        if len(history) < min_history or not finite or not math.isfinite(norm):
+            return None
+        reference = statistics.median(finite)
+        if early:
+            if early_reference is None or not math.isfinite(early_reference):
+                return None
+            reference = max(reference, early_reference)
+        return norm / reference if reference > 0 else None
+
+    return extract
 
 
 def _smallest_ratio(args: tuple[Any, ...], result: Any) -> float | None:
@@ -99,18 +111,27 @@ def _divergence(args: tuple[Any, ...], result: Any) -> float | None:
     return (current - best) / needed
 
 
-def _overfitting(args: tuple[Any, ...], result: Any) -> float | None:
-    val_losses, train_losses, patience = args[0], args[1], args[2]
-    pairs = [(index, val) for index, val in enumerate(val_losses) if math.isfinite(val)]
-    if len(pairs) <= patience:
-        return None
-    best_index, best_val = min(pairs, key=lambda pair: pair[1])
-    latest = val_losses[-1]
-    if len(val_losses) - 1 - best_index < patience or not math.isfinite(latest):
-        return None
-    if not train_losses[-1] <= train_losses[best_index]:
-        return None
-    return (latest - best_val) / max(abs(best_val), 1e-8)
+def _overfitting(of_scale: bool) -> Extractor:
+    """The validation loss's rise over its best, relative to the best (``of_scale=False``) or to the loss
+    scale at the start (``of_scale=True``), when the rule judges it (patience met, training loss falling)."""
+
+    def extract(args: tuple[Any, ...], result: Any) -> float | None:
+        val_losses, train_losses, patience = args[0], args[1], args[2]
+        loss_scale = args[4] if len(args) > 4 else math.nan
+        pairs = [(index, val) for index, val in enumerate(val_losses) if math.isfinite(val)]
+        if len(pairs) <= patience:
+            return None
+        best_index, best_val = min(pairs, key=lambda pair: pair[1])
+        latest = val_losses[-1]
+        if len(val_losses) - 1 - best_index < patience or not math.isfinite(latest):
+            return None
+        if not train_losses[-1] - train_losses[best_index] <= 0.25 * max(latest - best_val, 0.0):
+            return None
+        if of_scale:
+            return (latest - best_val) / abs(loss_scale) if math.isfinite(loss_scale) and loss_scale else None
+        return (latest - best_val) / max(abs(best_val), 1e-8)
+
+    return extract
 
 
 def _shift(args: tuple[Any, ...], result: Any) -> float | None:
@@ -160,7 +181,16 @@ PROBES: tuple[Probe, ...] = (
         "grad norm / running median",
         "gradients",
         "exploding_verdict",
-        _spike,
+        _spike(early=False),
+        _default("gradients", "GradientNormMonitor", "spike_factor"),
+        guard="once 20 checks exist, a spike must also pass 10x their median (next row)",
+    ),
+    Probe(
+        "exploding-gradients",
+        "grad norm / max(running median, early median)",
+        "gradients",
+        "exploding_verdict",
+        _spike(early=True),
         _default("gradients", "GradientNormMonitor", "spike_factor"),
     ),
     Probe(
@@ -281,8 +311,18 @@ PROBES: tuple[Probe, ...] = (
         "val loss rise over its best (train falling)",
         "curves",
         "overfitting_verdict",
-        _overfitting,
+        _overfitting(of_scale=False),
         _default("curves", "LearningCurveMonitor", "overfit_min_rise"),
+        guard="the rise must also be 5% of the starting loss (next row)",
+    ),
+    Probe(
+        "overfitting",
+        "val loss rise over its best / starting loss (train falling)",
+        "curves",
+        "overfitting_verdict",
+        _overfitting(of_scale=True),
+        _default("curves", "LearningCurveMonitor", "overfit_min_scale_rise"),
+        guard="the rise must also be 20% above the best (previous row)",
     ),
     Probe(
         "clipped-output",

@@ -496,6 +496,10 @@ _EXTENSIONS = (
     "cases_labels",
     "cases_weight_decay",
     "cases_distributed",
+    "cases_lm_rules",
+    "cases_long",
+    "cases_regression",
+    "cases_hf",
 )
 
 

@@ -118,7 +118,7 @@ CASES: tuple[Case, ...] = (
     Case(
         "manual-optimization-no-zero-grad",
         False,
-        LR_HIGH,
+        LR_HIGH | {"gradients-not-zeroed"},
         _no_zero_grad,
         "manual optimization that never calls optimizer.zero_grad(): gradients pile up step after step",
         {"max_steps": 100},

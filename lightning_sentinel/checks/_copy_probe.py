@@ -17,17 +17,21 @@ from __future__ import annotations
 import contextlib
 import copy
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 from typing_extensions import override
 
 from lightning_sentinel._hooks import silence_logging, uncompile_copy
 from lightning_sentinel.base import OnDetect, SentinelCallback
+from lightning_sentinel.checks._step import step_context
 from lightning_sentinel.findings import Severity
 
 
@@ -90,6 +94,90 @@ def eval_copy(pl_module: pl.LightningModule) -> pl.LightningModule:
         parameter.grad = None
     silence_logging(duplicate)
     return duplicate
+
+
+# the losses whose (input, target) pairs the probes compare; class scores sit on dim 1 for the first two
+CLASS_LOSSES = (F.cross_entropy, F.nll_loss)
+INTERCEPTED_LOSSES = (
+    *CLASS_LOSSES,
+    F.binary_cross_entropy_with_logits,
+    F.binary_cross_entropy,
+    F.mse_loss,
+    F.l1_loss,
+    F.smooth_l1_loss,
+    F.huber_loss,
+)
+
+
+@dataclass
+class LossRecord:
+    """What one functional loss call received (detached copies)."""
+
+    function: Callable[..., Any]
+    scores: Tensor
+    target: Tensor
+
+
+class LossRecorder(TorchFunctionMode):
+    """Keeps detached copies of what the functional losses receive (:data:`INTERCEPTED_LOSSES`, and the
+    ``nn.*Loss`` modules and Hugging Face loss functions that call them); every call runs unchanged."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[LossRecord] = []
+
+    def __torch_function__(
+        self, func: Callable[..., Any], types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        if func in INTERCEPTED_LOSSES:
+            scores = args[0] if args else kwargs.get("input")
+            target = args[1] if len(args) > 1 else kwargs.get("target")
+            if isinstance(scores, Tensor) and isinstance(target, Tensor):
+                self.records.append(LossRecord(func, scores.detach().clone(), target.detach().clone()))
+        return func(*args, **kwargs)
+
+
+def recorded_losses(
+    duplicate: pl.LightningModule, batch: Any, batch_idx: int, trainer: pl.Trainer | None
+) -> list[LossRecord]:
+    """Run the copy's ``training_step`` on ``batch`` under ``torch.no_grad`` and the trainer's precision context,
+    with the RNG seeded (the same draws on every call), and return what its losses received.
+
+    Raises :class:`SkipCheck` when ``training_step`` fails on the copy.
+    """
+    torch.manual_seed(0)  # the same random draws in every run (the real RNG state is restored by the caller)
+    recorder = LossRecorder()
+    try:
+        with torch.no_grad(), step_context(trainer), recorder:
+            duplicate.training_step(batch, batch_idx)
+    except Exception as error:
+        raise SkipCheck(
+            f"training_step failed on the eval-mode copy ({type(error).__name__}: {str(error)[:120]})"
+        ) from None
+    return recorder.records
+
+
+def input_embeddings(module: nn.Module) -> list[tuple[str, nn.Embedding]]:
+    """Every ``nn.Embedding`` of ``module`` with its qualified name, the model's input embedding first
+    (``get_input_embeddings()`` of a Hugging Face model), then in registration order.
+
+    Example:
+        >>> [name for name, _ in input_embeddings(nn.Sequential(nn.Embedding(4, 2), nn.Embedding(5, 3)))]
+        ['0', '1']
+    """
+    found = [(name, child) for name, child in module.named_modules() if isinstance(child, nn.Embedding)]
+    for child in module.modules():
+        getter = getattr(child, "get_input_embeddings", None)
+        if callable(getter):
+            try:
+                chosen = getter()
+            except Exception:
+                continue
+            if isinstance(chosen, nn.Embedding):
+                found.sort(key=lambda item: item[1] is not chosen)
+                break
+    return found
 
 
 def first_embedding(module: nn.Module) -> tuple[str, nn.Embedding] | None:

@@ -6,20 +6,24 @@ dataloader, and restores every random state it may consume (torch, CUDA, numpy, 
 generators of the dataloader and its sampler) so that the real run's weights, optimizer state and batch
 order are exactly what they would have been without it.
 
+A trial trains what the user trains, as the trainer trains it: the copy keeps the train/eval mode of
+every submodule (a backbone the user keeps in eval mode stays in eval mode), frozen parameters stay
+frozen (``requires_grad=False``, or left out of the optimizer), batches pass through the precision
+plugin's ``convert_input`` and the module's batch-transfer hooks, each step runs inside the precision
+plugin's step context (default dtype, autocast), fp16 gradients are scaled by a scaler of the trial's
+own, and the trainer's gradient clipping applies (see :mod:`lightning_sentinel.checks._step`).
+
 Example:
     >>> import torch
     >>> with forked_random_state():
     ...     _ = torch.rand(3)  # consumed inside, restored on exit
-    >>> batch = {"x": torch.ones(4, 2), "y": torch.arange(4)}
-    >>> new = replace_parts(batch, "x", "y", inputs=torch.zeros(4, 2))
-    >>> float(new["x"].sum()), float(batch["x"].sum())
-    (0.0, 8.0)
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import random
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -28,14 +32,20 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import move_data_to_device
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_sentinel._hooks import silence_logging, uncompile_copy
-from lightning_sentinel.checks._batch_split import INPUT_KEYS, TARGET_KEYS
-
-Key = str | int
+from lightning_sentinel.checks._batches import loss_of
+from lightning_sentinel.checks._step import (
+    clip_gradients,
+    eval_mode,
+    grad_scaler,
+    module_modes,
+    prepare_batch,
+    restore_modes,
+    step_context,
+)
 
 
 class TrialUnavailable(Exception):
@@ -134,110 +144,12 @@ def take_batches(trainer: pl.Trainer, count: int) -> list[Any]:
     return batches
 
 
-@dataclass(frozen=True)
-class BatchLayout:
-    """Where the inputs and targets of a batch are: a key or index of a tuple/list/mapping."""
-
-    input_key: Key
-    target_key: Key | None
-
-
-def find_layout(batch: Any, input_key: Key | None, target_key: Key | None) -> BatchLayout:
-    """The :class:`BatchLayout` of ``batch`` (``input_key``/``target_key`` override the convention).
-
-    Example:
-        >>> import torch
-        >>> find_layout((torch.zeros(2, 3), torch.zeros(2)), None, None)
-        BatchLayout(input_key=0, target_key=1)
-        >>> find_layout({"image": torch.zeros(2, 3), "label": torch.zeros(2)}, None, None)
-        BatchLayout(input_key='image', target_key='label')
-    """
-    if isinstance(batch, Mapping):
-        key_in = input_key if input_key is not None else next((k for k in INPUT_KEYS if k in batch), None)
-        if key_in is None or key_in not in batch:
-            raise TrialUnavailable(
-                f"a mapping batch without an input key (keys: {list(batch)[:8]}); pass `input_key`"
-            )
-        key_target = (
-            target_key if target_key is not None else next((k for k in TARGET_KEYS if k in batch), None)
-        )
-        if key_target is not None and key_target not in batch:
-            raise TrialUnavailable(
-                f"`target_key={target_key!r}` is not in the batch (keys: {list(batch)[:8]})"
-            )
-        layout = BatchLayout(key_in, key_target)
-    elif isinstance(batch, (tuple, list)):
-        key_in = 0 if input_key is None else input_key
-        key_target = (1 if len(batch) > 1 else None) if target_key is None else target_key
-        for key in (key_in, key_target):
-            if key is not None and (not isinstance(key, int) or not -len(batch) <= key < len(batch)):
-                raise TrialUnavailable(
-                    f"index {key!r} does not fit a {type(batch).__name__} of length {len(batch)}"
-                )
-        layout = BatchLayout(key_in, key_target)
-    else:
-        raise TrialUnavailable(
-            f"a batch of type {type(batch).__name__} is neither a tuple/list nor a mapping; "
-            "the trial needs to replace its inputs and targets"
-        )
-    inputs = batch[layout.input_key]
-    if not isinstance(inputs, Tensor):
-        raise TrialUnavailable(
-            f"the inputs batch[{layout.input_key!r}] are a {type(inputs).__name__}, not a tensor"
-        )
-    if layout.target_key is not None and not isinstance(batch[layout.target_key], Tensor):
-        layout = BatchLayout(layout.input_key, None)
-    return layout
-
-
-def replace_parts(
-    batch: Any,
-    input_key: Key,
-    target_key: Key | None,
-    inputs: Tensor | None = None,
-    targets: Tensor | None = None,
-) -> Any:
-    """A shallow copy of ``batch`` with its inputs and/or targets replaced (the original is untouched)."""
-    new: Any = dict(batch) if isinstance(batch, Mapping) else list(batch)
-    if inputs is not None:
-        new[input_key] = inputs
-    if targets is not None and target_key is not None:
-        new[target_key] = targets
-    if isinstance(batch, Mapping):
-        try:
-            return type(batch)(new)
-        except Exception:
-            return new
-    if isinstance(batch, tuple):
-        return type(batch)(*new) if hasattr(batch, "_fields") else tuple(new)
-    return new
-
-
-def slice_batch(batch: Any, start: int, stop: int, leading: int) -> Any:
-    """Every tensor of ``batch`` whose first dimension is ``leading`` cut to its rows ``start:stop``.
-
-    Example:
-        >>> import torch
-        >>> part = slice_batch((torch.arange(6), torch.zeros(3)), 2, 4, leading=6)
-        >>> part[0].tolist(), tuple(part[1].shape)
-        ([2, 3], (3,))
-    """
-    if isinstance(batch, Tensor):
-        return batch[start:stop] if batch.dim() > 0 and batch.shape[0] == leading else batch
-    if isinstance(batch, Mapping):
-        return type(batch)({key: slice_batch(value, start, stop, leading) for key, value in batch.items()})
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
-        return type(batch)(*(slice_batch(value, start, stop, leading) for value in batch))
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(slice_batch(value, start, stop, leading) for value in batch)
-    return batch
-
-
 # ---------------------------------------------------------------------- the module copy
 def trial_copy(pl_module: pl.LightningModule, trainer: pl.Trainer) -> pl.LightningModule:
     """A deep copy of ``pl_module`` with ``log``/``log_dict`` silenced and no trainer attached.
 
-    The trainer and its callbacks are shared, not copied, should a hook of the model refer to them.
+    The trainer and its callbacks are shared, not copied, should a hook of the model refer to them. Every
+    submodule keeps its train/eval mode and every parameter its ``requires_grad``.
     """
     memo: dict[int, Any] = {id(trainer): trainer}
     for callback in trainer.callbacks:  # type: ignore[attr-defined]
@@ -246,7 +158,6 @@ def trial_copy(pl_module: pl.LightningModule, trainer: pl.Trainer) -> pl.Lightni
     clone._trainer = None  # type: ignore[assignment]
     uncompile_copy(clone)
     silence_logging(clone)
-    clone.train()
     for parameter in clone.parameters():
         parameter.grad = None
     return clone
@@ -319,25 +230,24 @@ def step_schedulers(configured: Any, optimizer: torch.optim.Optimizer) -> list[A
     return found
 
 
-def _loss_of(output: Any) -> Tensor:
-    if isinstance(output, Mapping):
-        output = output.get("loss")
-    if not isinstance(output, Tensor) or output.numel() != 1:
-        raise TrialUnavailable(
-            f"`training_step` returned {type(output).__name__}, not a loss tensor or a dict with 'loss'"
-        )
-    return output.reshape(())
-
-
 # ---------------------------------------------------------------------- the trial run
 @dataclass
 class TrialRun:
-    """What one trial training produced: the loss per step (on the host), the steps and seconds used."""
+    """What one trial training produced: the loss per step (on the host), the held-out losses measured on the
+    way (``(steps done, loss)``), the seconds used, and whether time ran out or the loss became non-finite."""
 
     losses: list[float] = field(default_factory=list)
+    evaluations: list[tuple[int, float]] = field(default_factory=list)
     seconds: float = 0.0
     out_of_time: bool = False
     non_finite: bool = False
+
+    def evaluation_at(self, fraction: float) -> float:
+        """The evaluation nearest to ``fraction`` of the steps done (NaN if none was made)."""
+        if not self.evaluations:
+            return math.nan
+        done = max(step for step, _ in self.evaluations)
+        return min(self.evaluations, key=lambda item: abs(item[0] - fraction * done))[1]
 
 
 class Trial:
@@ -345,33 +255,36 @@ class Trial:
 
     Args:
         pl_module: the real module (never modified).
-        trainer: the real trainer (lent to the copy only if its hooks cannot run without one).
+        trainer: the real trainer: its precision plugin, batch hooks and clipping are applied (it is lent to
+            the copy only if the copy's hooks cannot run without one).
     """
 
-    def __init__(self, pl_module: pl.LightningModule, trainer: pl.Trainer) -> None:
+    def __init__(self, pl_module: pl.LightningModule, trainer: pl.Trainer | None) -> None:
         self.trainer = trainer
         self.device = pl_module.device
-        self._template = trial_copy(pl_module, trainer)
+        self._template = trial_copy(pl_module, trainer) if trainer is not None else _plain_copy(pl_module)
+        self._modes = module_modes(self._template)
         self._initial = copy.deepcopy(self._template.state_dict())
         self._needs_trainer = False
 
     def to_device(self, batch: Any) -> Any:
-        return move_data_to_device(batch, self.device)
+        """``batch`` converted (precision) and moved (device, batch hooks) as the training loop does it."""
+        return prepare_batch(self.trainer, batch, self.device)
 
     def reset(self) -> None:
-        """Put the copy back to the real model's weights (and buffers)."""
+        """Put the copy back to the real model's weights, buffers and train/eval modes."""
         self._template.load_state_dict(self._initial)
+        restore_modes(self._template, self._modes)
 
     def _fresh(self) -> tuple[pl.LightningModule, torch.optim.Optimizer, list[Any]]:
         self.reset()
-        self._template.train()
         for parameter in self._template.parameters():
             parameter.grad = None
         try:
             with attached(self._template, self.trainer if self._needs_trainer else None):
                 configured = self._template.configure_optimizers()
         except Exception:
-            if self._needs_trainer:
+            if self._needs_trainer or self.trainer is None:
                 raise
             self._needs_trainer = True
             with attached(self._template, self.trainer):
@@ -379,36 +292,73 @@ class Trial:
         optimizer = first_optimizer(configured)
         return self._template, optimizer, step_schedulers(configured, optimizer)
 
+    def _call_step(self, module: pl.LightningModule, batch: Any, index: int) -> Tensor:
+        with attached(module, self.trainer if self._needs_trainer else None), step_context(self.trainer):
+            output = module.training_step(batch, index)
+        loss = loss_of(output)
+        if loss is None:
+            raise TrialUnavailable(
+                f"`training_step` returned {type(output).__name__}, not a loss tensor, a dict with 'loss' or an "
+                "object with `.loss`"
+            )
+        return loss
+
     def _step_loss(self, module: pl.LightningModule, batch: Any, index: int) -> Tensor:
         try:
-            with attached(module, self.trainer if self._needs_trainer else None):
-                return _loss_of(module.training_step(batch, index))
+            return self._call_step(module, batch, index)
         except TrialUnavailable:
             raise
         except Exception:
-            if self._needs_trainer:
+            if self._needs_trainer or self.trainer is None:
                 raise
             self._needs_trainer = True
-            with attached(module, self.trainer):
-                return _loss_of(module.training_step(batch, index))
+            return self._call_step(module, batch, index)
 
-    def train(self, batches: Sequence[Any], steps: int, deadline: float) -> TrialRun:
-        """Train a fresh copy for ``steps`` steps cycling over ``batches``; losses read once at the end."""
+    def train(
+        self,
+        batches: Sequence[Any],
+        steps: int,
+        deadline: float,
+        held_out: Sequence[Any] = (),
+        evaluations: int = 0,
+    ) -> TrialRun:
+        """Train a fresh copy for ``steps`` steps cycling over ``batches``; losses read once at the end.
+
+        With ``evaluations`` > 0, the mean loss over ``held_out`` is measured (eval mode) that many times at
+        even intervals, the last one after the final step.
+        """
         started = time.perf_counter()
         module, optimizer, schedulers = self._fresh()
+        scaler = grad_scaler(self.trainer)
         run = TrialRun()
         recorded: list[Tensor] = []
+        marks = {round(steps * (k + 1) / evaluations) for k in range(evaluations)} if evaluations else set()
         for step in range(steps):
             if time.perf_counter() > deadline:
                 run.out_of_time = True
                 break
             optimizer.zero_grad(set_to_none=True)
             loss = self._step_loss(module, batches[step % len(batches)], step % len(batches))
-            loss.backward()
-            optimizer.step()
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+                clip_gradients(self.trainer, optimizer)
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                clip_gradients(self.trainer, optimizer)
+                optimizer.step()
             for scheduler in schedulers:
                 scheduler.step()
             recorded.append(loss.detach())
+            if step + 1 in marks and held_out:
+                run.evaluations.append((step + 1, self.evaluate(held_out)))
+        done = len(recorded)
+        if evaluations and held_out and done and (not run.evaluations or run.evaluations[-1][0] != done):
+            run.evaluations.append(
+                (done, self.evaluate(held_out))
+            )  # cut short: the last one after the last step
         if recorded:
             values = torch.stack(recorded).float().cpu()
             run.non_finite = not bool(torch.isfinite(values).all())
@@ -418,15 +368,20 @@ class Trial:
 
     @torch.no_grad()
     def evaluate(self, batches: Sequence[Any]) -> float:
-        """The mean loss of the last trained copy over ``batches`` (eval mode, no gradient)."""
+        """The mean loss of the last trained copy over ``batches`` (eval mode, no gradient; modes restored)."""
         module = self._template
-        module.eval()
-        try:
+        with eval_mode(module):
             losses = [self._step_loss(module, batch, index).float() for index, batch in enumerate(batches)]
-        finally:
-            module.train()
         return float(torch.stack(losses).mean().cpu())
 
     def release(self) -> None:
         del self._template
         del self._initial
+
+
+def _plain_copy(pl_module: pl.LightningModule) -> pl.LightningModule:
+    """A copy for a trial without a trainer (tests of the trial machinery alone)."""
+    clone = copy.deepcopy(pl_module)
+    uncompile_copy(clone)
+    silence_logging(clone)
+    return clone

@@ -15,7 +15,6 @@ from lightning_sentinel._stats import on_host
 from lightning_sentinel._validate import require_int, require_key, require_number
 from lightning_sentinel.base import OnDetect, SentinelCallback
 from lightning_sentinel.catalog import CheckSpec, add_to_presets, register
-from lightning_sentinel.checks._batch_split import BatchParts, Key, named_tensors, split_batch
 from lightning_sentinel.checks._batch_stats import (
     FeatureMoments,
     feature_axis,
@@ -24,6 +23,7 @@ from lightning_sentinel.checks._batch_stats import (
     non_finite_count,
     pooled_moments,
 )
+from lightning_sentinel.checks._batches import BatchParts, Key, find_parts, named_tensors
 from lightning_sentinel.findings import Severity
 
 NON_FINITE_INPUTS = "non-finite-inputs"
@@ -213,6 +213,27 @@ def imbalance_ratio(class_counts: list[float]) -> tuple[float, int, int]:
     return most[0] / least[0], most[1], least[1]
 
 
+def token_extremes(tokens: Tensor, mask: Tensor | None = None) -> Tensor:
+    """``(min, max)`` of the token ids a batch holds where ``mask`` (an attention mask of the same shape) is
+    set, as a float device tensor; padding does not count. A batch with no unmasked token gives ``(0, 1)``.
+
+    Example:
+        >>> token_extremes(torch.tensor([[5, 5, 0], [5, 5, 5]]), torch.tensor([[1, 1, 0], [1, 1, 1]])).tolist()
+        [5.0, 5.0]
+    """
+    values = tokens.detach().long()
+    if mask is None or mask.shape != tokens.shape:
+        return torch.stack(torch.aminmax(values)).to(torch.float32)
+    keep = mask.detach() != 0
+    big = torch.iinfo(torch.long).max
+    low = torch.where(keep, values, torch.full_like(values, big)).amin()
+    high = torch.where(keep, values, torch.full_like(values, -big)).amax()
+    empty = ~keep.any()
+    low = torch.where(empty, torch.zeros_like(low), low)
+    high = torch.where(empty, torch.ones_like(high), high)
+    return torch.stack([low, high]).to(torch.float32)
+
+
 def loss_has_class_weights(module: nn.Module) -> bool:
     """Whether a loss module inside ``module`` weighs classes (``weight=`` or ``pos_weight=``)."""
     for child in module.modules():
@@ -239,13 +260,17 @@ class BatchInspector(SentinelCallback):
     """Inspects sampled batches for NaN/Inf, unnormalized or constant inputs, a batch that repeats, label
     order and imbalance, and validation inputs preprocessed differently from training's.
 
-    Finding inputs and targets: ``(inputs, targets, ...)`` tuples/lists, mappings with keys ``x``/
-    ``input``/``inputs``/``features``/``image``/``images`` and ``y``/``target``/``targets``/``label``/
-    ``labels``, or ``input_key``/``target_key`` (a key, an index or an attribute name). A layout it cannot
-    split gives one ``info`` finding, and only ``non-finite-inputs`` keeps running. Scale checks skip
-    integer inputs (token ids); images ``(N, C, H, W)`` are judged per channel, ``(N, F)`` per feature,
-    ``(N, T, F)`` per last-dim feature. Label checks take one label per sample: integer targets ``(N,)``
-    or ``(N, 1)``, or float ones holding only 0 and 1.
+    Finding inputs and targets (:mod:`~lightning_sentinel.checks._batches`): ``(inputs, targets, ...)``
+    tuples/lists (nested too), mappings, dataclasses and objects with the Hugging Face names
+    (``input_ids``/``pixel_values``/``input_values``... and ``labels``, with ``attention_mask``) or
+    ``x``/``inputs``/``features``/``image`` and ``y``/``target``/``targets``/``label``, or
+    ``input_key``/``target_key`` (a key, an index, an attribute name or a dotted path). A layout it cannot
+    split gives one ``info`` finding saying what to set, and only ``non-finite-inputs`` keeps running.
+    Token ids (integer inputs) are not features: the scale and shift checks skip them, while
+    ``constant-inputs`` (one token id at every unmasked position) and ``repeated-batch`` judge them too.
+    Images ``(N, C, H, W)`` are judged per channel, ``(N, F)`` per feature, ``(N, T, F)`` per last-dim
+    feature. Label checks take one label per sample: integer targets ``(N,)`` or ``(N, 1)``, or float ones
+    holding only 0 and 1; per-token targets (``(N, T)`` with ``-100`` at ignored positions) are left alone.
 
     Cost: every ``every_n_steps``-th training batch (micro-batch) is reduced on the device to a few
     statistics (per-feature moments merged across batches, min/max, a content fingerprint, label
@@ -407,7 +432,7 @@ class BatchInspector(SentinelCallback):
         self._batches_seen += 1
         if not self._is_due(index):
             if REPEATED in self.active_checks and self._is_due(index + 1):
-                inputs = split_batch(batch, self.input_key, self.target_key).inputs
+                inputs = find_parts(batch, self.input_key, self.target_key).inputs
                 if inputs is not None and inputs.dim() >= 1 and inputs.numel() > 0:
                     self._previous_fingerprint = (index, fingerprint(inputs))
             return
@@ -437,7 +462,7 @@ class BatchInspector(SentinelCallback):
     ) -> None:
         if trainer.sanity_checking or SHIFT not in self.active_checks or self._train_samples == 0:
             return
-        parts = split_batch(batch, self.input_key, self.target_key)
+        parts = find_parts(batch, self.input_key, self.target_key)
         inputs = parts.inputs
         if inputs is None or not inputs.is_floating_point() or inputs.dim() < 1 or inputs.shape[0] == 0:
             return
@@ -460,7 +485,7 @@ class BatchInspector(SentinelCallback):
         active = self.active_checks
         if NON_FINITE_INPUTS in active:
             self._count_non_finite(trainer, batch, batch_idx, record)
-        parts = split_batch(batch, self.input_key, self.target_key)
+        parts = find_parts(batch, self.input_key, self.target_key)
         if parts.reason:
             self._report_layout(trainer, parts)
             self._window.append(record)
@@ -477,6 +502,10 @@ class BatchInspector(SentinelCallback):
                 self._train_samples += int(inputs.shape[0])
             if CONSTANT in active and inputs.numel() > 1:
                 record.extremes = torch.stack(torch.aminmax(inputs.detach()))  # (min, max) of the batch
+        elif usable and parts.tokens and CONSTANT in active and inputs.numel() > 1:
+            record.extremes = token_extremes(
+                inputs, parts.mask
+            )  # token ids: one id everywhere is constant too
         if usable and REPEATED in active:
             current = fingerprint(inputs)
             previous = self._previous_fingerprint

@@ -14,6 +14,12 @@ modules call (``cross_entropy``, ``nll_loss``, ``binary_cross_entropy(_with_logi
 canonical loss (plain mean, no class weights, no label smoothing, no ``pos_weight``, ignored targets
 left out, whatever the ``reduction``) and its reference values. The callback reads them back once,
 at the end of that batch, and never looks again.
+
+A language model is a classifier over its vocabulary: tokens flattened to ``(batch x time,
+vocabulary)`` (as Hugging Face models and most LM loops do) start near ``ln V``, with the positions
+labelled -100 (padding, unmasked tokens of a masked LM) left out. On such a large call the
+statistics are computed on a bounded part of the rows (:func:`within_budget`), so the check never
+allocates more than 64 MB for them.
 """
 
 from __future__ import annotations
@@ -51,8 +57,8 @@ register(
         Severity.WARNING,
         "the loss of the first training batch is far above its expected value at init (ln C for C-class "
         "cross-entropy, ln 2 for binary cross-entropy, the target variance for MSE)",
-        "classification: above 1.5 x ln C and ln C + 1 nat (C = 2: 1.69, C = 10: 3.45); MSE: above 3 x the "
-        "batch's target variance; first batch only",
+        "classification: above 1.5 x ln C and ln C + 1 nat (C = 2: 1.69, C = 10: 3.45; a language model's C is its "
+        "vocabulary, targets -100 left out); MSE: above 3 x the batch's target variance; first batch only",
     )
 )
 
@@ -125,6 +131,43 @@ def _class_dim(scores: Tensor) -> int:
     return 1 if scores.dim() >= 2 else 0
 
 
+# score elements one cross-entropy call is reduced over (64 MB in float32): a language model's
+# ``(batch x time, vocabulary)`` logits are far larger (GPT-2's 8 x 1024 x 50257 are 4e8)
+STATS_BUDGET = 1 << 24
+
+
+def within_budget(
+    scores: Tensor, target: Tensor, ignore_index: int = -100, budget: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """The part of a cross-entropy call's ``scores`` (and matching ``target``) that its statistics are
+    computed on: all of them up to ``budget`` elements (default :data:`STATS_BUDGET`); beyond, for ``(N, C)`` scores ``budget // C``
+    rows, labelled ones first (an ``argsort`` of the label mask on the device: no host read; the rows
+    whose label is ``ignore_index`` are taken only when too few are labelled), for ``(N, C, *positions)``
+    every k-th position of the last dimension. The loss at init of a language model is the mean of
+    near-equal per-token losses, so a few hundred tokens estimate it well.
+
+    Example:
+        >>> scores, labels = torch.zeros(10, 4), torch.tensor([-100] * 7 + [1, 2, 3])
+        >>> kept, kept_labels = within_budget(scores, labels, budget=12)
+        >>> tuple(kept.shape), sorted(kept_labels.tolist())
+        ((3, 4), [1, 2, 3])
+    """
+    budget = STATS_BUDGET if budget is None else budget
+    if scores.numel() <= budget:
+        return scores, target
+    classes = scores.shape[1]
+    if scores.dim() == 2:
+        rows = max(1, budget // classes)
+        if target.is_floating_point():  # class probabilities: evenly spread rows
+            index = torch.arange(rows, device=scores.device) * (scores.shape[0] // rows)
+        else:
+            labelled = (target != ignore_index).to(torch.uint8)
+            index = torch.argsort(labelled, descending=True, stable=True)[:rows]
+        return scores.index_select(0, index), target.index_select(0, index.to(target.device))
+    step = -(-scores.numel() // budget)
+    return scores[..., ::step], target[..., ::step]
+
+
 def classification_init_stats(
     scores: Tensor, target: Tensor, log_probabilities: bool = False, ignore_index: int = -100
 ) -> Tensor:
@@ -133,7 +176,9 @@ def classification_init_stats(
     The canonical loss is the plain mean cross-entropy (no class weights, no label smoothing, ignored
     targets left out); the prior entropy is the entropy of the batch's label frequencies; the spread is
     the standard deviation of each row's scores over the classes, averaged. ``target`` holds class
-    indices or class probabilities (the shape of ``scores``).
+    indices or class probabilities (the shape of ``scores``). Tokens flattened to ``(batch x time,
+    vocabulary)`` are rows like any other; the loss and the spread are computed on
+    :func:`within_budget`'s part of a large call, the prior on every label.
 
     Example:
         >>> stats = classification_init_stats(torch.zeros(4, 10), torch.tensor([0, 1, 2, 3]))
@@ -142,22 +187,27 @@ def classification_init_stats(
     """
     dim = _class_dim(scores)
     classes = scores.shape[dim]
-    values = scores.detach().float()
+    kept_scores, kept_target = within_budget(scores.detach(), target.detach(), ignore_index)
+    values = kept_scores.float()
     logp = values if log_probabilities else torch.log_softmax(values, dim=dim)
     if target.is_floating_point():  # class probabilities
-        soft = target.detach().float().to(values.device)
+        soft = kept_target.float().to(values.device)
         observed = -(soft * logp).sum(dim).mean()
         prior = soft.movedim(dim, -1).reshape(-1, classes).mean(0)
     else:
-        labels = target.detach().to(values.device)
+        labels = kept_target.to(values.device)
         keep = labels != ignore_index
         safe = torch.where(keep, labels, torch.zeros_like(labels)).clamp(0, classes - 1)
         picked = -logp.gather(dim, safe.unsqueeze(dim)).squeeze(dim)
         weights = keep.float()
-        count = weights.sum().clamp(min=1.0)
-        observed = (picked * weights).sum() / count
-        counts = torch.zeros(classes, device=values.device).index_add_(0, safe.flatten(), weights.flatten())
-        prior = counts / count
+        observed = (picked * weights).sum() / weights.sum().clamp(min=1.0)
+        all_labels = target.detach().to(values.device)
+        all_weights = (all_labels != ignore_index).float()
+        all_safe = torch.where(all_labels != ignore_index, all_labels, torch.zeros_like(all_labels))
+        counts = torch.zeros(classes, device=values.device, dtype=torch.float32).index_add_(
+            0, all_safe.clamp(0, classes - 1).flatten(), all_weights.flatten()
+        )
+        prior = counts / all_weights.sum().clamp(min=1.0)
     prior_entropy = -torch.special.xlogy(prior, prior).sum()
     spread = values.std(dim=dim, unbiased=False).mean() if classes > 1 else values.new_zeros(())
     return torch.stack([observed, values.new_tensor(float(classes)), prior_entropy, spread])
@@ -287,6 +337,20 @@ class LossAtInitCheck(InterceptingCheck[_InitLossInterceptor]):
 
     A cross-entropy far *below* the label prior's entropy (under ``prior / max_ratio`` and more than
     ``max_excess`` below) is reported as ``info``: pretrained weights, or a label leaking into the input.
+
+    Language models and per-token tasks: ``(batch x time, V)`` scores are judged against ``ln V``,
+    ``(N, C, T)`` per-position scores against ``ln C``, in both cases without the targets equal to
+    ``ignore_index`` (-100: padding, the unmasked positions of a masked LM); label smoothing does not
+    change the canonical loss. Past 2^24 scores in one call (GPT-2's 8 x 1024 x 50257 logits are 4e8)
+    the loss is computed on the first ``2^24 / V`` labelled rows (picked on the device, no host read):
+    at init the per-token losses are near-equal, so a few hundred tokens estimate their mean. Tiny
+    Hugging Face models from their configs with random weights start at: ``GPT2LMHeadModel`` 3.42
+    for ``ln 32`` = 3.47 (threshold 5.20), ``LlamaForCausalLM`` 3.48, ``BertForMaskedLM`` 3.52 for
+    ``ln 33``, ``BertForTokenClassification`` 1.63 for ``ln 5``, ``BertForSequenceClassification``
+    2.31 for ``ln 10``. GPT-2 with ``initializer_range`` 0.2 starts at 4.08 (quiet), 0.5 at 6.15 and 1.0
+    (embeddings ``N(0, 1)``, tied to the output) at 12.2 (caught). A ``T5ForConditionalGeneration``
+    with an untied output layer starts at 14.9: Hugging Face initialises that layer with std 1.0,
+    which is confidently wrong at init (reported; a tied T5 starts at 3.93).
 
     Calibration (``benchmarks/detection``, first batch of every case): default-initialised healthy
     networks start at 2.30-2.63 for 10-12 classes (threshold 3.45), 1.27 for 3 classes (2.10), and

@@ -70,11 +70,12 @@ register(
         CLIPPED_OUTPUT,
         "LossInputCheck",
         Severity.WARNING,
-        "a regression output is confined to a bounded activation's range (>= 0, [0, 1], [-1, 1]) and pinned "
-        "at its bound while the targets lie outside it; or cross-entropy logits pass through a ReLU",
-        "regression: >= 5% of targets outside the range, and the autograd graph shows a bounded activation last "
-        "(without a graph: >= 1% of outputs at the bound; a linear output is never judged); cross_entropy: every "
-        "logit >= 0 and >= 1% exactly 0; 3 sampled steps in a row",
+        "a regression output is confined to a bounded activation's range while the targets lie outside it (the "
+        "clipped part gets no gradient); or cross-entropy logits pass through a ReLU",
+        "regression: >= 5% of targets outside the exact range the autograd graph shows last (ReLU, sigmoid, tanh, "
+        "ReLU6/hardtanh, clamp, softplus, ELU, GELU, SiLU, exp, ...; without a graph: >= 1% of outputs at a bound "
+        "of [0, inf), [0, 1] or [-1, 1]; a linear output is never judged); cross_entropy: every logit >= 0 and >= "
+        "1% exactly 0; 3 sampled steps in a row",
     ),
 )
 
@@ -214,6 +215,150 @@ def producer_of(values: Tensor, max_depth: int = 8) -> str:
             return UNKNOWN_ORIGIN
         node = inputs[0]
     return UNKNOWN_ORIGIN
+
+
+@dataclass(frozen=True)
+class OutputRange:
+    """The range an output is confined to, read from its autograd graph: the last activation (or clamp)
+    that produced it, times any constant factor applied after it."""
+
+    activation: str
+    low: float
+    high: float
+
+    def shown(self) -> str:
+        """``[low, high]`` with open infinite ends, e.g. ``[0, 6]`` or ``[-0.17, inf)``."""
+        left = f"[{self.low:.4g}" if math.isfinite(self.low) else "(-inf"
+        right = f"{self.high:.4g}]" if math.isfinite(self.high) else "inf)"
+        return f"{left}, {right}"
+
+
+_INF = math.inf
+# activations whose output range is fixed: autograd node name -> (activation, low, high); the lower bounds
+# of the smooth ReLU-like ones are their minima (GELU -0.16997, SiLU -0.27846, Mish -0.30884), rounded down
+_FIXED_RANGES: dict[str, tuple[str, float, float]] = {
+    "ReluBackward": ("ReLU", 0.0, _INF),
+    "SigmoidBackward": ("sigmoid", 0.0, 1.0),
+    "TanhBackward": ("tanh", -1.0, 1.0),
+    "HardsigmoidBackward": ("hardsigmoid", 0.0, 1.0),
+    "SoftplusBackward": ("softplus", 0.0, _INF),
+    "ExpBackward": ("exp", 0.0, _INF),
+    "AbsBackward": ("abs", 0.0, _INF),
+    "GeluBackward": ("GELU", -0.17, _INF),
+    "SiluBackward": ("SiLU", -0.2785, _INF),
+    "MishBackward": ("Mish", -0.3089, _INF),
+    "HardswishBackward": ("hardswish", -0.375, _INF),
+    "LogSigmoidBackward": ("logsigmoid", -_INF, 0.0),
+    "ErfBackward": ("erf", -1.0, 1.0),
+    "AtanBackward": ("atan", -math.pi / 2, math.pi / 2),
+}
+
+
+def _node_range(node: Any) -> tuple[str, float, float] | None:
+    """The output range of one autograd node if it is a known activation or clamp, else ``None``."""
+    name = re.sub(r"\d+$", "", node.name())
+    if name in _FIXED_RANGES:
+        return _FIXED_RANGES[name]
+
+    def bound(attribute: str, default: float) -> float | None:
+        value = getattr(node, attribute, None)
+        if value is None:
+            return default
+        return float(value) if isinstance(value, (int, float)) else None  # a tensor bound: not read
+
+    if name == "HardtanhBackward":
+        low, high = bound("_saved_min_val", -1.0), bound("_saved_max_val", 1.0)
+        label = "ReLU6" if (low, high) == (0.0, 6.0) else "hardtanh"
+    elif name in ("ClampBackward", "ClampMinBackward", "ClampMaxBackward"):
+        low, high, label = bound("_saved_min", -_INF), bound("_saved_max", _INF), "clamp"
+    elif name == "EluBackward":
+        alpha, scale = bound("_saved_alpha", 1.0), bound("_saved_scale", 1.0)
+        if alpha is None or scale is None:
+            return None
+        low, high, label = -alpha * scale, _INF, "SELU" if scale != 1.0 else "ELU"
+    elif name == "CeluBackward":
+        alpha = bound("_saved_alpha", 1.0)
+        low, high, label = (None if alpha is None else -alpha), _INF, "CELU"
+    elif name == "PowBackward":
+        exponent = getattr(node, "_saved_exponent", None)
+        even = isinstance(exponent, (int, float)) and float(exponent).is_integer() and int(exponent) % 2 == 0
+        return ("an even power", 0.0, _INF) if even and exponent != 0 else None
+    else:
+        return None
+    if low is None or high is None or low >= high:
+        return None
+    return label, low, high
+
+
+def _constant_factor(node: Any) -> float | None:
+    """The factor of ``x * c`` or ``x / c`` with ``c`` a plain number (a 0-d CPU tensor in the graph:
+    reading it is no device sync), else ``None``."""
+    name = node.name()
+    if not name.startswith(("MulBackward", "DivBackward")) or getattr(node, "_saved_self", None) is not None:
+        return None
+    other = getattr(node, "_saved_other", None)
+    if not isinstance(other, Tensor) or other.numel() != 1 or other.device.type != "cpu":
+        return None
+    value = float(other)
+    if not math.isfinite(value) or value == 0.0:
+        return None
+    return value if name.startswith("Mul") else 1.0 / value
+
+
+def graph_range(values: Tensor, max_depth: int = 8) -> OutputRange | None:
+    """The range ``values`` are confined to, read from their autograd graph: the activation or clamp that
+    produced them (behind reshapes, selections and casts, and times a constant factor such as
+    ``300 * torch.sigmoid(x)``), with its exact bounds: ``ReLU6`` ``[0, 6]``, ``clamp(0, 10)``, ``ELU``
+    ``[-alpha, inf)``, ``GELU`` ``[-0.17, inf)``, ``exp`` ``[0, inf)``, ... ``None`` when the graph shows
+    anything else (a linear layer, no graph, an unknown op).
+
+    Example:
+        >>> head = torch.nn.Linear(3, 1)
+        >>> x = torch.randn(4, 3)
+        >>> graph_range(torch.nn.ReLU6()(head(x))).shown(), graph_range(torch.nn.functional.elu(head(x), 0.5)).low
+        ('[0, 6]', -0.5)
+        >>> graph_range(300 * torch.sigmoid(head(x)).squeeze(-1))
+        OutputRange(activation='sigmoid', low=0.0, high=300.0)
+        >>> graph_range(head(x)) is None, graph_range(head(x).clamp(min=0).detach()) is None
+        (True, True)
+    """
+    node = values.grad_fn
+    factor = 1.0
+    for _ in range(max_depth):
+        if node is None:
+            return None
+        known = _node_range(node)
+        if known is not None:
+            label, low, high = known
+            low, high = sorted((low * factor, high * factor)) if factor != 1.0 else (low, high)
+            return OutputRange(label, low, high)
+        constant = _constant_factor(node)
+        if constant is not None:
+            factor *= constant
+        elif not _PASS_THROUGH.fullmatch(node.name()):
+            return None
+        inputs = [next_node for next_node, _ in node.next_functions if next_node is not None]
+        if len(inputs) != 1:
+            return None
+        node = inputs[0]
+    return None
+
+
+def graph_range_verdict(
+    minimum: float, maximum: float, outside_share: float, bounds: OutputRange, min_target_share: float
+) -> bool:
+    """Whether an output confined by its graph to ``bounds`` (and seen inside them) misses its targets:
+    at least ``min_target_share`` of them lie outside.
+
+    Example:
+        >>> relu6 = OutputRange("ReLU6", 0.0, 6.0)
+        >>> graph_range_verdict(0.0, 6.0, 0.97, relu6, 0.05), graph_range_verdict(0.0, 5.2, 0.0, relu6, 0.05)
+        (True, False)
+    """
+    slack = 1e-3 * max(1.0, abs(bounds.low) if math.isfinite(bounds.low) else 1.0)
+    top = 1e-3 * max(1.0, abs(bounds.high) if math.isfinite(bounds.high) else 1.0)
+    inside = minimum >= bounds.low - slack and maximum <= bounds.high + top
+    return inside and outside_share >= min_target_share
 
 
 def broadcast_verdict(
@@ -363,8 +508,9 @@ def range_stats(values: Tensor) -> Tensor:
     return torch.stack([low, high])
 
 
-def regression_stats(outputs: Tensor, targets: Tensor) -> Tensor:
-    """The eight numbers of :class:`RegressionStats`, on the outputs' device."""
+def regression_stats(outputs: Tensor, targets: Tensor, bounds: OutputRange | None = None) -> Tensor:
+    """The eight numbers of :class:`RegressionStats`, on the outputs' device; with ``bounds`` (the range the
+    autograd graph confines the outputs to) a ninth: the share of targets outside those bounds."""
     out = outputs.detach().float()
     tgt = targets.detach().float().to(out.device)
     low, high = torch.aminmax(out)
@@ -376,18 +522,24 @@ def regression_stats(outputs: Tensor, targets: Tensor) -> Tensor:
     outside_non_negative = (tgt < -margin).float().mean()
     outside_unit = ((tgt < -margin) | (tgt > 1.0 + margin)).float().mean()
     outside_symmetric = (tgt.abs() > 1.0 + margin).float().mean()
-    return torch.stack(
-        [
-            low,
-            high,
-            pinned_zero,
-            pinned_unit,
-            pinned_symmetric,
-            outside_non_negative,
-            outside_unit,
-            outside_symmetric,
-        ]
-    )
+    numbers = [
+        low,
+        high,
+        pinned_zero,
+        pinned_unit,
+        pinned_symmetric,
+        outside_non_negative,
+        outside_unit,
+        outside_symmetric,
+    ]
+    if bounds is not None:
+        below = tgt < bounds.low - margin * max(1.0, abs(bounds.low)) if math.isfinite(bounds.low) else None
+        above = (
+            tgt > bounds.high + margin * max(1.0, abs(bounds.high)) if math.isfinite(bounds.high) else None
+        )
+        outside = below if above is None else (above if below is None else below | above)
+        numbers.append(outside.float().mean() if outside is not None else low.new_zeros(()))
+    return torch.stack(numbers)
 
 
 # ---------------------------------------------------------------------- the interception
@@ -404,6 +556,8 @@ class LossCall:
     stats: Tensor | None
     # what produced the input (``producer_of``), for the sigmoid and clipped-output rules
     origin: str = UNKNOWN_ORIGIN
+    # the range the autograd graph confines a regression output to (``graph_range``)
+    bounds: OutputRange | None = None
 
     @property
     def classes(self) -> int:
@@ -433,6 +587,7 @@ class _LossInterceptor(LossCallRecorder):
         target_shape = tuple(target.shape) if isinstance(target, Tensor) else None
         stats: Tensor | None = None
         origin = UNKNOWN_ORIGIN
+        bounds: OutputRange | None = None
         with torch.no_grad():
             if kind == _CLASSIFICATION:
                 stats = classification_stats(values)
@@ -445,10 +600,11 @@ class _LossInterceptor(LossCallRecorder):
                 and target.is_floating_point()
                 and target.numel() > 0
             ):
-                stats = regression_stats(values, target)
+                bounds = graph_range(values)
+                stats = regression_stats(values, target, bounds)
                 origin = producer_of(values)
         self.calls.append(
-            LossCall(function, kind, where, site, tuple(values.shape), target_shape, stats, origin)
+            LossCall(function, kind, where, site, tuple(values.shape), target_shape, stats, origin, bounds)
         )
 
 
@@ -482,10 +638,17 @@ class LossInputCheck(SampledLossCallCheck[_LossInterceptor]):
     - ``loss-broadcast``: input and target shapes differ and broadcast; error when both sides are
       expanded (``(N, 1)`` against ``(N,)`` compares every output with every target), warning when
       one non-scalar side is; a scalar target is accepted.
-    - ``clipped-output`` (warning): a regression output inside ``[0, inf)``, ``[0, 1]`` or ``[-1, 1]``
-      with at least ``min_target_share`` of the targets outside that range, ``patience`` sampled
-      steps in a row, where the output's autograd graph shows a bounded activation last (ReLU-family,
-      sigmoid, tanh, hardtanh, clamp, softplus; behind reshapes and casts). A linear output (a matrix
+    - ``clipped-output`` (warning): at least ``min_target_share`` of a regression's targets outside the
+      range its output is confined to, ``patience`` sampled steps in a row. The range is read from the
+      output's autograd graph (:func:`graph_range`, behind reshapes, casts and a constant factor):
+      ReLU/softplus/exp/abs ``[0, inf)``, sigmoid ``[0, 1]``, tanh ``[-1, 1]``, ReLU6 ``[0, 6]``, the
+      bounds of hardtanh and clamp, ELU/SELU ``[-alpha * scale, inf)``, GELU ``[-0.17, inf)``, SiLU
+      ``[-0.28, inf)``, Mish, hardswish. Before it read only ``[0, inf)``, ``[0, 1]`` and ``[-1, 1]``,
+      guessed from the values: ReLU6 or ``clamp(0, 10)`` under targets of ~50-400 and ELU/GELU/SiLU/exp
+      heads on standardised targets were missed (caught now by the ``*-head-*`` cases of
+      ``benchmarks/detection/cases_lm_rules.py``; bounded heads covering their targets stay quiet).
+      When the graph shows another producer (ReLU-family, sigmoid or tanh without known bounds) the
+      range is guessed from the values as before. A linear output (a matrix
       product or convolution last) is never judged, whatever its range; without a graph, at least
       ``min_pinned_share`` of the outputs must also sit at the bound (exactly 0, or within 0.05 of
       0/1/-1) on each of those steps. Also for ``cross_entropy``: every logit >= 0, some above 0 and at least
@@ -611,14 +774,25 @@ class LossInputCheck(SampledLossCallCheck[_LossInterceptor]):
                 held[key] = (before and probabilities, call, (stats[0], stats[1]))
             elif call.kind == _REGRESSION and stats:
                 key = (CLIPPED_OUTPUT, call.where)
-                # an activation seen in the graph needs no output at its bound (a batch of 32 often has none
-                # within 0.05 of a tanh's +-1); a linear output is never clipped, whatever its range
-                seen = call.origin in (SIGMOID_ORIGIN, BOUNDED_ORIGIN)
-                pinned_needed = 0.0 if seen else self.min_pinned_share
-                verdict = clipped_verdict(RegressionStats(*stats), self.min_target_share, pinned_needed)
-                clipped = verdict[0] and call.origin != UNBOUNDED_ORIGIN
+                if call.bounds is not None:
+                    # the graph gives the exact range (ReLU6's [0, 6], clamp(0, 10), ELU's [-alpha, inf)...):
+                    # no output needs to sit at its bound
+                    outside = stats[8]
+                    clipped = graph_range_verdict(
+                        stats[0], stats[1], outside, call.bounds, self.min_target_share
+                    )
+                    pinned = RegressionStats(*stats[:8]).for_range(RANGE_NON_NEGATIVE)[0]
+                    verdict = (clipped, (call.bounds.low, call.bounds.high), pinned, outside, True)
+                else:
+                    # an activation seen in the graph needs no output at its bound (a batch of 32 often has
+                    # none within 0.05 of a tanh's +-1); a linear output is never clipped, whatever its range
+                    seen = call.origin in (SIGMOID_ORIGIN, BOUNDED_ORIGIN)
+                    pinned_needed = 0.0 if seen else self.min_pinned_share
+                    found = clipped_verdict(RegressionStats(*stats[:8]), self.min_target_share, pinned_needed)
+                    clipped = found[0] and call.origin != UNBOUNDED_ORIGIN
+                    verdict = (*found, seen)
                 before = held.get(key, (True, call, None))[0]
-                held[key] = (before and clipped, call, (*verdict, seen))
+                held[key] = (before and clipped, call, verdict)
         for (check, where), (condition, call, payload) in held.items():
             streak_key = f"{check}|{where}"
             streak = self._streaks.get(streak_key, 0) + 1 if condition else 0
@@ -778,19 +952,28 @@ class LossInputCheck(SampledLossCallCheck[_LossInterceptor]):
         _, bounds, pinned, outside, seen = verdict
         assert bounds is not None
         low, high = bounds
-        shown = f"[{low:g}, {high:g}]" if math.isfinite(high) else f"[{low:g}, inf)"
-        activation = {RANGE_UNIT: "a sigmoid", RANGE_SYMMETRIC: "a tanh"}.get(bounds, "a ReLU (or clamp)")
+        if call.bounds is not None:
+            shown = call.bounds.shown()
+            how = (
+                f"the autograd graph shows {call.bounds.activation} last (range {shown}), so the output cannot reach "
+                "those targets and gets no gradient toward them where the activation is flat"
+            )
+            at_bound = ""
+        else:
+            shown = f"[{low:g}, {high:g}]" if math.isfinite(high) else f"[{low:g}, inf)"
+            activation = {RANGE_UNIT: "a sigmoid", RANGE_SYMMETRIC: "a tanh"}.get(bounds, "a ReLU (or clamp)")
+            how = (
+                "the autograd graph shows a bounded activation last, so the output cannot reach those targets"
+                if seen
+                else f"the output seems to pass through {activation} and cannot reach those targets"
+            )
+            at_bound = f" with {pinned:.0%} pinned at the bound"
         self._report(
             trainer,
             CLIPPED_OUTPUT,
             Severity.WARNING,
-            f"{call.function} output stays inside {shown} with {pinned:.0%} pinned at the bound, while "
-            f"{outside:.0%} of the targets lie outside it, on {streak} sampled steps in a row, at {call.call_site}: "
-            + (
-                "the autograd graph shows a bounded activation last, so the output cannot reach those targets"
-                if seen
-                else f"the output seems to pass through {activation} and cannot reach those targets"
-            ),
+            f"{call.function} output stays inside {shown}{at_bound}, while {outside:.0%} of the targets lie outside "
+            f"it, on {streak} sampled steps in a row, at {call.call_site}: {how}",
             where=call.where,
             evidence={
                 "range_low": low,
