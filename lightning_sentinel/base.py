@@ -179,6 +179,8 @@ class SentinelCallback(Callback):
 
     CHECKS: ClassVar[tuple[str, ...]] = ()
     FOLLOWS_SUITE_CLOCK: ClassVar[bool] = True  # inside ``Sentinel``, look on the suite's check steps
+    # also look on the clock's early check steps (1, 2, 4, 8 after the first): checks that need no patience
+    LOOKS_EARLY: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -378,7 +380,7 @@ class SentinelCallback(Callback):
 
     def _due(self, trainer: pl.Trainer) -> bool:
         """Whether the current training batch belongs to a check step of this check's clock."""
-        due = self._clock.due(trainer)
+        due = self._clock.due(trainer) and (self.LOOKS_EARLY or not self._clock.early)
         self.every_n_steps = self._clock.every_n_steps  # a budget may have stretched the suite's clock
         return due
 
@@ -516,7 +518,7 @@ class SentinelCallback(Callback):
             # clocks count optimizer-step cycles, so every rank gets the same answer at the same batch
             if not acting or not ends_cycle(trainer):
                 return
-            if not any(member._clock.due(trainer) for member in acting):
+            if not any(member._due(trainer) for member in acting):
                 return
         elif hook != "on_train_end" and not acting:
             return

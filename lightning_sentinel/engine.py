@@ -60,78 +60,90 @@ def ends_cycle(trainer: pl.Trainer) -> bool:
 
 
 class CheckClock:
-    """When the checks look: densely at the start, then every ``every_n_steps``-th cycle.
+    """When the checks look: every ``every_n_steps``-th cycle, plus a few early looks at the start.
 
     Args:
-        every_n_steps: cycles between two check steps once the start is over (an integer >= 1).
+        every_n_steps: cycles between two regular check steps (an integer >= 1).
         warmup_steps: cycles before the first check step (an integer >= 0).
 
-    Counted from the first eligible cycle ``w``, the check steps are ``w``, ``w + 1``, ``w + 2``,
-    ``w + 4``, ``w + 8``, ... (doubling) until the gap reaches ``every_n_steps``, then every
-    ``every_n_steps`` cycles: most faults show in the first steps, where a check costs little
-    over a whole run (``log2(every_n_steps)`` extra check steps), and a fault that appears later
-    waits at most one interval. The decision for a cycle is taken once, when the cycle is first
-    asked about, and kept for the rest of it: every hook and every check of the batch gets the
-    same answer. The interval can be stretched (a budget) while training; the next check step
-    moves with it.
+    Counted from the first eligible cycle ``w``, the regular check steps are ``w``,
+    ``w + every_n_steps``, ``w + 2 every_n_steps``, ...: the cadence every rule was calibrated on
+    (a rule's patience counts regular check steps). Before the first interval is over the clock also
+    offers early check steps ``w + 1``, ``w + 2``, ``w + 4``, ``w + 8``, ... (doubling): most faults
+    that end a run (a NaN) show in its first steps, and a check that needs no patience
+    (``SentinelCallback.LOOKS_EARLY``: the NaN guard) looks there too, at a cost of
+    ``log2(every_n_steps)`` extra reads over a whole run. The decision for a cycle is taken once,
+    when the cycle is first asked about, and kept for the rest of it: every hook and every check of
+    the batch gets the same answer. The interval can be stretched (a budget) while training; the
+    next regular check step moves with it.
 
     Example:
         >>> clock = CheckClock(every_n_steps=10)
-        >>> [cycle for cycle in range(45) if clock.decide(cycle)]
+        >>> [cycle for cycle in range(45) if clock.decide(cycle)]  # regular and early
         [0, 1, 2, 4, 8, 10, 20, 30, 40]
+        >>> clock = CheckClock(every_n_steps=10)
+        >>> [cycle for cycle in range(45) if clock.decide(cycle) and not clock.early]
+        [0, 10, 20, 30, 40]
     """
 
     def __init__(self, every_n_steps: int = 10, warmup_steps: int = 0) -> None:
         self.every_n_steps = int(every_n_steps)
         self.warmup_steps = int(warmup_steps)
         self.base_interval = self.every_n_steps
-        self._next_due = self.warmup_steps
-        self._decided: tuple[int, bool] | None = None
-        self._last_check: int | None = None
-        self.check_steps = 0  # check steps decided in this fit (kept across a resume)
+        self.reset()
 
     def reset(self) -> None:
         """Start a fresh fit: the next check step is the first eligible cycle."""
         self.every_n_steps = self.base_interval
-        self._next_due = self.warmup_steps
-        self._decided = None
-        self._last_check = None
-        self.check_steps = 0
+        self._next_due = self.warmup_steps  # the next regular check step
+        self._decided: tuple[int, bool, bool] | None = None  # (cycle, due, early)
+        self._last_check: int | None = None  # the last regular check step
+        self.check_steps = 0  # regular check steps decided in this fit (kept across a resume)
 
     def decide(self, cycle: int) -> bool:
-        """Whether ``cycle`` is a check step (the same answer for every question about one cycle)."""
+        """Whether ``cycle`` is a check step, regular or early (the same answer for every question
+        about one cycle; :attr:`early` says which)."""
         decided = self._decided
         if decided is not None and decided[0] == cycle:
             return decided[1]
-        due = cycle >= self._next_due
-        if due:
-            self._next_due = cycle + self._gap_after(cycle)
+        regular = cycle >= self._next_due
+        early = False
+        if regular:
+            self._next_due = cycle + self.every_n_steps
             self._last_check = cycle
             self.check_steps += 1
-        self._decided = (cycle, due)
-        return due
+        else:
+            since = cycle - self.warmup_steps
+            early = 0 < since < self.base_interval and since & (since - 1) == 0  # 1, 2, 4, 8, ...
+        self._decided = (cycle, regular or early, early)
+        return regular or early
 
-    def _gap_after(self, cycle: int) -> int:
-        """Cycles from a check step at ``cycle`` to the next: doubling from the start, then the interval."""
-        since_start = cycle - self.warmup_steps
-        if since_start >= self.every_n_steps:
-            return self.every_n_steps
-        return max(1, min(since_start, self.every_n_steps - since_start))  # doubling, landing on the interval
+    @property
+    def early(self) -> bool:
+        """Whether the cycle decided last is an early check step (not a regular one)."""
+        return self._decided is not None and self._decided[2]
 
     @property
     def last_check(self) -> int | None:
-        """The cycle of the last check step decided (``None`` before the first)."""
+        """The cycle of the last regular check step decided (``None`` before the first)."""
         return self._last_check
 
     def due(self, trainer: pl.Trainer) -> bool:
-        """Whether the current training batch belongs to a check step."""
+        """Whether the current training batch belongs to a check step (regular or early)."""
         return self.decide(optimizer_cycle(trainer))
+
+    def next_is_due(self, trainer: pl.Trainer) -> bool:
+        """Whether the cycle after the current one will be a regular check step (unless a budget
+        stretches the interval before it): for the checks that watch the step before a check step."""
+        cycle = optimizer_cycle(trainer)
+        self.decide(cycle)
+        return cycle + 1 >= self._next_due
 
     def stretch(self, every_n_steps: int) -> None:
         """Use ``every_n_steps`` from now on (the next check step is counted from the last one)."""
         self.every_n_steps = max(int(every_n_steps), 1)
         if self._last_check is not None:
-            self._next_due = self._last_check + self._gap_after(self._last_check)
+            self._next_due = self._last_check + self.every_n_steps
 
     def state_dict(self) -> dict[str, int | None]:
         """What a checkpoint keeps: the interval now, the next and the last check step."""

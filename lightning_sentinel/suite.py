@@ -153,6 +153,7 @@ class Sentinel(Callback):
             or clock.check_steps == 0
             or clock.check_steps % 4
             or not clock.due(trainer)
+            or clock.early
         ):
             return
         share = self._meter.take_share()

@@ -91,7 +91,9 @@ def _disabled_warnings(trainer: pl.Trainer) -> list[str]:
 @pytest.mark.parametrize("precision", ["64-true", "bf16-true"])
 def test_a_nan_raises_under_true_precision(tmp_path, precision):
     error = _raises_nan_before_step_10(tmp_path, precision=precision)
-    assert "at step 5 (batch 5), read at the check of step 8" in error.finding.message  # checks: 0, 1, 2, 4, 8, ...
+    assert (
+        "at step 5 (batch 5), read at the check of step 8" in error.finding.message
+    )  # checks: 0, 1, 2, 4, 8, ...
 
 
 @pytest.mark.parametrize("precision", ["64-true", "bf16-true"])
@@ -248,7 +250,10 @@ def test_the_nan_guard_falls_back_to_its_minimal_path_and_still_raises(tmp_path)
 
     guard._run_non_finite_check = fail  # type: ignore[method-assign]
     error = _raises_nan_before_step_10(tmp_path, [guard])
-    assert (error.finding.step, error.finding.where) == (8, "batch 5")  # read at step 8, named from the device count
+    assert (error.finding.step, error.finding.where) == (
+        8,
+        "batch 5",
+    )  # read at step 8, named from the device count
     assert guard._minimal and not guard._failed
 
 

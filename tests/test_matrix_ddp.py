@@ -66,7 +66,7 @@ def test_a_check_failing_on_one_rank_does_not_hang_the_others_and_both_still_sto
     assert ["non-finite-loss", "batch 2", 8, "error"] in results[0]["findings"]  # step 6 is batch 2
     written = load_findings(tmp_path / "sentinel" / "findings.json")
     # the update after step 6 carried the NaN into the weights before the check read it
-    assert [(f.check, f.step) for f in written][0] == ("non-finite-loss", 8)
+    assert (written[0].check, written[0].step) == ("non-finite-loss", 8)
     assert {f.check for f in written} <= {"non-finite-loss", "non-finite-weights"}
 
 
@@ -145,4 +145,4 @@ def test_ddp_spawn_stops_both_ranks(tmp_path):
     _, output = run_scenario("nan-stop", tmp_path, strategy="ddp_spawn", ranks=frozenset({0}))
     assert "Traceback" not in output, output[-3000:]
     written = load_findings(tmp_path / "sentinel" / "findings.json")
-    assert [(f.check, f.step) for f in written][0] == ("non-finite-loss", 4)
+    assert (written[0].check, written[0].step) == ("non-finite-loss", 4)

@@ -191,7 +191,9 @@ def test_a_nan_between_check_steps_is_reported_at_the_next_one_naming_its_first_
     loss = next(f for f in findings(trainer) if f.check == "non-finite-loss")
     assert (loss.step, loss.where) == (8, "batch 5")
     assert loss.evidence["first_step"] == 5
-    assert "non-finite at step 5 (batch 5), read at the check of step 8; loss is nan at step 8" in loss.message
+    assert (
+        "non-finite at step 5 (batch 5), read at the check of step 8; loss is nan at step 8" in loss.message
+    )
 
 
 def test_every_step_localises_a_nan_between_default_checks(tmp_path):

@@ -80,7 +80,9 @@ def test_checkpoint_resume_reports_the_same_findings(tmp_path):
     first.save_checkpoint(checkpoint)
     state = torch.load(checkpoint, weights_only=False)["callbacks"]
     (suite_state,) = [value for key, value in state.items() if key.startswith("Sentinel")]
-    checks = [value for key, value in suite_state.items() if not key.startswith("__")]  # "__clock__": the schedule
+    checks = [
+        value for key, value in suite_state.items() if not key.startswith("__")
+    ]  # "__clock__": the schedule
     assert any(len(check["extra"].get("history", {}).get("", [])) > 0 for check in checks)
 
     resumed = fit(SpikeAt(22), [_sentinel()], root=tmp_path / "b", max_steps=40, ckpt_path=str(checkpoint))

@@ -201,6 +201,7 @@ BAD_VALUES: dict[type, dict[str, Bad]] = {
         "oscillation_factor": POSITIVE,
         "overfit_patience": INT_1,
         "overfit_min_rise": POSITIVE,
+        "overfit_min_scale_rise": [(-0.1, ValueError), ("0.1", TypeError), (float("nan"), ValueError)],
     },
     OverfitBatchCheck: {
         "on_detect": ON_DETECT,
@@ -239,7 +240,13 @@ BAD_VALUES: dict[type, dict[str, Bad]] = {
         "disable": [("dead-relu", TypeError), (["no-such-check"], ValueError), ([1], TypeError)],
         "on_detect": [("halt", ValueError), (1, ValueError)],
         "every_n_steps": INT_1,
-        "budget": [(0, ValueError), (1.0, ValueError), (-0.01, ValueError), ("1%", TypeError), (float("nan"), ValueError)],
+        "budget": [
+            (0, ValueError),
+            (1.0, ValueError),
+            (-0.01, ValueError),
+            ("1%", TypeError),
+            (float("nan"), ValueError),
+        ],
     },
 }
 

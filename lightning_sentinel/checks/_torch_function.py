@@ -234,9 +234,8 @@ class SampledLossCallCheck(InterceptingCheck[RecorderT]):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._release(trainer)  # a batch whose end hook never ran (an epoch cut short) leaves nothing behind
-        index = self._batches_seen
         self._batches_seen += 1
-        if not self._is_due(index) or not self.active_checks:
+        if not self._due_batch(trainer) or not self.active_checks:
             return
         if self._module_names is None:
             self._module_names = {id(module): name for name, module in pl_module.named_modules() if name}

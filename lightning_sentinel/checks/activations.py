@@ -369,7 +369,7 @@ class DeadReLUDetector(SentinelCallback):
             self._init_judged = True
             self._run_init_check(trainer, pl_module, probe)
         # windows end on every ``window``-th check step of the clock, so a resumed run judges the same ones
-        if self._clock.check_steps % self.window == 0:
+        if self._clock.check_steps % self.window == 0:  # regular check steps (this detector's only ones)
             self._run_window_check(trainer, pl_module)
 
     @override

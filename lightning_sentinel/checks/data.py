@@ -61,7 +61,7 @@ register(
         "BatchInspector",
         Severity.WARNING,
         "the same batch content arrives again and again",
-        "every sampled batch identical to the batch before it, over a window (>= 2 pairs)",
+        "every sampled batch identical to the sampled batch before it (another batch index), over a window (>= 2 pairs)",
     ),
     CheckSpec(
         SINGLE_LABEL,
@@ -272,9 +272,10 @@ class BatchInspector(SentinelCallback):
     feature. Label checks take one label per sample: integer targets ``(N,)`` or ``(N, 1)``, or float ones
     holding only 0 and 1; per-token targets (``(N, T)`` with ``-100`` at ignored positions) are left alone.
 
-    Cost: every ``every_n_steps``-th training batch (micro-batch) is reduced on the device to a few
-    statistics (per-feature moments merged across batches, min/max, a content fingerprint, label
-    counts); the batch just before a sampled one is fingerprinted only. The host reads everything
+    Cost: the first training batch (micro-batch) of each check step (the suite's clock inside
+    ``Sentinel``; on its own, steps 0, 1, 2, 4, ... then every ``every_n_steps``-th) is reduced on the
+    device to a few statistics (per-feature moments merged across batches, min/max, a content
+    fingerprint, label counts); other batches are not touched. The host reads everything
     back once per ``window_batches`` sampled batches (NaN/Inf counts are read at once on a CPU, and on
     an accelerator for the first sampled batch of a fit).
     Validation batches (all of them, during ``fit``) feed per-feature moments read once per
@@ -289,8 +290,9 @@ class BatchInspector(SentinelCallback):
       std of 6.0, while standardized digits/breast-cancer/diabetes features stay below 1.9 over 256
       samples even with rare outliers (and [0, 1] pixels below 0.5).
     - ``constant-inputs`` (error): every sampled batch of a window (at least two) has min == max.
-    - ``repeated-batch`` (warning): each sampled batch has the same content (in any order) as the batch
-      just before it, for a whole window; skipped when an epoch has a single batch (full-batch training).
+    - ``repeated-batch`` (warning): each sampled batch has the same content (in any order) as the sampled
+      batch before it, for a whole window; two batches of the same batch index (full-batch training, or
+      an interval that lands on the same index of every epoch) are not compared.
     - ``single-label-batch`` (warning): see :func:`single_label_verdict`.
     - ``class-imbalance``: max/min class count > ``imbalance_ratio`` (10) over >= 500 labels. A
       warning when no loss module of the LightningModule has class weights (``weight=``/``pos_weight=``),
@@ -331,6 +333,7 @@ class BatchInspector(SentinelCallback):
     """
 
     CHECKS = (NON_FINITE_INPUTS, UNNORMALIZED, CONSTANT, REPEATED, SINGLE_LABEL, IMBALANCE, SHIFT)
+    LOOKS_EARLY = True  # samples, not patience: the clock's early check steps add batches where faults start
 
     def __init__(
         self,
@@ -430,11 +433,7 @@ class BatchInspector(SentinelCallback):
             return
         index = self._batches_seen
         self._batches_seen += 1
-        if not self._is_due(index):
-            if REPEATED in self.active_checks and self._is_due(index + 1):
-                inputs = find_parts(batch, self.input_key, self.target_key).inputs
-                if inputs is not None and inputs.dim() >= 1 and inputs.numel() > 0:
-                    self._previous_fingerprint = (index, fingerprint(inputs))
+        if not self._due_batch(trainer):  # the first micro-batch of each check step only
             return
         self._inspect(trainer, batch, batch_idx, index)
         if len(self._window) >= self.window_batches:
@@ -508,11 +507,14 @@ class BatchInspector(SentinelCallback):
             )  # token ids: one id everywhere is constant too
         if usable and REPEATED in active:
             current = fingerprint(inputs)
+            # against the previous sampled batch, when it came from another batch index: a loader that yields
+            # the same batch every step repeats at any distance, while one batch per epoch (full-batch
+            # training) or an interval that lands on the same index of every epoch is not compared
             previous = self._previous_fingerprint
-            if previous is not None and previous[0] == index - 1:
+            if previous is not None and previous[0] != batch_idx:
                 close = torch.isclose(current, previous[1], rtol=1e-5, atol=1e-8).all()
                 record.same_as_previous = close.float()
-            self._previous_fingerprint = (index, current)
+            self._previous_fingerprint = (batch_idx, current)
         if parts.targets is not None and (SINGLE_LABEL in active or IMBALANCE in active):
             record.labels = self._count_labels(parts)
         self._window.append(record)
@@ -536,16 +538,15 @@ class BatchInspector(SentinelCallback):
             record.non_finite.extend(counted)
             return
         device = counted[0][2].device
-        counts = torch.stack([bad.to(device) for _, _, bad in counted]).tolist()
-        bad_tensors = [
-            (name, int(count), numel)
-            for (name, numel, _), count in zip(counted, counts, strict=True)
-            if count
-        ]
-        for name, count, numel in bad_tensors:
-            self._report_non_finite(trainer, name, count, numel, batch_idx)
-        if bad_tensors:
+
+        def judge(counts: list[float]) -> None:
+            for (name, numel, _), count in zip(counted, counts, strict=True):
+                if count:
+                    self._report_non_finite(trainer, name, int(count), numel, batch_idx)
             self._settle(trainer)  # one process: stop or raise before this batch's loss turns NaN
+
+        # read at the end of this hook (with the suite's other reads), still before the forward pass
+        self._read(trainer, torch.stack([bad.to(device) for _, _, bad in counted]), judge)
 
     def _count_labels(self, parts: BatchParts) -> Tensor | None:
         if self._labels_usable is False:
@@ -617,50 +618,57 @@ class BatchInspector(SentinelCallback):
         counts_slot = add(class_counts) if class_counts is not None else None
         if not parts:
             return
-        values = torch.cat(parts).tolist()  # the one host read of this window
 
-        def get(slot: slice | None) -> list[float]:
-            return [] if slot is None else values[slot]
+        def judge(values: list[float]) -> None:
+            def get(slot: slice | None) -> list[float]:
+                return [] if slot is None else values[slot]
 
-        # ---- non-finite
-        for record, (non_finite, _, _, _) in zip(window, slots, strict=True):
-            for name, numel, slot in non_finite:
-                count = int(get(slot)[0])
-                if count:
-                    self._report_non_finite(trainer, name, count, numel, record.batch_idx)
-        # ---- constant
-        extremes = [get(slot[1]) for slot in slots if slot[1] is not None]
-        constant = len(extremes) >= 2 and all(low == high and math.isfinite(low) for low, high in extremes)
-        if constant and len(extremes) == len(window):
-            self._report_constant(trainer, extremes)
-        # ---- unnormalized
-        if moment_slots is not None and not constant:
-            means, stds, absmaxes = (get(slot) for slot in moment_slots)
-            self._judge_scale(trainer, means, stds, absmaxes)
-            if log and means:
-                self._log_scalars(
-                    trainer,
-                    pl_module,
-                    {
-                        "sentinel/data/input_mean_abs_max": max(abs(m) for m in means),
-                        "sentinel/data/input_std_max": max(stds),
-                    },
-                )
-        # ---- repeated
-        same = [get(slot[2])[0] for slot in slots if slot[2] is not None]
-        if len(same) >= 2 and all(flag > 0 for flag in same) and not constant:
-            self._report_repeated(trainer, len(same))
-        # ---- labels
-        labels = [
-            (record.batch_idx, get(slot[3])) for record, slot in zip(window, slots, strict=True) if slot[3]
-        ]
-        if labels and self._labels_usable is not False:
-            if any(row[3] < 1 or row[4] > 0 for _, row in labels):
-                self._labels_usable = False  # regression targets, or class ids beyond the counted range
-                return
-            self._labels_usable = True
-            counts = get(counts_slot)[:-1]
-            self._judge_labels(trainer, pl_module, labels, counts)
+            # ---- non-finite
+            for record, (non_finite, _, _, _) in zip(window, slots, strict=True):
+                for name, numel, slot in non_finite:
+                    count = int(get(slot)[0])
+                    if count:
+                        self._report_non_finite(trainer, name, count, numel, record.batch_idx)
+            # ---- constant
+            extremes = [get(slot[1]) for slot in slots if slot[1] is not None]
+            constant = len(extremes) >= 2 and all(
+                low == high and math.isfinite(low) for low, high in extremes
+            )
+            if constant and len(extremes) == len(window):
+                self._report_constant(trainer, extremes)
+            # ---- unnormalized
+            if moment_slots is not None and not constant:
+                means, stds, absmaxes = (get(slot) for slot in moment_slots)
+                self._judge_scale(trainer, means, stds, absmaxes)
+                if log and means:
+                    self._log_scalars(
+                        trainer,
+                        pl_module,
+                        {
+                            "sentinel/data/input_mean_abs_max": max(abs(m) for m in means),
+                            "sentinel/data/input_std_max": max(stds),
+                        },
+                    )
+            # ---- repeated
+            same = [get(slot[2])[0] for slot in slots if slot[2] is not None]
+            if len(same) >= 2 and all(flag > 0 for flag in same) and not constant:
+                self._report_repeated(trainer, len(same))
+            # ---- labels
+            labels = [
+                (record.batch_idx, get(slot[3]))
+                for record, slot in zip(window, slots, strict=True)
+                if slot[3]
+            ]
+            if labels and self._labels_usable is not False:
+                if any(row[3] < 1 or row[4] > 0 for _, row in labels):
+                    self._labels_usable = False  # regression targets, or class ids beyond the counted range
+                else:
+                    self._labels_usable = True
+                    counts = get(counts_slot)[:-1]
+                    self._judge_labels(trainer, pl_module, labels, counts)
+            self._settle(trainer)
+
+        self._read(trainer, torch.cat(parts), judge)  # the one host read of this window (batched)
 
     @staticmethod
     def _pooled(

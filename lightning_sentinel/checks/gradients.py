@@ -223,7 +223,9 @@ class GradientNormMonitor(SentinelCallback):
         log_per_layer: also log each layer's gradient norm (off by default: no per-layer clutter).
         track_peak: on the steps between checks, keep the gradient norms on the device (one fused norm
             per step, no host read) and fold them into peaks at the next check, so a one-step spike
-            between checks is judged there.
+            between checks is judged there. Off by default: it is work on every step, where the suite's
+            rule is that steps between check steps touch no tensor (a spike that lasts is judged at the
+            next check step anyway).
 
     Example:
         >>> import lightning.pytorch as pl
@@ -248,7 +250,7 @@ class GradientNormMonitor(SentinelCallback):
         patience: int = 3,
         converged_fraction: float = 0.05,
         log_per_layer: bool = False,
-        track_peak: bool = True,
+        track_peak: bool = False,
     ) -> None:
         super().__init__(on_detect=on_detect, every_n_steps=every_n_steps, warmup_steps=warmup_steps)
         self.spike_factor = require_number("spike_factor", spike_factor, above=1)
@@ -303,10 +305,10 @@ class GradientNormMonitor(SentinelCallback):
 
     @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
-        detached = loss.detach()
         if self._first_loss is None:
-            self._first_loss = detached
-        self._latest_loss = detached
+            self._first_loss = loss.detach()
+        if self._due(trainer):  # the loss of a check step (steps between checks touch nothing)
+            self._latest_loss = loss.detach()
 
     @override
     def on_before_optimizer_step(
@@ -325,7 +327,7 @@ class GradientNormMonitor(SentinelCallback):
         state.steps_seen += 1
         if not self.active_checks:
             return
-        if self._is_due(step_index):
+        if self._due(trainer):
             self._run_gradient_check(trainer, pl_module, optimizer, state)
             self._settle(trainer)
         elif self.track_peak and EXPLODING in self.active_checks and step_index >= self.warmup_steps:
@@ -406,8 +408,21 @@ class GradientNormMonitor(SentinelCallback):
             if state.peak_parameters.shape == grad_norms.shape:  # the same parameters had gradients
                 layer_peak = grouping.layer_norms(state.peak_parameters.to(total.device))
         state.peak, state.peak_parameters = None, None
-        # the one host read of this check
-        values = torch.cat([total, peak, losses, layer_grad, layer_weight, layer_peak]).tolist()
+        # the one host read of this check (batched with the suite's other reads of this hook)
+        self._read(
+            trainer,
+            torch.cat([total, peak, losses, layer_grad, layer_weight, layer_peak]),
+            lambda values: self._judge_gradients(trainer, pl_module, state, grouping, values),
+        )
+
+    def _judge_gradients(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        state: _OptimizerState,
+        grouping: LayerGrouping,
+        values: list[float],
+    ) -> None:
         n_layers = len(grouping.layer_names)
         total_norm, peak_between, first_loss, latest_loss = values[0], values[1], values[2], values[3]
         layer_grads = values[4 : 4 + n_layers]
@@ -473,6 +488,7 @@ class GradientNormMonitor(SentinelCallback):
             self._judge_vanishing(
                 trainer, state, grouping, layer_grads, layer_weights, first_loss, latest_loss
             )
+        self._settle(trainer)
 
     def _judge_vanishing(
         self,

@@ -386,7 +386,16 @@ class LabelNoiseMonitor(SampledLossCallCheck[_LabelInterceptor]):
         if not calls:
             return
         device = calls[0].counts.device
-        values = torch.stack([call.counts.to(device) for call in calls]).tolist()  # the one host read
+        self._read(  # the one host read (batched with the suite's other reads of this hook)
+            trainer,
+            torch.stack([call.counts.to(device) for call in calls]),
+            lambda flat: self._judge_counts(trainer, calls, batch_idx, flat),
+        )
+
+    def _judge_counts(self, trainer: pl.Trainer, calls: list[Any], batch_idx: int, flat: list[float]) -> None:
+        values = [
+            flat[i : i + 3] for i in range(0, len(flat), 3)
+        ]  # (labelled, predicted, contradicted) per call
         for call, (labelled, predicted, contradicted) in zip(calls, values, strict=True):
             counts = LabelCounts(int(labelled), int(predicted), int(contradicted))
             if counts.labelled == 0 or counts.accuracy < self.min_accuracy:
@@ -396,6 +405,7 @@ class LabelNoiseMonitor(SampledLossCallCheck[_LabelInterceptor]):
             pooled = pool_recent(history, self.window, self.min_samples)
             if pooled is not None and pooled.contradicted_share >= self.max_share:
                 self._report_noise(trainer, call, pooled, batch_idx)
+        self._settle(trainer)
 
     def _report_noise(
         self, trainer: pl.Trainer, call: LabelCall, pooled: LabelCounts, batch_idx: int

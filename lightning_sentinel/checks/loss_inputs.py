@@ -740,11 +740,19 @@ class LossInputCheck(SampledLossCallCheck[_LossInterceptor]):
             self._report_unseen(trainer, batch_idx)
             return
         with_stats = [call for call in calls if call.stats is not None]
-        values: list[float] = []
-        if with_stats:
-            device = with_stats[0].stats.device  # type: ignore[union-attr]
-            # the one host read of this check
-            values = torch.cat([call.stats.to(device) for call in with_stats]).tolist()  # type: ignore[union-attr]
+        if not with_stats:
+            self._judge_stats(trainer, calls, batch_idx, [])
+            return
+        device = with_stats[0].stats.device  # type: ignore[union-attr]
+        self._read(  # the one host read of this check (batched with the suite's other reads of this hook)
+            trainer,
+            torch.cat([call.stats.to(device) for call in with_stats]),  # type: ignore[union-attr]
+            lambda values: self._judge_stats(trainer, calls, batch_idx, values),
+        )
+
+    def _judge_stats(
+        self, trainer: pl.Trainer, calls: list[LossCall], batch_idx: int, values: list[float]
+    ) -> None:
         offset = 0
         # (check, where) -> (condition held on every call of this step, the call, what to report)
         held: dict[tuple[str, str], tuple[bool, LossCall, Any]] = {}
@@ -805,6 +813,7 @@ class LossInputCheck(SampledLossCallCheck[_LossInterceptor]):
                 self._report_relu_logits(trainer, call, payload, streak)
             else:
                 self._report_clipped(trainer, call, payload, streak)
+        self._settle(trainer)
 
     def _report_unseen(self, trainer: pl.Trainer, batch_idx: int) -> None:
         if self._unseen_reported or not self.active_checks:

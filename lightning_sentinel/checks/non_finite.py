@@ -120,6 +120,7 @@ class NonFiniteGuard(SentinelCallback):
     """
 
     CHECKS = (LOSS, GRADIENTS, WEIGHTS, ACTIVATION)
+    LOOKS_EARLY = True  # a NaN needs no patience: read on the clock's early check steps too
 
     def __init__(
         self,
@@ -269,7 +270,9 @@ class NonFiniteGuard(SentinelCallback):
             lambda values: self._judge_loss_minimally(trainer, values, seen),
         )
 
-    def _judge_loss_minimally(self, trainer: pl.Trainer, values: list[float], seen: list[tuple[int, int]]) -> None:
+    def _judge_loss_minimally(
+        self, trainer: pl.Trainer, values: list[float], seen: list[tuple[int, int]]
+    ) -> None:
         if not math.isfinite(values[0]):
             first = _first_bad(seen, values[1])
             self._report(

@@ -505,10 +505,10 @@ class ParameterUpdateMonitor(SentinelCallback):
         # with that step's one read (the hooks go on one step before: host work only)
         watch_next = (
             NOT_ZEROED in self.active_checks
-            and self._is_due(step_index + 1)
+            and self._clock.next_is_due(trainer)
             and not shards_gradients(trainer.strategy)
         )
-        if not self._is_due(step_index):
+        if not self._due(trainer):
             if state.zeroing_closed is not None:  # not expected (the window ends at a checked step)
                 self._run_zeroing_check(trainer, state)
                 judged = True
@@ -675,9 +675,14 @@ class ParameterUpdateMonitor(SentinelCallback):
         self._judge_zeroing(trainer, state, watch.flags.tolist() if watch.flags is not None else [])
 
     def _judge_zeroing(
-        self, trainer: pl.Trainer, state: _OptimizerState, flag_values: Sequence[float]
+        self,
+        trainer: pl.Trainer,
+        state: _OptimizerState,
+        flag_values: Sequence[float],
+        watch: _ZeroingWatch | None = None,
     ) -> None:
-        watch, state.zeroing_closed = state.zeroing_closed, None
+        if watch is None:
+            watch, state.zeroing_closed = state.zeroing_closed, None
         assert watch is not None
         held_before = watch.held_before(flag_values)
         judged = [(name, held) for name, held in zip(watch.names, held_before, strict=True) if held]
@@ -756,15 +761,47 @@ class ParameterUpdateMonitor(SentinelCallback):
         if snapshot.scale is not None and isinstance(scale_now, Tensor):
             skipped = (scale_now < snapshot.scale).float().view(1).to(update_norms.device)
         # gradients-not-zeroed's window closed at this step: its flags join the read
-        zeroing = state.zeroing_closed
+        zeroing, state.zeroing_closed = state.zeroing_closed, None  # judged with this read
         flags = zeroing.flags if zeroing is not None and zeroing.flags is not None else skipped[:0]
-        # the one host read of this check
-        values = torch.cat(
-            [skipped, update_norms, layer_update, layer_weight, flags.to(update_norms.device)]
-        ).tolist()
+        # the one host read of this check (batched with the suite's other reads of this hook)
+        n_flags = flags.numel()
+        self._read(
+            trainer,
+            torch.cat([skipped, update_norms, layer_update, layer_weight, flags.to(update_norms.device)]),
+            lambda values: self._judge_update(trainer, pl_module, state, snapshot, zeroing, n_flags, values),
+        )
+
+    def _judge_update(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        state: _OptimizerState,
+        snapshot: _Snapshot,
+        zeroing: _ZeroingWatch | None,
+        n_flags: int,
+        values: list[float],
+    ) -> None:
+        view, grouping = state.view, snapshot.grouping
+        self._judge_update_values(
+            trainer, pl_module, state, snapshot, zeroing, n_flags, values, view, grouping
+        )
+        self._settle(trainer)
+
+    def _judge_update_values(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        state: _OptimizerState,
+        snapshot: _Snapshot,
+        zeroing: _ZeroingWatch | None,
+        n_flags: int,
+        values: list[float],
+        view: OptimizerView,
+        grouping: LayerGrouping,
+    ) -> None:
         if zeroing is not None:
-            self._judge_zeroing(trainer, state, values[len(values) - flags.numel() :])
-        values = values[: len(values) - flags.numel()]
+            self._judge_zeroing(trainer, state, values[len(values) - n_flags :], zeroing)
+        values = values[: len(values) - n_flags]
         if values[0] > 0:
             return  # the GradScaler skipped this step: nothing moved on purpose
         n_params, n_layers = len(snapshot.indices), len(grouping.layer_names)
