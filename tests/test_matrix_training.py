@@ -80,6 +80,7 @@ CONFIGS: dict[str, tuple[Any, dict[str, Any]]] = {
     "clip-norm": (lambda t: Quiet(transform=t), {"gradient_clip_val": 0.05}),
     "warmup-scheduler": (lambda t: WarmupClassifier(transform=t), {}),
     "compile-aot-eager": (lambda t: _compiled(Quiet(transform=t)), {}),
+    "64-true": (lambda t: Quiet(transform=t), {"precision": "64-true"}),
     # 16-bit AMP needs a GPU in Lightning's Trainer flags; on CPU a real GradScaler is plugged in by hand
     "16-mixed-cpu-scaler": (
         lambda t: Quiet(transform=t),

@@ -30,7 +30,7 @@ register(
         "NonFiniteGuard",
         Severity.ERROR,
         "the training loss is NaN or Inf",
-        "every step (on an accelerator: flagged on device, read every 10 steps)",
+        "every loss flagged on the device, read on check steps (0, 1, 2, 4, 8, then every 10th) and at train end",
     ),
     CheckSpec(
         GRADIENTS,

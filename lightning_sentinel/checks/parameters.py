@@ -781,11 +781,10 @@ class ParameterUpdateMonitor(SentinelCallback):
         n_flags: int,
         values: list[float],
     ) -> None:
-        view, grouping = state.view, snapshot.grouping
-        self._judge_update_values(
-            trainer, pl_module, state, snapshot, zeroing, n_flags, values, view, grouping
-        )
-        self._settle(trainer)
+        try:
+            self._judge_update_values(trainer, pl_module, state, snapshot, zeroing, n_flags, values)
+        finally:
+            self._settle(trainer)  # a stop or raise acts on what was found
 
     def _judge_update_values(
         self,
@@ -796,9 +795,8 @@ class ParameterUpdateMonitor(SentinelCallback):
         zeroing: _ZeroingWatch | None,
         n_flags: int,
         values: list[float],
-        view: OptimizerView,
-        grouping: LayerGrouping,
     ) -> None:
+        view, grouping = state.view, snapshot.grouping
         if zeroing is not None:
             self._judge_zeroing(trainer, state, values[len(values) - n_flags :], zeroing)
         values = values[: len(values) - n_flags]
