@@ -97,7 +97,9 @@ def main(scenario: str, root: str, strategy: str = "ddp") -> None:
         module, sentinel = IgnoresInput(nan_step=10_000), Sentinel(preset="full", on_detect="raise")
     elif scenario == "scaled-rank1":
         module, sentinel = ScaledOnRankOne(nan_step=10_000), Sentinel(on_detect="warn")
-        max_steps = 20  # BatchInspector's first window: 5 sampled batches, 160 rows per rank, 320 pooled
+        max_steps = (
+            20  # BatchInspector's first window: 5 sampled batches (steps 0, 1, 2, 4, 8), 320 rows pooled
+        )
     else:
         raise SystemExit(f"unknown scenario {scenario}")
     trainer = pl.Trainer(

@@ -334,7 +334,7 @@ def scenario(name: str) -> dict[str, Any]:
         sentinel = Sentinel(checks=[ReplicaSyncMonitor()], every_n_steps=3)
         extra = [CollectiveCounter(), BatchNormStatistics()]
     elif name == "crash-rank1":
-        # the check's own code fails on rank 1 only, at its second check (batch 3): both ranks switch it off
+        # the check's own code fails on rank 1 only, at its second check (batch 11): both ranks switch it off
         module, monitor = Classifier(), ReplicaSyncMonitor(every_n_steps=2)
         sentinel, extra = Sentinel(checks=[monitor]), [CollectiveCounter()]
         _fail_on_rank_one(monitor, at_call=2)
