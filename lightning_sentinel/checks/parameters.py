@@ -782,56 +782,48 @@ class ParameterUpdateMonitor(SentinelCallback):
         values: list[float],
     ) -> None:
         try:
-            self._judge_update_values(trainer, pl_module, state, snapshot, zeroing, n_flags, values)
+            view, grouping = state.view, snapshot.grouping
+            if zeroing is not None:
+                self._judge_zeroing(trainer, state, values[len(values) - n_flags :], zeroing)
+            values = values[: len(values) - n_flags]
+            if values[0] > 0:
+                return  # the GradScaler skipped this step: nothing moved on purpose
+            n_params, n_layers = len(snapshot.indices), len(grouping.layer_names)
+            param_updates = values[1 : 1 + n_params]
+            layer_updates = values[1 + n_params : 1 + n_params + n_layers]
+            layer_weights = values[1 + n_params + n_layers :]
+            ratios = [
+                u / w if w > 0 and math.isfinite(u) and math.isfinite(w) else float("nan")
+                for u, w in zip(layer_updates, layer_weights, strict=True)
+            ]
+            finite = [r for r in ratios if math.isfinite(r) and r > 0]
+            key = f"{view.key}/" if view.key else ""
+            if self.log_ratios and finite:
+                self._log_scalars(
+                    trainer,
+                    pl_module,
+                    {
+                        f"sentinel/update_ratio/{key}max": max(finite),
+                        f"sentinel/update_ratio/{key}min": min(finite),
+                    },
+                )
+            if FROZEN in self.active_checks:
+                self._judge_frozen(trainer, state, snapshot, param_updates)
+            # per-layer weight RMS, host-side and only when some ratio is high (the near-zero-init guard needs it)
+            rms = (
+                self._layer_rms(state, snapshot, layer_weights)
+                if any(r > self.high_ratio for r in finite)
+                else None
+            )
+            self._judge_ratios(trainer, state, snapshot, ratios, layer_updates, layer_weights, rms)
+            if (
+                rms is not None
+                and RATIO_HIGH in self.active_checks
+                and any(r > self.burst_ratio for r in finite)
+            ):
+                self._judge_burst(trainer, state, snapshot, ratios, layer_updates, layer_weights, rms)
         finally:
             self._settle(trainer)  # a stop or raise acts on what was found
-
-    def _judge_update_values(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        state: _OptimizerState,
-        snapshot: _Snapshot,
-        zeroing: _ZeroingWatch | None,
-        n_flags: int,
-        values: list[float],
-    ) -> None:
-        view, grouping = state.view, snapshot.grouping
-        if zeroing is not None:
-            self._judge_zeroing(trainer, state, values[len(values) - n_flags :], zeroing)
-        values = values[: len(values) - n_flags]
-        if values[0] > 0:
-            return  # the GradScaler skipped this step: nothing moved on purpose
-        n_params, n_layers = len(snapshot.indices), len(grouping.layer_names)
-        param_updates = values[1 : 1 + n_params]
-        layer_updates = values[1 + n_params : 1 + n_params + n_layers]
-        layer_weights = values[1 + n_params + n_layers :]
-        ratios = [
-            u / w if w > 0 and math.isfinite(u) and math.isfinite(w) else float("nan")
-            for u, w in zip(layer_updates, layer_weights, strict=True)
-        ]
-        finite = [r for r in ratios if math.isfinite(r) and r > 0]
-        key = f"{view.key}/" if view.key else ""
-        if self.log_ratios and finite:
-            self._log_scalars(
-                trainer,
-                pl_module,
-                {
-                    f"sentinel/update_ratio/{key}max": max(finite),
-                    f"sentinel/update_ratio/{key}min": min(finite),
-                },
-            )
-        if FROZEN in self.active_checks:
-            self._judge_frozen(trainer, state, snapshot, param_updates)
-        # per-layer weight RMS, host-side and only when some ratio is high (the near-zero-init guard needs it)
-        rms = (
-            self._layer_rms(state, snapshot, layer_weights)
-            if any(r > self.high_ratio for r in finite)
-            else None
-        )
-        self._judge_ratios(trainer, state, snapshot, ratios, layer_updates, layer_weights, rms)
-        if rms is not None and RATIO_HIGH in self.active_checks and any(r > self.burst_ratio for r in finite):
-            self._judge_burst(trainer, state, snapshot, ratios, layer_updates, layer_weights, rms)
 
     def _judge_frozen(
         self, trainer: pl.Trainer, state: _OptimizerState, snapshot: _Snapshot, updates: list[float]
