@@ -62,6 +62,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_sentinel
 from benchmarks.host_reads import HostReadCounter
+from benchmarks.op_count import SentinelOpCounter
 from lightning_sentinel import (
     BatchInspector,
     DeadReLUDetector,
@@ -74,10 +75,10 @@ from lightning_sentinel import (
     NonFiniteGuard,
     ParameterUpdateMonitor,
     Sentinel,
-    SentinelCallback,
     TrainEvalModeChecker,
     WeightDecayMonitor,
 )
+from lightning_sentinel.engine import CheckClock
 from lightning_sentinel.suite import preset_checks
 
 OUTPUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "OVERHEAD.md")
@@ -398,54 +399,53 @@ def time_run(workload: Workload, variant: Variant, skip: int) -> tuple[float, fl
 
 
 # ---------------------------------------------------------------------------------------------- host reads
-def due_steps(checks: list[SentinelCallback], steps: int) -> set[int]:
-    """The optimizer steps (0-based, one batch per step) on which some check of the fast preset is due.
+def due_steps(sentinel: Sentinel, steps: int) -> set[int]:
+    """The optimizer steps (0-based, one batch per step) that are check steps of ``sentinel``'s one clock
+    (its regular check steps and the early ones, 1, 2, 4 and 8 after the first)."""
+    clock = CheckClock(sentinel.every_n_steps)
+    return {cycle for cycle in range(steps) if clock.decide(cycle)}
 
-    Mirrors each check's cadence: step 0 (the first-batch checks), ``i % n == 0`` for the checks that
-    count from the step they observe, ``(i + 1) % n == 0`` for the learning curve (it judges after the
-    n-th step). BatchInspector's fingerprint of the batch before a sampled one is device work only.
+
+QUIET_AFTER = 20  # steps of warm-up before the schedule's criterion counts
+QUIET_MAX_OPS = 4  # a quiet step: no host read and at most this many aten ops from lightning_sentinel code
+
+
+def count_step_work(workload: Workload, steps: int) -> dict[str, float]:
+    """Host reads and aten ops of lightning_sentinel code per step, ``Sentinel()`` (one run, counted).
+
+    The schedule's criterion (issue 21): after ``QUIET_AFTER`` steps, the share of quiet steps (no host
+    read, at most ``QUIET_MAX_OPS`` ops), and the most host reads of any step, step 0 included.
     """
-    due = {0}
-    for check in checks:
-        n, warmup = check.every_n_steps, check.warmup_steps
-        if isinstance(check, LossAtInitCheck):
-            continue  # the first batch only
-        for i in range(steps):
-            if isinstance(check, LearningCurveMonitor):
-                if (i + 1) % n == 0:
-                    due.add(i)
-            elif i >= warmup and (i - warmup) % n == 0:
-                due.add(i)
-    return due
-
-
-def count_host_reads(workload: Workload, steps: int) -> dict[str, float]:
-    """Host reads per step made by ``Sentinel(preset="fast")`` (one run; reads of a CPU loss included)."""
-    counter = HostReadCounter()
-    per_step: list[int] = []
+    reads, ops = HostReadCounter(), SentinelOpCounter()
+    per_step: list[tuple[int, int]] = []
 
     class Taker(pl.Callback):
         def on_train_batch_start(self, *args: Any) -> None:
-            per_step.append(sum(counter.take().values()))
+            per_step.append((sum(reads.take().values()), sum(ops.take().values())))
 
         def on_train_end(self, *args: Any) -> None:
-            per_step.append(sum(counter.take().values()))
+            per_step.append((sum(reads.take().values()), sum(ops.take().values())))
 
     sentinel = Sentinel()
     pl.seed_everything(0, verbose=False)
-    with tempfile.TemporaryDirectory() as root, counter:
+    with tempfile.TemporaryDirectory() as root, reads, ops:
         trainer = _trainer(workload, [Taker(), sentinel], root, steps)
         trainer.fit(Classifier(workload.make_net()), _loader(workload, steps))
-    reads = per_step[1:]  # reads[i]: from the start of batch i to the start of batch i + 1
-    due = due_steps(sentinel.checks, len(reads))
-    on_due = [reads[i] for i in range(len(reads)) if i in due]
-    off_due = [reads[i] for i in range(len(reads)) if i not in due]
+    work = per_step[1:]  # work[i]: from the start of batch i to the start of batch i + 1 (or the end)
+    due = due_steps(sentinel, len(work))
+    after = work[QUIET_AFTER:]
+    on_due = [work[i][0] for i in range(len(work)) if i in due]
+    off_due = [work[i] for i in range(len(work)) if i not in due]
     return {
-        "per_step": statistics.fmean(reads),
+        "per_step": statistics.fmean(count for count, _ in work),
+        "ops_per_step": statistics.fmean(count for _, count in after),
         "due_steps": float(len(on_due)),
         "per_due_step_max": float(max(on_due, default=0)),
         "off_steps": float(len(off_due)),
-        "per_off_step_max": float(max(off_due, default=0)),
+        "per_off_step_max": float(max((count for count, _ in off_due), default=0)),
+        "ops_off_step_max": float(max((count for _, count in off_due), default=0)),
+        "quiet_share": sum(1 for r, o in after if r == 0 and o <= QUIET_MAX_OPS) / max(len(after), 1),
+        "max_reads": float(max(count for count, _ in work)),
     }
 
 
@@ -453,7 +453,7 @@ def gpu_sync_debug(workload: Workload, steps: int) -> list[str]:
     """Run the fast preset with ``set_sync_debug_mode("error")`` around every check hook on steps where
     no check is due; returns the failures (a sync there raises, and the check disables itself)."""
     sentinel = Sentinel()
-    due = due_steps(sentinel.checks, steps)
+    due = due_steps(sentinel, steps)
     step = [0]
     failures: list[str] = []
 
@@ -594,7 +594,7 @@ def measure(workload: Workload, chosen: list[Variant], rounds: int, skip: int, s
                 statistics.median(extra for _, _, _, extra in values),
             )
         )
-    reads = count_host_reads(workload, min(workload.steps, 100))
+    reads = count_step_work(workload, min(workload.steps, 100))
     sync_failures = gpu_sync_debug(workload, 60) if workload.accelerator == "gpu" else None
     return Result(
         workload, statistics.median(bare_times) * 1e3, rows, reads, sync_failures, preflight_times(workload)
@@ -658,9 +658,7 @@ def render(results: list[Result], args: argparse.Namespace, started: float) -> s
         lines.append(
             f"| {result.workload.name} | {fast.ratio:.3f}x ({fast.cpu_ratio:.3f}x) | <= {target}x: {verdict} "
             f"| {f'{guard.ratio:.3f}x' if guard else 'n/a'} | {f'{anomaly.ratio:.3f}x' if anomaly else 'n/a'} "
-            f"| {reads:.0f}"
-            + (" (the CPU loss read at once)" if result.workload.accelerator == "cpu" and reads else "")
-            + " |"
+            f"| {reads:.0f} |"
         )
     lines.append("")
     for result in results:
@@ -688,18 +686,17 @@ def render(results: list[Result], args: argparse.Namespace, started: float) -> s
                     f"| | {1 + (row.cpu_ratio - 1) / every:.3f}x | | |"
                 )
         reads = result.reads
+        verdict = "met" if reads["quiet_share"] >= 0.85 and reads["max_reads"] <= 3 else "not met"
         lines += [
             "",
-            f'Host reads by lightning_sentinel code, `Sentinel(preset="fast")`: {reads["per_step"]:.2f} per step '
-            f"on average; at most {reads['per_due_step_max']:.0f} on the {reads['due_steps']:.0f} steps where a "
-            f"check is due, at most {reads['per_off_step_max']:.0f} on the {reads['off_steps']:.0f} steps where "
-            "none is"
-            + (
-                " (on the CPU, NonFiniteGuard reads the loss of every step at once: a CPU tensor, no device to "
-                "sync with; on an accelerator that flag stays on the device until a check step)."
-                if workload.accelerator == "cpu"
-                else "."
-            ),
+            f"Work of lightning_sentinel code per step, `Sentinel()` (counted, one run): {reads['per_step']:.2f} "
+            f"host reads per step on average; at most {reads['per_due_step_max']:.0f} on the "
+            f"{reads['due_steps']:.0f} check steps of the clock, at most {reads['per_off_step_max']:.0f} reads and "
+            f"{reads['ops_off_step_max']:.0f} aten ops on the {reads['off_steps']:.0f} other steps; after step "
+            f"{QUIET_AFTER}, {reads['ops_per_step']:.1f} aten ops per step on average and "
+            f"{reads['quiet_share']:.0%} of the steps quiet (no host read, <= {QUIET_MAX_OPS} ops); at most "
+            f"{reads['max_reads']:.0f} host reads on any step. Target (>= 85% quiet, <= 3 reads on any "
+            f"step): {verdict}.",
         ]
         if result.sync_failures is not None:
             lines.append(

@@ -428,12 +428,14 @@ class SentinelCallback(Callback):
         hint: str = "",
         magnitude: float = 0.0,
         dedupe_as: str | None = None,
+        step: int | None = None,
     ) -> Finding | None:
         """Record a finding unless it is disabled or a repeat; apply the ``on_detect`` policy.
 
         ``magnitude`` grows with how bad the finding is: a (check, where) already reported is reported
         again only when its severity rises or its magnitude is 10x the last one reported. Pass
         ``dedupe_as`` to de-duplicate on another key than ``where`` (e.g. one key for a whole model).
+        ``step``: the optimizer step the numbers come from, when they were read later (default: now).
         Info findings are recorded and warned but never trigger ``stop`` or ``raise``.
         """
         if check not in self.CHECKS:
@@ -456,7 +458,7 @@ class SentinelCallback(Callback):
             check=check,
             severity=severity,
             message=message,
-            step=int(trainer.global_step),
+            step=int(trainer.global_step) if step is None else step,
             epoch=int(trainer.current_epoch),
             where=where,
             evidence={name: float(value) for name, value in (evidence or {}).items()},

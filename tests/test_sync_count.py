@@ -71,6 +71,6 @@ def test_sentinel_checks_share_the_norms_of_one_optimizer_step(monkeypatch, tmp_
     calls.clear()
     trainer = fit(Classifier(), [Sentinel(checks=make(), every_n_steps=1)], root=tmp_path, max_steps=4)
     assert findings(trainer) == []
-    # per step alone: 2 (NaN guard) + 2 (gradients) + 2 (snapshot weights, update) norms; shared: the
-    # weights once and the gradients once, + the update
-    assert (alone, len(calls)) == (4 * 6, 4 * 3)
+    # per step alone: 2 (NaN guard) + 2 (gradients) + 3 (weights before, the sampled update, weights after)
+    # norms; shared: the weights before once and the gradients once, + the update and the weights after
+    assert (alone, len(calls)) == (4 * 7, 4 * 4)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
@@ -294,6 +295,8 @@ class DeadReLUDetector(SentinelCallback):
     def _reset_run_state(self) -> None:
         self._probe: ActivationProbe | None = None
         self._probe_batch_judges_init = False
+        # the initialisation's numbers, computed after the forward, read at the end of the batch
+        self._held_init_read: tuple[Tensor, Callable[[list[float]], None]] | None = None
         self._sites: dict[str, Site] = {}
         self._window_batches = 0
         self._window_start_step = 0
@@ -368,6 +371,9 @@ class DeadReLUDetector(SentinelCallback):
             self._probe_batch_judges_init = False
             self._init_judged = True
             self._run_init_check(trainer, pl_module, probe)
+        held, self._held_init_read = self._held_init_read, None
+        if held is not None:  # in the suite's one read of this hook (not one of its own after the forward)
+            self._read(trainer, *held)
         # windows end on every ``window``-th check step of the clock, so a resumed run judges the same ones
         if self._clock.check_steps % self.window == 0:  # regular check steps (this detector's only ones)
             self._run_window_check(trainer, pl_module)
@@ -422,10 +428,11 @@ class DeadReLUDetector(SentinelCallback):
             flags.append(torch.stack([rows_same, inputs_same]).float().to(device))
         if not flags:
             return
-        self._read(
-            trainer,
-            torch.cat(flags),  # the one host read of this check
-            lambda values: self._judge_init(trainer, pl_module, scaled, pairs, values),
+        packed = torch.cat(flags)  # computed now, on the weights of the forward; read at the batch's end
+        step = int(trainer.global_step)
+        self._held_init_read = (
+            packed,
+            lambda values: self._judge_init(trainer, pl_module, scaled, pairs, values, step),
         )
 
     def _judge_init(
@@ -435,6 +442,7 @@ class DeadReLUDetector(SentinelCallback):
         scaled: list[Site],
         pairs: list[tuple[str, Tensor, Tensor]],
         values: list[float],
+        step: int,
     ) -> None:
         symmetric = values[len(scaled) :]
         ratio, chain = _worst_chain(scaled, values[: len(scaled)], self.init_scale_low, self.init_scale_high)
@@ -459,6 +467,7 @@ class DeadReLUDetector(SentinelCallback):
                 },
                 hint=_SCALE_HINT,
                 dedupe_as="depth-scale",
+                step=step,
             )
         for index, (name, _, _) in enumerate(pairs):
             if symmetric[2 * index] > 0 and symmetric[2 * index + 1] > 0:
@@ -475,6 +484,7 @@ class DeadReLUDetector(SentinelCallback):
                         "units": float(_units_of(pl_module.get_submodule(name))),
                     },
                     hint=_SYMMETRY_HINT,
+                    step=step,
                 )
         self._settle(trainer)
 

@@ -238,7 +238,9 @@ def loss_from_outputs(outputs: Any) -> Tensor | None:
     if isinstance(outputs, Mapping):
         outputs = outputs.get("loss")
     if isinstance(outputs, Tensor) and outputs.numel() == 1:
-        return outputs.detach().reshape(())
+        # Lightning hands the loss over detached: then keeping it costs no device op at all
+        loss = outputs.detach() if outputs.requires_grad else outputs
+        return loss if loss.dim() == 0 else loss.reshape(())
     return None
 
 
@@ -247,8 +249,9 @@ class LearningCurveMonitor(SentinelCallback):
     """Reports a training loss that does not fall, climbs, or jumps around, and validation overfitting.
 
     Cost: each micro-batch keeps a reference to its detached loss (no device work); every
-    ``every_n_steps`` optimizer steps those are stacked and read back once, and the rules run on the
-    host over a few floats per chunk. The validation loss is read once per validation run.
+    ``every_n_steps`` optimizer steps those are stacked and read back once (inside ``Sentinel``, on the
+    suite's next check step, in its one read of the hook), and the rules run on the host over a few
+    floats per chunk. The validation loss is read once per validation run.
 
     Rules (calibrated on ``benchmarks/detection``: the healthy zoo, incl. noisy batch-8 runs and cosine
     warm restarts, stays silent; lr 1e-8, gradient ascent, SGD far too fast and a 40-sample train set
@@ -298,7 +301,8 @@ class LearningCurveMonitor(SentinelCallback):
 
     Args:
         on_detect: ``"warn"`` (default), ``"stop"`` or ``"raise"``.
-        every_n_steps: optimizer steps per chunk (one host read per chunk); an integer >= 1.
+        every_n_steps: optimizer steps per chunk (one host read per chunk; inside ``Sentinel`` the chunks
+            stay this long and are read on the suite's check steps); an integer >= 1.
         warmup_steps: optimizer steps measured but not judged (a warm-up that is meant to be erratic);
             an integer >= 0.
         monitor: the validation loss key in ``trainer.callback_metrics`` (``self.log("val_loss", ...)``);
@@ -339,6 +343,9 @@ class LearningCurveMonitor(SentinelCallback):
         overfit_min_scale_rise: float = 0.075,
     ) -> None:
         super().__init__(on_detect=on_detect, every_n_steps=every_n_steps, warmup_steps=warmup_steps)
+        # the chunk is the rules' unit of time (their thresholds are calibrated on it): it stays when ``Sentinel``
+        # sets the cadence of the reads to its clock's
+        self.chunk_steps = self.every_n_steps
         self.monitor = require_text("monitor", monitor)
         self.smoothing = require_int("smoothing", smoothing)
         self.patience_steps = require_int("patience_steps", patience_steps)
@@ -358,6 +365,8 @@ class LearningCurveMonitor(SentinelCallback):
         # the open chunk (device tensors, not read yet)
         self._micro: list[Tensor] = []
         self._step_ends: list[int] = []
+        # the chunks closed but not read yet: (steps in ``_step_ends`` at its end, optimizer steps seen then)
+        self._closed: list[tuple[int, int]] = []
         self._stepped = False
         # the curve so far (host floats, checkpointed)
         self._steps_seen = 0
@@ -430,38 +439,61 @@ class LearningCurveMonitor(SentinelCallback):
         self._stepped = False
         self._step_ends.append(len(self._micro))
         self._steps_seen += 1
-        if self._steps_seen % self.every_n_steps == 0:
-            self._run_curve_check(trainer, pl_module)
-            self._settle(trainer)
+        if self._steps_seen % self.chunk_steps == 0:
+            self._closed.append((len(self._step_ends), self._steps_seen))
+        # on its own the check reads a chunk when it closes; inside ``Sentinel`` on the suite's next check
+        # step, in the suite's one read of that hook
+        if self._closed and (self._own_clock or self._due(trainer)):
+            self._read_closed_chunks(trainer, pl_module)
 
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or not self.active_checks:
             return
+        if self._closed:  # the training curve up to this validation first (a read at validation only)
+            self._read_closed_chunks(trainer, pl_module, now=True)
         self._run_overfitting_check(trainer)
         self._settle(trainer)
 
     # ------------------------------------------------------------------ the training-loss checks
-    def _read_chunk(self, trainer: pl.Trainer) -> list[float]:
-        """Per-step mean losses of the open chunk (the one host read), and reset the chunk."""
-        micro, ends = self._micro, self._step_ends
-        self._micro, self._step_ends = [], []
+    def _read_closed_chunks(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, now: bool = False
+    ) -> None:
+        """Read the closed chunks' losses back (one host read) and judge each chunk, oldest first."""
+        closed, self._closed = self._closed, []
+        steps_in_closed = closed[-1][0]
+        micro_in_closed = self._step_ends[steps_in_closed - 1]
+        micro, ends = self._micro[:micro_in_closed], self._step_ends[:steps_in_closed]
+        self._micro = self._micro[micro_in_closed:]
+        self._step_ends = [end - micro_in_closed for end in self._step_ends[steps_in_closed:]]
         if not micro:
-            return []
+            return
         stacked = torch.stack([loss.float() for loss in micro])
         if trainer.world_size > 1:  # every rank reaches this check at the same step: lockstep
             stacked = trainer.strategy.reduce(stacked, reduce_op="mean")
-        values = stacked.tolist()
-        steps, begin = [], 0
-        for end in ends:
-            if end > begin:
-                part = values[begin:end]
-                steps.append(sum(part) / len(part))
-            begin = end
-        return steps
 
-    def _run_curve_check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        mean, swing = chunk_statistics(self._read_chunk(trainer))
+        def judge(values: list[float]) -> None:
+            begin, first = 0, 0
+            for steps_at_end, steps_seen in closed:
+                chunk = []  # the chunk's per-step losses: the mean of each optimizer step's micro-batches
+                for end in ends[first:steps_at_end]:
+                    if end > begin:
+                        part = values[begin:end]
+                        chunk.append(sum(part) / len(part))
+                    begin = end
+                first = steps_at_end
+                self._run_curve_check(trainer, pl_module, chunk, steps_seen)
+            self._settle(trainer)
+
+        if now:
+            judge(stacked.tolist())
+        else:
+            self._read(trainer, stacked, judge)
+
+    def _run_curve_check(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, step_losses: list[float], steps_seen: int
+    ) -> None:
+        mean, swing = chunk_statistics(step_losses)
         if not math.isfinite(mean):
             return  # no loss in the outputs, or a non-finite one (NonFiniteGuard's business)
         if not math.isfinite(self._start):
@@ -474,12 +506,12 @@ class LearningCurveMonitor(SentinelCallback):
         self._log_scalars(
             trainer, pl_module, {"sentinel/loss/smoothed": smoothed, "sentinel/loss/swing": swing}
         )
-        if self._steps_seen <= self.warmup_steps:
+        if steps_seen <= self.warmup_steps:
             return
-        steps = f"{self._steps_seen} optimizer steps"
+        steps = f"{steps_seen} optimizer steps"
         diverging = self._judge_divergence(trainer, smoothed, steps)
         if not diverging:
-            self._judge_not_decreasing(trainer, smoothed, steps)
+            self._judge_not_decreasing(trainer, smoothed, steps, steps_seen)
         if not diverging:  # a climbing loss is diverging; its swings say nothing more
             self._judge_oscillation(trainer, smoothed)
 
@@ -511,14 +543,16 @@ class LearningCurveMonitor(SentinelCallback):
             )
         return diverging
 
-    def _judge_not_decreasing(self, trainer: pl.Trainer, smoothed: float, steps: str) -> None:
+    def _judge_not_decreasing(
+        self, trainer: pl.Trainer, smoothed: float, steps: str, steps_seen: int
+    ) -> None:
         if self._improved or NOT_DECREASING not in self.active_checks:
             return
         stuck, improvement = not_decreasing_verdict(self._start, self._best, self.min_improvement)
         if not stuck and math.isfinite(improvement):
             self._improved = True  # it learns: later plateaus are convergence, not this fault
             return
-        if stuck and self._steps_seen >= self.patience_steps:
+        if stuck and steps_seen >= self.patience_steps:
             self._report(
                 trainer,
                 NOT_DECREASING,
@@ -531,7 +565,7 @@ class LearningCurveMonitor(SentinelCallback):
                     "best_loss": self._best,
                     "smoothed_loss": smoothed,
                     "relative_improvement": improvement,
-                    "steps": float(self._steps_seen),
+                    "steps": float(steps_seen),
                 },
                 hint="raise the learning rate 10x (or check that the scheduler/warm-up does not hold it near 0), "
                 "check that the optimizer holds the model's parameters and that inputs and labels match; "
@@ -552,7 +586,7 @@ class LearningCurveMonitor(SentinelCallback):
                 trainer,
                 OSCILLATION,
                 Severity.WARNING,
-                f"the training loss swings by {swing:.4g} within {self.every_n_steps} steps (median of the last "
+                f"the training loss swings by {swing:.4g} within {self.chunk_steps} steps (median of the last "
                 f"{self.smoothing} chunks), {ratio:.3g}x the loss scale {scale:.4g} (its start, or its level now if larger)",
                 where="loss",
                 evidence={

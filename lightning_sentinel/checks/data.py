@@ -32,6 +32,7 @@ CONSTANT = "constant-inputs"
 REPEATED = "repeated-batch"
 SINGLE_LABEL = "single-label-batch"
 IMBALANCE = "class-imbalance"
+IMBALANCE_MIN_MINORITY = 5  # the smallest class count a ratio divides by (fewer is chance)
 SHIFT = "train-val-shift"
 
 register(
@@ -294,7 +295,8 @@ class BatchInspector(SentinelCallback):
       batch before it, for a whole window; two batches of the same batch index (full-batch training, or
       an interval that lands on the same index of every epoch) are not compared.
     - ``single-label-batch`` (warning): see :func:`single_label_verdict`.
-    - ``class-imbalance``: max/min class count > ``imbalance_ratio`` (10) over >= 500 labels. A
+    - ``class-imbalance``: max/min class count > ``imbalance_ratio`` (10) over >= 256 sampled labels, the
+      min counted as at least 5 (fewer is chance: 100 balanced classes over 500 labels). A
       warning when no loss module of the LightningModule has class weights (``weight=``/``pos_weight=``),
       else info (already handled). Not judged once label order looked sorted (sampled counts of
       sorted data alias with the order; fix the shuffling first).
@@ -348,7 +350,7 @@ class BatchInspector(SentinelCallback):
         min_samples: int = 256,
         single_label_batches: int = 3,
         imbalance_ratio: float = 10.0,
-        imbalance_min_samples: int = 500,
+        imbalance_min_samples: int = 256,
         shift_std: float = 3.0,
         shift_fraction: float = 0.25,
     ) -> None:
@@ -753,7 +755,12 @@ class BatchInspector(SentinelCallback):
         if self._sorted_suspected:
             return  # label-sorted data: sampled counts alias with the order and are not the class frequencies
         ratio, majority, minority = imbalance_ratio(counts)
-        if not ratio > self.imbalance_ratio:
+        # a class seen fewer than 5 times is too few to divide by: 100 balanced classes over 500 labels
+        # give counts from 1 to 12 by chance alone
+        if (
+            majority < 0
+            or not counts[majority] / max(counts[minority], IMBALANCE_MIN_MINORITY) > self.imbalance_ratio
+        ):
             return
         weighted = loss_has_class_weights(pl_module)
         self._report(

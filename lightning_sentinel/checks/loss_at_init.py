@@ -448,12 +448,12 @@ class LossAtInitCheck(InterceptingCheck[_InitLossInterceptor]):
             return
         returned = _returned_loss(outputs, trainer, pl_module)
         self._run_loss_at_init_check(trainer, mode, returned, batch_idx)
-        self._settle(trainer)
 
     # ------------------------------------------------------------------ the check
     def _run_loss_at_init_check(
         self, trainer: pl.Trainer, mode: _InitLossInterceptor, returned: Tensor | None, batch_idx: int
     ) -> None:
+        """Read the first loss's statistics (in the suite's one read of the hook) and judge them."""
         calls = mode.calls
         if self.expected_loss is not None:
             observed_tensor = (
@@ -461,22 +461,31 @@ class LossAtInitCheck(InterceptingCheck[_InitLossInterceptor]):
             )
             if observed_tensor is None:
                 return
-            self._judge_expected(trainer, float(observed_tensor.float().mean()), batch_idx)  # one host read
+
+            def judge_expected(values: list[float]) -> None:
+                self._judge_expected(trainer, values[0], batch_idx)
+                self._settle(trainer)
+
+            self._read(trainer, observed_tensor.detach().float().mean(), judge_expected)
             return
         if not calls:
             return
+
+        def judge(values: list[float]) -> None:
+            offset = 0
+            for call in calls:
+                stats = values[offset : offset + call.stats.numel()]
+                offset += call.stats.numel()
+                if call.function in (_CROSS_ENTROPY, _NLL):
+                    self._judge_classification(trainer, call, stats, batch_idx)
+                elif call.function in (_BCE_LOGITS, _BCE):
+                    self._judge_binary(trainer, call, stats, batch_idx)
+                else:
+                    self._judge_regression(trainer, call, stats, batch_idx)
+            self._settle(trainer)
+
         device = calls[0].stats.device
-        values = torch.cat([call.stats.to(device) for call in calls]).tolist()  # the one host read
-        offset = 0
-        for call in calls:
-            stats = values[offset : offset + call.stats.numel()]
-            offset += call.stats.numel()
-            if call.function in (_CROSS_ENTROPY, _NLL):
-                self._judge_classification(trainer, call, stats, batch_idx)
-            elif call.function in (_BCE_LOGITS, _BCE):
-                self._judge_binary(trainer, call, stats, batch_idx)
-            else:
-                self._judge_regression(trainer, call, stats, batch_idx)
+        self._read(trainer, torch.cat([call.stats.to(device) for call in calls]), judge)  # the one host read
 
     def _judge_expected(self, trainer: pl.Trainer, observed: float, batch_idx: int) -> None:
         expected = self.expected_loss

@@ -222,11 +222,42 @@ def _listing(names: Sequence[str], limit: int = 6) -> str:
 
 
 # ---------------------------------------------------------------------- state
+SAMPLE_STRIDE = 8  # the update ratios look at every 8th element of a large parameter (1/8 of its memory)
+SAMPLE_MIN_NUMEL = 4096  # smaller parameters are copied whole
+
+
+def sample_stride(parameter: Tensor) -> int:
+    """The stride of the update sample of ``parameter``: every ``stride``-th element of its flat view.
+
+    At most ``SAMPLE_STRIDE`` and at most the elements per output unit (per row of a matrix, per filter of
+    a convolution), so every unit keeps at least one element: an embedding whose step moves only the rows
+    of the batch's tokens still shows a non-zero update. Parameters under ``SAMPLE_MIN_NUMEL`` elements
+    and vectors are kept whole.
+
+    Example:
+        >>> sample_stride(torch.zeros(512, 256)), sample_stride(torch.zeros(4096, 4)), sample_stride(torch.zeros(64))
+        (8, 4, 1)
+    """
+    if parameter.dim() < 2 or parameter.numel() < SAMPLE_MIN_NUMEL:
+        return 1
+    return max(1, min(SAMPLE_STRIDE, parameter.numel() // max(parameter.shape[0], 1)))
+
+
+def _sampled(parameters: list[Tensor], strides: list[int]) -> list[Tensor]:
+    """The strided samples of ``parameters`` (views: nothing is copied here)."""
+    return [p.reshape(-1)[::k] if k > 1 else p for p, k in zip(parameters, strides, strict=True)]
+
+
+def _sampled_numel(parameter: Tensor, stride: int) -> int:
+    return -(-parameter.numel() // stride)
+
+
 @dataclass
 class _Snapshot:
     indices: list[int]  # positions in the view's parameters
-    before: list[Tensor]  # copies of those parameters before the step (become -delta in place)
-    weight_norms: Tensor  # norms before the step
+    strides: list[int]  # every stride-th element of each parameter is kept (see sample_stride)
+    before: list[Tensor]  # those elements before the step (become -delta in place)
+    weight_norms: Tensor  # norms of the whole parameters before the step
     grouping: LayerGrouping
     lr: float
     scale: Tensor | None
@@ -726,12 +757,14 @@ class ParameterUpdateMonitor(SentinelCallback):
         if not indices:
             return
         parameters = [view.parameters[i].detach() for i in indices]
-        with torch.no_grad():
-            before = list(torch._foreach_mul(parameters, 1.0))
+        strides = [sample_stride(p) for p in parameters]
+        with torch.no_grad():  # a strided sample of each parameter, not a copy of the model
+            before = list(torch._foreach_mul(_sampled(parameters, strides), 1.0))
         scaler = scaler_of(trainer)
         scale = getattr(scaler, "_scale", None)
         state.snapshot = _Snapshot(
             indices=indices,
+            strides=strides,
             before=before,
             weight_norms=tensor_norms([view.parameters[i] for i in indices]),  # shared with other checks
             grouping=LayerGrouping.from_named_parameters(
@@ -749,17 +782,31 @@ class ParameterUpdateMonitor(SentinelCallback):
         view = state.view
         current = [view.parameters[i].detach() for i in snapshot.indices]
         with torch.no_grad():
-            torch._foreach_sub_(snapshot.before, current)  # now -delta, in place
-        update_norms = tensor_norms(snapshot.before, device=snapshot.weight_norms.device)
+            torch._foreach_sub_(snapshot.before, _sampled(current, snapshot.strides))  # now -delta, in place
+        device = snapshot.weight_norms.device
+        sampled_norms = tensor_norms(snapshot.before, device=device)
         snapshot.before = []
+        # the whole update's norm, estimated from the sample's; a parameter whose sample did not move but whose
+        # norm did (an update elsewhere in it) counts as moved: frozen-parameters needs an exact zero
+        full = [
+            float(p.numel()) / max(_sampled_numel(p, k), 1)
+            for p, k in zip(current, snapshot.strides, strict=True)
+        ]
+        moved_elsewhere = (tensor_norms(current, device=device) != snapshot.weight_norms).float()
+        update_norms = sampled_norms * torch.tensor(full, device=device).sqrt()
+        update_norms = torch.where(
+            (sampled_norms == 0) & (moved_elsewhere > 0),
+            torch.full_like(update_norms, math.nan),
+            update_norms,
+        )
         grouping = snapshot.grouping
-        layer_update = grouping.layer_norms(update_norms)
+        layer_update = grouping.layer_norms(update_norms.nan_to_num(0.0))
         layer_weight = grouping.layer_norms(snapshot.weight_norms)
-        skipped = torch.zeros(1, device=update_norms.device)
+        skipped = torch.zeros(1, device=device)
         scaler = scaler_of(trainer)
         scale_now = getattr(scaler, "_scale", None)
         if snapshot.scale is not None and isinstance(scale_now, Tensor):
-            skipped = (scale_now < snapshot.scale).float().view(1).to(update_norms.device)
+            skipped = (scale_now < snapshot.scale).float().view(1).to(device)
         # gradients-not-zeroed's window closed at this step: its flags join the read
         zeroing, state.zeroing_closed = state.zeroing_closed, None  # judged with this read
         flags = zeroing.flags if zeroing is not None and zeroing.flags is not None else skipped[:0]
@@ -767,7 +814,7 @@ class ParameterUpdateMonitor(SentinelCallback):
         n_flags = flags.numel()
         self._read(
             trainer,
-            torch.cat([skipped, update_norms, layer_update, layer_weight, flags.to(update_norms.device)]),
+            torch.cat([skipped, update_norms, layer_update, layer_weight, flags.to(device)]),
             lambda values: self._judge_update(trainer, pl_module, state, snapshot, zeroing, n_flags, values),
         )
 

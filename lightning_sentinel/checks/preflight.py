@@ -706,6 +706,27 @@ class LabelShuffleCheck(_PreflightCheck):
                 "slowly may also want a higher learning rate",
             )
             return
+        if (
+            baseline == "zeroed inputs"
+            and same_as_zeroed is False
+            and math.isfinite(shuffled)
+            and real <= shuffled - self.margin * abs(shuffled)
+        ):
+            # mixed evidence: the labels belong to the inputs (shuffling them costs the real run its lead) and the
+            # inputs reach the output, but they are not yet worth more than the labels' own frequencies (a tiny
+            # masked LM after 60 steps predicts the unigram); a model blind to its inputs beats neither baseline
+            self._report(
+                trainer,
+                IGNORES_INPUT,
+                Severity.INFO,
+                f"inconclusive: after {self.max_steps} trial steps the real data's {real:.4g} beats the "
+                f"{shuffled:.4g} of shuffled labels but not yet the {zeroed:.4g} of zeroed inputs ({losses}): the "
+                "model uses its inputs, but has not learned more from them than the labels' frequencies so far",
+                where=where,
+                evidence=evidence,
+                hint=f"raise `max_steps` (now {self.max_steps}) to let the trials finish",
+            )
+            return
         other = zeroed if baseline == "zeroed inputs" else shuffled
         cause = (
             "the inputs do not reach the output (zeroed somewhere in forward/training_step, detached, or overwritten: "
