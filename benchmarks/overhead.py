@@ -27,7 +27,11 @@ How it is measured:
   steps where none is; on a GPU also a run with ``torch.cuda.set_sync_debug_mode("error")`` around
   every check hook on the steps where no check is due (a sync there disables the check, and is
   reported);
-- the preflight trials of ``preset="full"``: the wall time of each trial's hook, against its budget.
+- the preflight trials of ``preset="full"``: the wall time of each trial's hook, against its budget;
+- aten ops and host reads of lightning_sentinel code per step (:mod:`benchmarks.op_count`), against the
+  schedule's criterion: after 20 steps >= 85% of steps with no read and <= 4 ops, <= 3 reads on any step;
+- peak memory added to a 35M-parameter MLP by ``Sentinel()`` and the full preset (:mod:`benchmarks.memory`,
+  each in a fresh process; ``--no-memory`` skips it).
 
 Workloads: on the CPU a tiny MLP (about 2 ms per step: the worst case for a fixed per-step cost), a
 wider MLP and a small batch-norm CNN (several ms per step); with a GPU, in addition, a ResNet-style CNN
@@ -61,6 +65,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_sentinel
+from benchmarks import memory
 from benchmarks.host_reads import HostReadCounter
 from benchmarks.op_count import SentinelOpCounter
 from lightning_sentinel import (
@@ -726,6 +731,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="fewer variants (development)")
     parser.add_argument("--output", default=OUTPUT, help="where to write the report ('-': nowhere)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--no-memory", action="store_true", help="skip the 35M-parameter memory runs (benchmarks/memory.py)"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
@@ -740,6 +748,17 @@ def main(argv: list[str] | None = None) -> None:
     chosen = variants(args.quick)
     results = [measure(workload, chosen, args.rounds, args.skip, args.seed) for workload in workloads]
     report = render(results, args, started)
+    if not args.no_memory:
+        accelerator = "gpu" if torch.cuda.is_available() else "cpu"
+        report += (
+            "\n## Peak memory (`python -m benchmarks.memory`)\n\n"
+            + "\n".join(
+                memory.report(
+                    memory.measure(memory.DEFAULT_STEPS, accelerator), memory.DEFAULT_STEPS, accelerator
+                )
+            )
+            + "\n"
+        )
     print(report)
     if args.output != "-":
         with open(args.output, "w") as handle:

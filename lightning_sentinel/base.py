@@ -179,6 +179,7 @@ class SentinelCallback(Callback):
 
     CHECKS: ClassVar[tuple[str, ...]] = ()
     FOLLOWS_SUITE_CLOCK: ClassVar[bool] = True  # inside ``Sentinel``, look on the suite's check steps
+    WRITES_SCALAR_LAYOUT: ClassVar[bool] = False  # writes TensorBoard's custom scalar layout itself
     # also look on the clock's early check steps (1, 2, 4, 8 after the first): checks that need no patience
     LOOKS_EARLY: ClassVar[bool] = False
 

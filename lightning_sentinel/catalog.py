@@ -1,7 +1,10 @@
 """The registry of check ids the code implements.
 
-Each check module registers the ids it owns when it is imported. The registry feeds the README
-table test, ``lightning-sentinel checks``, and the validation of ``Sentinel(disable=[...])``.
+Each check module registers the ids it owns, and its callback class, when it is imported; the package's
+``__init__`` imports every check module, so the registry is complete once ``lightning_sentinel`` is
+imported (importing this module imports the package first). This module imports none of them: the checks
+depend on the catalog, never the other way round. The registry feeds the README table test,
+``lightning-sentinel checks``, and the validation of ``Sentinel(disable=[...])``.
 
 Example:
     >>> from lightning_sentinel.catalog import registered_checks
@@ -63,15 +66,11 @@ def add_to_presets(callback: type, presets: tuple[str, ...], order: int = 100) -
 
 def preset_members(preset: str) -> list[type]:
     """The callback classes of ``preset``, in registration order."""
-    import lightning_sentinel.checks  # noqa: F401  (importing the checks registers them)
-
     return [callback for _, callback, presets in _PRESET_MEMBERS if preset in presets]
 
 
 def registered_checks() -> dict[str, CheckSpec]:
     """Every implemented check id and its spec, grouped by callback in the order ``Sentinel`` runs them."""
-    import lightning_sentinel.checks  # noqa: F401  (importing the checks registers their ids)
-
     order = {callback.__name__: position for position, callback, _ in _PRESET_MEMBERS}
     specs = sorted(_REGISTRY.values(), key=lambda spec: order.get(spec.callback, 1_000))  # stable
     return {spec.check: spec for spec in specs}
@@ -81,15 +80,8 @@ def default_action(spec: CheckSpec) -> str:
     """The default ``on_detect`` of the callback that owns ``spec``."""
     import inspect
 
-    from lightning_sentinel.base import SentinelCallback
-
-    registered_checks()  # import every check module
-    pending, callbacks = list(SentinelCallback.__subclasses__()), {}
-    while pending:
-        callback = pending.pop()
-        callbacks.setdefault(callback.__name__, callback)
-        pending.extend(callback.__subclasses__())
-    return str(inspect.signature(callbacks[spec.callback].__init__).parameters["on_detect"].default)
+    callback = next(member for _, member, _ in _PRESET_MEMBERS if member.__name__ == spec.callback)
+    return str(inspect.signature(callback.__init__).parameters["on_detect"].default)
 
 
 def validate_check_ids(argument: str, ids: list[str]) -> None:

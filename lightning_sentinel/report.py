@@ -25,6 +25,7 @@ import shutil
 import textwrap
 import weakref
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -220,6 +221,21 @@ def findings_markdown(findings: Sequence[Finding]) -> str:
     return "\n".join(rows)
 
 
+#: The "sentinel" section of TensorBoard's CUSTOM SCALARS tab: one chart per family of sentinel scalars.
+SENTINEL_LAYOUT: dict[str, dict[str, list[Any]]] = {
+    "sentinel": {
+        "gradient norms": ["Multiline", [r"sentinel/grad_norm/.*"]],
+        "update/weight ratios": ["Multiline", [r"sentinel/update_ratio/.*"]],
+        "dead and saturated units": ["Multiline", [r"sentinel/(dead_share|dead_relu|saturation)/.*"]],
+        "loss": ["Multiline", [r"sentinel/loss/.*"]],
+        "data": ["Multiline", [r"sentinel/data/.*"]],
+        "other sentinel scalars": [
+            "Multiline",
+            [r"sentinel/(?!(grad_norm|update_ratio|dead_share|dead_relu|saturation|loss|data)/).*"],
+        ],
+    }
+}
+
 _LAYOUT_WRITTEN: weakref.WeakSet[pl.Trainer] = weakref.WeakSet()
 
 
@@ -233,11 +249,9 @@ def write_scalar_layout(trainer: pl.Trainer) -> None:
     if trainer.global_rank != 0 or trainer in _LAYOUT_WRITTEN:
         return
     _LAYOUT_WRITTEN.add(trainer)
-    from lightning_sentinel.checks.histograms import SENTINEL_LAYOUT, HistogramLogger
-
     callbacks = [*trainer.callbacks, *(c for cb in trainer.callbacks for c in getattr(cb, "checks", []))]
-    if any(isinstance(callback, HistogramLogger) for callback in callbacks):
-        return
+    if any(getattr(callback, "WRITES_SCALAR_LAYOUT", False) for callback in callbacks):
+        return  # a HistogramLogger writes it (its ``custom_scalar_layout`` argument decides)
 
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):

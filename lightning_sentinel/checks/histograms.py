@@ -31,23 +31,9 @@ from lightning_sentinel._validate import require_bool, require_int, require_rege
 from lightning_sentinel.base import SentinelCallback
 from lightning_sentinel.checks._optimizers import gradient_scale
 from lightning_sentinel.findings import SentinelWarning
+from lightning_sentinel.report import SENTINEL_LAYOUT
 
 _SUMMARY_HEAD = 5  # min, max, num, sum, sum_squares, then the bucket counts
-
-#: The "sentinel" section of TensorBoard's CUSTOM SCALARS tab: one chart per family of sentinel scalars.
-SENTINEL_LAYOUT: dict[str, dict[str, list[Any]]] = {
-    "sentinel": {
-        "gradient norms": ["Multiline", [r"sentinel/grad_norm/.*"]],
-        "update/weight ratios": ["Multiline", [r"sentinel/update_ratio/.*"]],
-        "dead and saturated units": ["Multiline", [r"sentinel/(dead_share|dead_relu|saturation)/.*"]],
-        "loss": ["Multiline", [r"sentinel/loss/.*"]],
-        "data": ["Multiline", [r"sentinel/data/.*"]],
-        "other sentinel scalars": [
-            "Multiline",
-            [r"sentinel/(?!(grad_norm|update_ratio|dead_share|dead_relu|saturation|loss|data)/).*"],
-        ],
-    }
-}
 
 
 # ---------------------------------------------------------------------- pure functions
@@ -210,6 +196,7 @@ class HistogramLogger(SentinelCallback):
 
     CHECKS = ()
     FOLLOWS_SUITE_CLOCK = False  # its own, sparser cadence: a histogram every few hundred steps
+    WRITES_SCALAR_LAYOUT = True  # the suite leaves TensorBoard's custom scalar layout to it
 
     def __init__(
         self,
