@@ -85,6 +85,9 @@ register(
 # Healthy curves slow down; broken ones stall. Calibrated on the zoo: the slowest faults (plain SGD on a
 # regression, 30% label noise on breast-cancer) gain 0.65x and 1.03x in their second half.
 _SPEEDING_UP = 1.5
+# how far from the zeroed-input baseline (the labels' prior) a real run may end, in units of ``margin``, and
+# still count as sitting at it (LabelShuffleCheck's mixed evidence: info, not an error); 0.2 x 5% = 1%
+_AT_PRIOR = 0.2
 _MIN_DROP = 0.05
 _MIN_GAIN = 0.25
 
@@ -149,6 +152,33 @@ def ignores_input_verdict(real: float, shuffled: float, zeroed: float, margin: f
         if math.isfinite(baseline) and real > baseline - margin * abs(baseline):
             return True, name
     return False, ""
+
+
+def at_the_prior(real: float, shuffled: float, zeroed: float, margin: float) -> bool:
+    """Mixed evidence, not a fault: the real run beats shuffled labels by ``margin`` but sits at the zeroed-input
+    baseline (the labels' own frequencies), within ``0.2 x margin`` of it either way.
+
+    Shuffling costs the real run its lead, so the labels belong to the inputs and the inputs reach the output;
+    the model has just not learned more from them than the prior yet (a tiny masked LM after 60 steps predicts
+    the unigram: 3.386 vs 3.384). Labels that do not belong to their inputs are memorised as noise and end above
+    the prior (the dict-batch and BERT faults of the tests: 3.9% and 7.5% above it), and a model blind to its
+    inputs beats neither baseline. A real run a few percent below the prior has learned something from its
+    inputs, but not the margin: 30% wrong labels on breast-cancer end 3.8% below it, and stay an error.
+
+    Example:
+        >>> at_the_prior(3.386, 3.605, 3.384, 0.05)  # the masked LM: inconclusive
+        True
+        >>> at_the_prior(1.191, 1.3, 1.108, 0.05), at_the_prior(1.427, 1.583, 1.374, 0.05)  # shuffled labels
+        (False, False)
+        >>> at_the_prior(0.6739, 0.7178, 0.7005, 0.05)  # 30% wrong labels
+        False
+    """
+    values = (real, shuffled, zeroed)
+    if not all(math.isfinite(value) for value in values):
+        return False
+    return real <= shuffled - margin * abs(shuffled) and abs(real - zeroed) <= _AT_PRIOR * margin * abs(
+        zeroed
+    )
 
 
 def ignored_part(baseline: str, same_as_zeroed: bool | None) -> str:
@@ -709,12 +739,8 @@ class LabelShuffleCheck(_PreflightCheck):
         if (
             baseline == "zeroed inputs"
             and same_as_zeroed is False
-            and math.isfinite(shuffled)
-            and real <= shuffled - self.margin * abs(shuffled)
+            and at_the_prior(real, shuffled, zeroed, self.margin)
         ):
-            # mixed evidence: the labels belong to the inputs (shuffling them costs the real run its lead) and the
-            # inputs reach the output, but they are not yet worth more than the labels' own frequencies (a tiny
-            # masked LM after 60 steps predicts the unigram); a model blind to its inputs beats neither baseline
             self._report(
                 trainer,
                 IGNORES_INPUT,
