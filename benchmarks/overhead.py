@@ -79,6 +79,7 @@ from lightning_sentinel import (
     LossInputCheck,
     NonFiniteGuard,
     ParameterUpdateMonitor,
+    ReplicaSyncMonitor,
     Sentinel,
     TrainEvalModeChecker,
     WeightDecayMonitor,
@@ -308,6 +309,7 @@ def variants(quick: bool) -> list[Variant]:
         ParameterUpdateMonitor,
         WeightDecayMonitor,
         LearningCurveMonitor,
+        ReplicaSyncMonitor,  # nothing to do at world size 1
     ]
     assert [type(check) for check in preset_checks("fast")] == members, "the fast preset changed: update"
     chosen = [
@@ -656,7 +658,11 @@ def render(results: list[Result], args: argparse.Namespace, started: float) -> s
     for result in results:
         rows = {row.name: row for row in result.rows}
         fast = rows['Sentinel(preset="fast")']
-        target = 1.01 if result.workload.accelerator == "gpu" else 1.03
+        # issue 21's targets: 1.02x on the GPU workloads, 1.05x on the tiny MLP (fixed costs weigh most), 1.03x else
+        if result.workload.accelerator == "gpu":
+            target = 1.02
+        else:
+            target = 1.05 if result.workload.name == "mlp-tiny" else 1.03
         verdict = "met" if fast.ratio <= target else f"missed by {fast.ratio - target:.3f}"
         guard, anomaly = rows.get("NonFiniteGuard()"), rows.get("detect_anomaly=True")
         reads = result.reads["per_off_step_max"]

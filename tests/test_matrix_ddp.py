@@ -8,14 +8,12 @@ default; the rest are marked slow (``-m slow``).
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from _launch import launch
 
 from lightning_sentinel import load_findings
 
@@ -27,20 +25,9 @@ def run_scenario(
     scenario: str, root: Path, strategy: str = "ddp", ranks: frozenset[int] = frozenset({0, 1})
 ) -> tuple[dict[int, dict[str, Any]], str]:
     """Run one scenario; return each rank's result record and the combined output (for messages)."""
-    process = subprocess.Popen(
-        [sys.executable, str(SCRIPT), scenario, str(root), strategy],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+    output = launch(
+        [sys.executable, str(SCRIPT), scenario, str(root), strategy], TIMEOUT_S, f"DDP scenario {scenario!r}"
     )
-    try:
-        output, _ = process.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)  # both ranks: the launcher's child is in the same group
-        output, _ = process.communicate()
-        pytest.fail(f"DDP scenario {scenario!r} hung (killed after {TIMEOUT_S} s):\n{output[-3000:]}")
     results = {}
     for path in root.glob("result-*.json"):
         record = json.loads(path.read_text())

@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import re
-import signal
-import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -23,6 +20,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
+from _launch import launch
 from _models import Classifier, fit
 from lightning.pytorch.strategies import SingleDeviceStrategy
 from torch import nn
@@ -316,20 +314,9 @@ def test_a_failure_in_the_check_still_joins_the_gather_and_then_switches_off(
 # ---------------------------------------------------------------------- 2-process DDP (gloo)
 def run_ddp(root: Path, *scenarios: str) -> dict[str, dict[int, dict[str, Any]]]:
     """Run ``scenarios`` in one 2-process launch; each scenario's record per rank."""
-    process = subprocess.Popen(
-        [sys.executable, str(SCRIPT), str(root), *scenarios],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+    output = launch(
+        [sys.executable, str(SCRIPT), str(root), *scenarios], TIMEOUT_S, f"DDP scenarios {scenarios}"
     )
-    try:
-        output, _ = process.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)  # both ranks: the launcher's child is in the same group
-        output, _ = process.communicate()
-        pytest.fail(f"DDP scenarios {scenarios} hung (killed after {TIMEOUT_S} s):\n{output[-3000:]}")
     records: dict[str, dict[int, dict[str, Any]]] = {}
     for name in scenarios:
         records[name] = {}

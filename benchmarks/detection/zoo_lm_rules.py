@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from benchmarks.detection import zoo
+from benchmarks.detection.zoo_real_faults import TwoOptimizerModule
 
 IGNORE_INDEX = -100
 PAD = 0  # token id 0 pads every sequence and never follows another token
@@ -394,14 +395,9 @@ class ManualAccumulationModule(zoo.ZooModule):
         return loss
 
 
-class WrongOptimizerZeroedModule(zoo.ZooModule):
+class WrongOptimizerZeroedModule(TwoOptimizerModule):
     """Manual optimization with two optimizers (body, head) that zeroes the head's twice and the body's
     never (a copy-paste slip): the body's gradients pile up step after step."""
-
-    def __init__(self, body: nn.Module, head: nn.Module, loss: nn.Module) -> None:
-        super().__init__(nn.Sequential(body, head), loss)
-        self.body, self.head = body, head
-        self.automatic_optimization = False
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         body_optimizer, head_optimizer = self.optimizers()  # type: ignore[misc]
