@@ -336,3 +336,20 @@ def test_benchmark_docstring_examples_run(module_name: str) -> None:
     """The examples in the benchmark's docstrings (outside the package's own doctest run) still hold."""
     result = doctest.testmod(importlib.import_module(module_name), verbose=False)
     assert result.failed == 0 and result.attempted > 0
+
+
+def test_a_case_trains_under_the_preset_asked_for(tmp_path, monkeypatch):
+    from benchmarks.detection import runner
+
+    monkeypatch.delenv(runner.PRESET_ENV, raising=False)
+    seen: list[str] = []
+    real = runner.Sentinel
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs["preset"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "Sentinel", recording)
+    assert main(["--case", "mlp-digits", "--preset", "fast", "--root-dir", str(tmp_path)]) == 0
+    assert main(["--case", "mlp-digits", "--root-dir", str(tmp_path / "full")]) == 0
+    assert seen == ["fast", "full"] and runner.bench_preset() == "full"

@@ -313,7 +313,7 @@ PROBES: tuple[Probe, ...] = (
         "overfitting_verdict",
         _overfitting(of_scale=False),
         _default("curves", "LearningCurveMonitor", "overfit_min_rise"),
-        guard="the rise must also be 5% of the starting loss (next row)",
+        guard="the rise must also be 7.5% of the starting loss (next row)",
     ),
     Probe(
         "overfitting",

@@ -610,7 +610,7 @@ def train_rank(name: str, root_dir: str, seed: int, accelerator: str = "cpu") ->
     the calibration probes on, and write ``<root_dir>/distributed-result-<rank>.json``."""
     from benchmarks.detection import calibration
     from benchmarks.detection.cases import get_case
-    from benchmarks.detection.runner import LossRecorder, _quiet, architecture_of
+    from benchmarks.detection.runner import LossRecorder, _quiet, architecture_of, bench_preset
     from lightning_sentinel import Sentinel, SentinelWarning, findings
 
     case = dataclasses.replace(get_case(name), seed=seed)
@@ -633,7 +633,9 @@ def train_rank(name: str, root_dir: str, seed: int, accelerator: str = "cpu") ->
         pl.seed_everything(case.seed, verbose=False)
         module, train_loader, val_loader = case.build()
         architecture = architecture_of(module)
-        trainer = pl.Trainer(callbacks=[Sentinel(preset="full", on_detect="warn"), loss_recorder], **settings)
+        trainer = pl.Trainer(
+            callbacks=[Sentinel(preset=bench_preset(), on_detect="warn"), loss_recorder], **settings
+        )
         try:
             trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader)
         except Exception as exception:  # scored as a crash of this case, not of the benchmark

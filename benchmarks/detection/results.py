@@ -190,6 +190,25 @@ def seed_lines(results: Sequence[CaseResult], by_seed: Mapping[int, Sequence[Cas
     return lines
 
 
+def fast_preset_lines(fast_healthy: Sequence[CaseResult] | None) -> list[str]:
+    """The summary line of the healthy cases rerun under ``Sentinel()`` (the fast preset, no trials): the zoo
+    itself runs under ``preset="full"``, and the trials' use of the random generators gives the fast run
+    another trajectory (dropout, initialisation order), so quiet under one is not quiet under the other.
+
+    Example:
+        >>> fast_preset_lines(None)
+        []
+    """
+    if fast_healthy is None:
+        return []
+    bad = [result for result in fast_healthy if result.verdict != OK]
+    named = ", ".join(f"`{result.name}` ({result.verdict})" for result in bad) or "none"
+    return [
+        f"- healthy runs rerun under `Sentinel()` (the default fast preset, no preflight trials): "
+        f"{len(bad)}/{len(fast_healthy)} false alarms (not ok: {named})"
+    ]
+
+
 # ====================================================================== healthy twins
 @dataclass(frozen=True)
 class TwinRow:
@@ -275,8 +294,10 @@ def write_results(
     twin_seconds: float,
     threads: int,
     by_seed: Mapping[int, Sequence[CaseResult]] | None = None,
+    fast_healthy: Sequence[CaseResult] | None = None,
 ) -> None:
-    """Write the markdown report of a full run to ``path`` (``by_seed``: the zoo rerun with other seeds)."""
+    """Write the markdown report of a full run to ``path`` (``by_seed``: the zoo rerun with other seeds;
+    ``fast_healthy``: the healthy cases rerun under the default ``Sentinel()``)."""
     import torch
 
     steps = step_summary(results)
@@ -306,6 +327,7 @@ def write_results(
         f"{recall}/{n_faulty + len(out_of_reach)} = {recall / max(n_faulty + len(out_of_reach), 1):.0%}",
         f"- false alarms: {false_alarms}/{n_healthy} healthy runs",
         *_all_seeds_line(results, by_seed or {}),
+        *fast_preset_lines(fast_healthy),
         f"- steps to the first right diagnosis, all detected faults (preflight trials count as step 0): "
         f"median {steps['median_first']:g}, max {steps['max_first']:g}",
         f"- steps to the first right diagnosis by a runtime check ({steps['runtime_cases']} faults): median "

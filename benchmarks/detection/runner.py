@@ -292,6 +292,29 @@ def _torch_threads(threads: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+PRESET_ENV = "SENTINEL_BENCH_PRESET"  # the suite's preset for the zoo's runs (the DDP ranks inherit it)
+
+
+def bench_preset() -> str:
+    """The preset the zoo trains under: ``"full"`` (the published numbers), or ``"fast"`` (the default
+    ``Sentinel()``) while :func:`under_preset` is active."""
+    return os.environ.get(PRESET_ENV, "full")
+
+
+@contextlib.contextmanager
+def under_preset(preset: str) -> Iterator[None]:
+    """Train the zoo's cases, DDP ranks included, under ``Sentinel(preset=preset)`` inside the block."""
+    previous = os.environ.get(PRESET_ENV)
+    os.environ[PRESET_ENV] = preset
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(PRESET_ENV, None)
+        else:
+            os.environ[PRESET_ENV] = previous
+
+
 def run_case(
     case: Case, root_dir: str | None = None, threads: int | None = 1, accelerator: str = "cpu"
 ) -> CaseResult:
@@ -323,7 +346,9 @@ def _run_in(case: Case, root_dir: str, accelerator: str = "cpu") -> CaseResult:
         pl.seed_everything(case.seed, verbose=False)
         module, train_loader, val_loader = case.build()
         architecture = architecture_of(module)
-        trainer = _trainer(case, root_dir, [Sentinel(preset="full", on_detect="warn"), recorder], accelerator)
+        trainer = _trainer(
+            case, root_dir, [Sentinel(preset=bench_preset(), on_detect="warn"), recorder], accelerator
+        )
         try:
             trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader)
         except Exception as exception:  # a benchmark row, not a crash of the whole benchmark
