@@ -18,6 +18,7 @@ from lightning_sentinel.checks.parameters import (
     lr_excuses_low_ratio,
     module_groups,
     ratio_streak,
+    sample_stride,
 )
 
 
@@ -470,3 +471,37 @@ def test_a_schedule_that_decays_to_zero_does_not_freeze_the_parameters(tmp_path)
     assert "frozen-parameters" not in _ids(trainer)
     frozen = fit(Classifier(lr=0.0), [ParameterUpdateMonitor(every_n_steps=2)], root=tmp_path, max_steps=12)
     assert "frozen-parameters" in _ids(frozen)  # lr 0 from the start: still frozen
+
+
+def test_the_update_sample_keeps_every_row_and_at_most_an_eighth():
+    assert sample_stride(torch.zeros(5000, 16)) == 8 and sample_stride(torch.zeros(64, 32, 3, 3)) == 8
+    assert sample_stride(torch.zeros(50_000, 2)) == 2  # never more than a row's elements
+    assert sample_stride(torch.zeros(10, 10)) == 1 and sample_stride(torch.zeros(100_000)) == 1
+
+
+class _SparseEmbedding(pl.LightningModule):
+    """A bag-of-tokens classifier whose SGD step moves only the embedding rows of the batch's tokens."""
+
+    def __init__(self, lr: float = 0.5) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(5000, 16)
+        self.head = nn.Linear(16, 2)
+        self.lr = lr
+
+    def training_step(self, batch, batch_idx):
+        tokens = torch.randint(0, 5000, (8, 4), generator=torch.Generator().manual_seed(batch_idx))
+        labels = (tokens[:, 0] % 2).long()
+        return nn.functional.cross_entropy(self.head(self.embed(tokens).mean(1)), labels)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+@pytest.mark.parametrize(("lr", "expected"), [(0.5, []), (0.0, [("frozen-parameters", "embed")])])
+def test_an_embedding_that_moves_a_few_rows_is_not_frozen_one_at_lr_zero_is(tmp_path, lr, expected):
+    # 32 of 5000 rows move per step: a sample of every 8th element still holds 2 elements of each row
+    loader = torch.utils.data.DataLoader(torch.zeros(64, 1), batch_size=1)
+    trainer = fit(
+        _SparseEmbedding(lr), [ParameterUpdateMonitor(every_n_steps=2)], loader, root=tmp_path, max_steps=10
+    )
+    assert [(f.check, f.where) for f in findings(trainer) if f.check == "frozen-parameters"] == expected

@@ -339,11 +339,14 @@ class ParameterUpdateMonitor(SentinelCallback):
       steps is reported, grouped by module. Conditional branches (mixture-of-experts, auxiliary
       heads used on some steps) get a gradient within that window and are dropped.
     - ``frozen-parameters``, ``update-ratio-too-high`` / ``-too-low``: on every ``every_n_steps``-th
-      optimizer step the parameters that have a gradient are copied on the device (one fused op) in
-      ``on_before_optimizer_step`` and compared after the step (``on_train_batch_end``, or the next
-      step of the same optimizer under manual optimization): per layer (module owning the parameters)
-      ``||delta W|| / ||W||`` with fused norms, one host read per check, the copies freed at once.
-      A parameter whose update is exactly zero on ``patience`` checks in a row is frozen (not judged once
+      optimizer step a strided sample of each parameter that has a gradient (every 8th element of a large
+      one at most, at least one per row or filter: :func:`sample_stride`; never a copy of the model) is
+      kept on the device (one fused op) in ``on_before_optimizer_step`` and compared after the step
+      (``on_train_batch_end``, or the next step of the same optimizer under manual optimization): per
+      layer (module owning the parameters) ``||delta W|| / ||W||``, the sampled update norm scaled to the
+      whole parameter, with fused norms, one host read per check, the sample freed at once.
+      A parameter whose sampled update is exactly zero and whose whole norm did not change, on ``patience``
+      checks in a row, is frozen (not judged once
       the lr decayed below ``decayed_fraction`` of its peak: at the end of a cosine schedule to 0, lr x
       update falls below the weights' float resolution, as for the batch-norm weights of a Hugging Face
       ResNet at lr 2.7e-8, step 2991 of 3000; lr 0 from the start has a peak of 0 and is judged); a layer
